@@ -1,0 +1,34 @@
+// swift-tools-version: 6.0
+import PackageDescription
+
+let package = Package(
+    name: "poolfs",
+    products: [
+        .executable(name: "poolfs", targets: ["poolfs"]),
+        .library(name: "Qcow2", targets: ["Qcow2"]),
+    ],
+    dependencies: [
+        .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0"),
+    ],
+    targets: [
+        // C libraries. Nothing but these three targets touches C headers directly.
+        .systemLibrary(name: "CFuse3", pkgConfig: "fuse3", providers: [.apt(["libfuse3-dev"])]),
+        .target(name: "CFuseShim", dependencies: ["CFuse3"]),
+        .target(name: "CCompress", linkerSettings: [.linkedLibrary("z"), .linkedLibrary("zstd")]),
+
+        // The qcow2/raw engine: no FUSE, no processes.
+        .target(name: "Qcow2", dependencies: ["CCompress"]),
+        // The only Swift module that imports libfuse.
+        .target(name: "FuseKit", dependencies: ["CFuse3", "CFuseShim"]),
+        // The filesystem: pools, the tree of volumes and snapshots, FUSE operations.
+        .target(name: "PoolFS", dependencies: ["Qcow2", "FuseKit"]),
+        .executableTarget(name: "poolfs", dependencies: [
+            "PoolFS",
+            .product(name: "ArgumentParser", package: "swift-argument-parser"),
+        ]),
+
+        .testTarget(name: "Qcow2Tests", dependencies: ["Qcow2"]),
+        .testTarget(name: "PoolFSTests", dependencies: ["PoolFS"]),
+        .testTarget(name: "MountTests", dependencies: ["PoolFS", "Qcow2"]),
+    ]
+)

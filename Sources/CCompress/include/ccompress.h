@@ -1,0 +1,13 @@
+#ifndef POOLFS_CCOMPRESS_H
+#define POOLFS_CCOMPRESS_H
+#include <stddef.h>
+
+/// Inflates raw deflate data (no zlib header, window bits -12, as qcow2 writes it) into exactly
+/// `dst_len` bytes. Returns 0 on success, -1 when the stream is corrupt or too short.
+int poolfs_inflate_raw(const void *src, size_t src_len, void *dst, size_t dst_len);
+
+/// Decompresses a zstd stream into exactly `dst_len` bytes. Trailing input after the output is
+/// full is ignored, as qcow2 pads compressed clusters to a sector. Returns 0 or -1.
+int poolfs_zstd_decompress(const void *src, size_t src_len, void *dst, size_t dst_len);
+
+#endif

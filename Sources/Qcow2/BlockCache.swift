@@ -1,0 +1,100 @@
+import Synchronization
+
+/// The engine's only cache: metadata clusters (L1 chunks, L2 tables) and decoded compressed
+/// clusters, bounded in bytes across every image that shares it. Sharded so that threads reading
+/// different images or different parts of one image rarely meet on a lock; each shard evicts with
+/// CLOCK (a hit only sets a bit, no list surgery under the lock).
+public final class BlockCache: Sendable {
+    public struct Key: Hashable, Sendable {
+        public enum Kind: UInt8, Sendable { case l1, l2, decoded, refcountTable, refcountBlock }
+        var file: UInt64
+        var offset: UInt64
+        var kind: Kind
+    }
+
+    private let shards: [ShardLock]
+    public let capacity: Int
+
+    public init(capacityBytes: Int, shardCount: Int = 16) {
+        capacity = capacityBytes
+        let perShard = max(capacityBytes / shardCount, 0)
+        shards = (0..<shardCount).map { _ in ShardLock(Shard(capacity: perShard)) }
+    }
+
+    /// The cached block for `key`, or the one `load` produces (inserted when it fits a shard).
+    /// `load` runs outside any lock; two threads that miss together both load, and one wins.
+    public func block(_ key: Key, load: () throws -> [UInt8]) throws -> CachedBlock {
+        let shard = shards[Int(truncatingIfNeeded: UInt(bitPattern: key.hashValue) % UInt(shards.count))]
+        if let hit = shard.mutex.withLock({ $0.lookup(key) }) { return hit }
+        let block = CachedBlock(try load())
+        shard.mutex.withLock { $0.insert(key, block) }
+        return block
+    }
+
+    /// Bytes held now, for tests and statistics.
+    public var bytesUsed: Int { shards.reduce(0) { total, shard in total + shard.mutex.withLock { $0.used } } }
+
+    /// `Mutex` is not copyable, so each shard's lives in a box of its own.
+    final class ShardLock: Sendable {
+        let mutex: Mutex<Shard>
+        init(_ shard: consuming Shard) { mutex = Mutex(shard) }
+    }
+
+    struct Shard: ~Copyable {
+        struct Slot {
+            var key: Key
+            var block: CachedBlock
+            var referenced: Bool
+        }
+        let capacity: Int
+        var used = 0
+        var index: [Key: Int] = [:]
+        var slots: [Slot?] = []
+        var free: [Int] = []
+        var hand = 0
+
+        init(capacity: Int) { self.capacity = capacity }
+
+        mutating func lookup(_ key: Key) -> CachedBlock? {
+            guard let i = index[key] else { return nil }
+            slots[i]!.referenced = true
+            return slots[i]!.block
+        }
+
+        mutating func insert(_ key: Key, _ block: CachedBlock) {
+            let size = block.bytes.count
+            guard size <= capacity, index[key] == nil else { return }
+            while used + size > capacity { evictOne() }
+            let slot = Slot(key: key, block: block, referenced: false)
+            let i: Int
+            if let reused = free.popLast() { i = reused; slots[i] = slot } else { i = slots.count; slots.append(slot) }
+            index[key] = i
+            used += size
+        }
+
+        /// Terminates: each pass clears reference bits, so the second pass finds a victim.
+        private mutating func evictOne() {
+            while true {
+                if hand >= slots.count { hand = 0 }
+                defer { hand += 1 }
+                guard var slot = slots[hand] else { continue }
+                if slot.referenced {
+                    slot.referenced = false
+                    slots[hand] = slot
+                    continue
+                }
+                index[slot.key] = nil
+                used -= slot.block.bytes.count
+                slots[hand] = nil
+                free.append(hand)
+                return
+            }
+        }
+    }
+}
+
+/// An immutable cached block; shared by reference with readers that hold it beyond eviction.
+public final class CachedBlock: Sendable {
+    public let bytes: [UInt8]
+    init(_ bytes: [UInt8]) { self.bytes = bytes }
+}

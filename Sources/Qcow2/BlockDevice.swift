@@ -1,0 +1,90 @@
+/// A readable virtual disk: a raw file, a qcow2 image's live state, or one of its snapshots.
+/// Callers keep `offset + length` within `size`.
+public protocol BlockDevice: Sendable {
+    var size: UInt64 { get }
+    /// Appends what reading `length` bytes at `offset` takes to `plan`.
+    func plan(at offset: UInt64, length: Int, into plan: inout ReadPlan) throws
+    /// Appends the allocation status of the range to `extents`, as `qemu-img map` reports it.
+    func status(at offset: UInt64, length: UInt64, into extents: inout [MapExtent]) throws
+}
+
+extension BlockDevice {
+    public func plan(at offset: UInt64, length: Int) throws -> ReadPlan {
+        var plan = ReadPlan()
+        try self.plan(at: offset, length: length, into: &plan)
+        return plan
+    }
+
+    /// Reads into `buffer`, clipped to the device's size; returns the byte count read.
+    public func read(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) throws -> Int {
+        guard offset < size else { return 0 }
+        let n = Int(min(UInt64(buffer.count), size - offset))
+        let plan = try plan(at: offset, length: n)
+        try plan.execute(into: UnsafeMutableRawBufferPointer(rebasing: buffer[0..<n]))
+        return n
+    }
+
+    public func read(at offset: UInt64, count: Int) throws -> [UInt8] {
+        var bytes = [UInt8](repeating: 0, count: count)
+        let n = try bytes.withUnsafeMutableBytes { try read(into: $0, at: offset) }
+        bytes.removeLast(count - n)
+        return bytes
+    }
+
+    public func status(at offset: UInt64 = 0, length: UInt64? = nil) throws -> [MapExtent] {
+        var extents: [MapExtent] = []
+        let n = min(length ?? size, size - min(offset, size))
+        try status(at: offset, length: n, into: &extents)
+        return extents
+    }
+
+    /// Reads what lies beneath an overlay: the backing device up to its end, zeros past it.
+    func planBeneath(_ backing: (any BlockDevice)?, at offset: UInt64, length: Int, into plan: inout ReadPlan) throws {
+        guard let backing, offset < backing.size else { return plan.appendZero(length) }
+        let inside = Int(min(UInt64(length), backing.size - offset))
+        try backing.plan(at: offset, length: inside, into: &plan)
+        plan.appendZero(length - inside)
+    }
+
+    /// The status of what lies beneath an overlay, one level deeper. QEMU reports ranges that no
+    /// layer allocates (including those past a short backing file) at depth 0, not present.
+    func statusBeneath(_ backing: (any BlockDevice)?, at offset: UInt64, length: UInt64, into extents: inout [MapExtent]) throws {
+        var inside: UInt64 = 0
+        if let backing, offset < backing.size {
+            inside = min(length, backing.size - offset)
+            var below: [MapExtent] = []
+            try backing.status(at: offset, length: inside, into: &below)
+            for var extent in below {
+                if extent.present { extent.depth += 1 }
+                extents.appendMerging(extent)
+            }
+        }
+        extents.appendMerging(MapExtent(start: offset + inside, length: length - inside, depth: 0,
+                                        present: false, zero: true, data: false))
+    }
+}
+
+/// Splits a stored-data range by the host file's holes: QEMU reports data over a hole as zero too
+/// (for raw, a hole is zero and not data).
+func appendHostStatus(_ file: HostFile, guest: UInt64, host: UInt64, length: UInt64, depth: Int,
+                      holeIsData: Bool, into extents: inout [MapExtent]) {
+    var done: UInt64 = 0
+    while done < length {
+        let at = host + done
+        let remaining = length - done
+        let dataStart = at >= file.size ? nil : file.nextData(from: at)
+        var n: UInt64
+        var isHole: Bool
+        if let dataStart, dataStart == at {
+            n = min(remaining, file.nextHole(from: at) - at)
+            isHole = false
+        } else {
+            n = min(remaining, (dataStart ?? UInt64.max) - at)
+            isHole = true
+        }
+        if n == 0 { n = remaining }  // a file that changed underneath: report the rest as data
+        extents.appendMerging(MapExtent(start: guest + done, length: n, depth: depth, present: true,
+                                        zero: isHole, data: !isHole || holeIsData, offset: at))
+        done += n
+    }
+}

@@ -1,0 +1,148 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import Synchronization
+
+/// An open image file. Every libc call the engine makes lives in this file; EINTR is retried here
+/// and nowhere else. Reads use pread, so one `HostFile` serves any number of threads at once.
+public final class HostFile: Sendable {
+    public let path: String
+    public let fd: Int32
+    /// Unique for the life of the process: cache keys use it, so a reopened file never sees
+    /// entries cached from its previous incarnation.
+    public let id: UInt64
+    /// The file's size when it was opened. The engine is reopened when the file changes.
+    public let size: UInt64
+    public let identity: FileIdentity
+    /// Bytes the file really occupies on disk (st_blocks × 512) when it was opened.
+    public let allocatedBytes: UInt64
+
+    private static let nextID = Atomic<UInt64>(1)
+
+    /// Wraps open(2) with O_RDONLY | O_CLOEXEC, then fstat(2).
+    public init(path: String) throws(Qcow2Error) {
+        let fd = retryingEINTR { open(path, O_RDONLY | O_CLOEXEC) }
+        guard fd >= 0 else { throw .io(errno: Glibc.errno, operation: "open", path: path) }
+        var st = stat()
+        guard fstat(fd, &st) == 0 else {
+            let code = Glibc.errno
+            close(fd)
+            throw .io(errno: code, operation: "fstat", path: path)
+        }
+        if (st.st_mode & S_IFMT) == S_IFDIR {
+            close(fd)
+            throw .io(errno: EISDIR, operation: "open", path: path)
+        }
+        self.path = path
+        self.fd = fd
+        self.id = Self.nextID.add(1, ordering: .relaxed).oldValue
+        self.identity = FileIdentity(st)
+        self.allocatedBytes = UInt64(st.st_blocks) * 512
+        self.size = (st.st_mode & S_IFMT) == S_IFBLK ? Self.blockDeviceSize(fd) : UInt64(st.st_size)
+    }
+
+    deinit { close(fd) }
+
+    /// Reads exactly `buffer.count` bytes at `offset` with pread(2). Bytes past the end of the
+    /// file read as zeros, as QEMU's file driver does; `fillsPastEOF: false` makes that an error.
+    public func read(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64,
+                     fillsPastEOF: Bool = true) throws(Qcow2Error) {
+        var done = 0
+        while done < buffer.count {
+            let n = retryingEINTR {
+                pread(fd, buffer.baseAddress! + done, buffer.count - done, off_t(offset) + off_t(done))
+            }
+            if n < 0 { throw .io(errno: Glibc.errno, operation: "pread", path: path) }
+            if n == 0 {
+                guard fillsPastEOF else {
+                    throw .corrupt("read of \(buffer.count) bytes runs past the end of \(path)", offset: offset)
+                }
+                (buffer.baseAddress! + done).initializeMemory(as: UInt8.self, repeating: 0, count: buffer.count - done)
+                return
+            }
+            done += n
+        }
+    }
+
+    /// Reads `count` bytes at `offset` that must lie inside the file (metadata).
+    public func readBytes(at offset: UInt64, count: Int) throws(Qcow2Error) -> [UInt8] {
+        guard offset <= size, UInt64(count) <= size - offset else {
+            throw .corrupt("\(count)-byte table at \(offset) lies past the end of the file (\(size) bytes)", offset: offset)
+        }
+        var bytes = [UInt8](repeating: 0, count: count)
+        var failure: Qcow2Error?
+        bytes.withUnsafeMutableBytes { buffer in
+            do throws(Qcow2Error) { try read(into: buffer, at: offset, fillsPastEOF: false) } catch { failure = error }
+        }
+        if let failure { throw failure }
+        return bytes
+    }
+
+    /// The next offset at or after `offset` holding data (lseek SEEK_DATA), or nil when only a
+    /// hole follows. Filesystems without hole support report everything as data.
+    public func nextData(from offset: UInt64) -> UInt64? {
+        let r = lseek(fd, off_t(offset), seekData)
+        if r < 0 { return Glibc.errno == ENXIO ? nil : offset }
+        return UInt64(r)
+    }
+
+    /// The next hole at or after `offset` (lseek SEEK_HOLE); the end of the file counts as a hole.
+    public func nextHole(from offset: UInt64) -> UInt64 {
+        let r = lseek(fd, off_t(offset), seekHole)
+        return r < 0 ? size : UInt64(r)
+    }
+
+    /// Whether the file changed since it was opened, by stat(2) of its path.
+    public func changedOnDisk() -> Bool {
+        FileIdentity(path: path) != identity
+    }
+
+    private static func blockDeviceSize(_ fd: Int32) -> UInt64 {
+        let end = lseek(fd, 0, SEEK_END)
+        return end < 0 ? 0 : UInt64(end)
+    }
+}
+
+/// What tells one version of a file from another: device, inode, size and both timestamps.
+public struct FileIdentity: Equatable, Sendable {
+    public let device: UInt64
+    public let inode: UInt64
+    public let size: Int64
+    public let mtime: timespec
+    public let ctime: timespec
+
+    public init(_ st: stat) {
+        device = UInt64(st.st_dev)
+        inode = UInt64(st.st_ino)
+        size = Int64(st.st_size)
+        mtime = st.st_mtim
+        ctime = st.st_ctim
+    }
+
+    /// stat(2) of `path`; nil when it cannot be stat'ed.
+    public init?(path: String) {
+        var st = stat()
+        guard stat(path, &st) == 0 else { return nil }
+        self.init(st)
+    }
+
+    public static func == (a: FileIdentity, b: FileIdentity) -> Bool {
+        a.device == b.device && a.inode == b.inode && a.size == b.size
+            && a.mtime.tv_sec == b.mtime.tv_sec && a.mtime.tv_nsec == b.mtime.tv_nsec
+            && a.ctime.tv_sec == b.ctime.tv_sec && a.ctime.tv_nsec == b.ctime.tv_nsec
+    }
+}
+
+extension timespec: @retroactive @unchecked Sendable {}
+
+/// lseek whence values from <unistd.h> that Glibc's module hides behind _GNU_SOURCE.
+let seekData: Int32 = 3
+let seekHole: Int32 = 4
+
+@inline(__always)
+func retryingEINTR<T: BinaryInteger>(_ call: () -> T) -> T {
+    while true {
+        let r = call()
+        if r >= 0 || Glibc.errno != EINTR { return r }
+    }
+}

@@ -1,0 +1,47 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// Every way opening or reading an image can fail. Each case names what is wrong and where, so a
+/// volume that cannot be opened can say why (in `poolfs ls`, in the log).
+public enum Qcow2Error: Error, Equatable, CustomStringConvertible {
+    /// The file does not start with the qcow2 magic "QFI\xfb".
+    case notQcow2(path: String)
+    case unsupportedVersion(UInt32)
+    /// `crypt_method` is non-zero, or the image has a full-disk-encryption (LUKS) header extension.
+    case encrypted
+    /// An incompatible feature bit this engine does not implement; `name` comes from the image's
+    /// feature name table when it has one.
+    case unsupportedFeature(bit: Int, name: String?)
+    /// The image is not what it claims: `offset` is the byte position in the file where the bad
+    /// value was read (or the table it points to).
+    case corrupt(String, offset: UInt64)
+    case backing(String)
+    case io(errno: Int32, operation: String, path: String)
+
+    public var description: String {
+        switch self {
+        case .notQcow2(let path):
+            return "\(path): not a qcow2 image"
+        case .unsupportedVersion(let version):
+            return "unsupported qcow2 version \(version)"
+        case .encrypted:
+            return "encrypted images are not supported"
+        case .unsupportedFeature(let bit, let name):
+            let named = name.map { " (\($0))" } ?? ""
+            return "unsupported incompatible feature bit \(bit)\(named)"
+        case .corrupt(let what, let offset):
+            return "corrupt image: \(what) (at byte \(offset))"
+        case .backing(let what):
+            return "backing chain: \(what)"
+        case .io(let errno, let operation, let path):
+            return "\(operation) \(path): \(String(cString: strerror(errno)))"
+        }
+    }
+
+    /// The errno a filesystem reports for this error: I/O errors keep theirs, everything else is EIO.
+    public var errno: Int32 {
+        if case .io(let code, _, _) = self { return code }
+        return EIO
+    }
+}

@@ -1,0 +1,219 @@
+import Synchronization
+
+/// An open qcow2 file: its checked header, extensions and snapshot table, its data file and its
+/// backing device. Reads go through a `Qcow2View`, which picks the L1 table: the live one or a
+/// snapshot's.
+public final class Qcow2Image: Sendable {
+    public let file: HostFile
+    /// The external data file, or `file` itself.
+    public let dataFile: HostFile
+    public let header: Header
+    public let backingFormat: String?
+    public let backingFileName: String?
+    public let externalDataFileName: String?
+    public let snapshots: [Snapshot]
+    public let backing: (any BlockDevice)?
+    let layout: ClusterLayout
+    let cache: BlockCache
+    let metadataPreallocation = Mutex<Bool?>(nil)
+
+    init(file: HostFile, cache: BlockCache, openBacking: (String, String?) throws -> (any BlockDevice)?,
+         openDataFile: (String) throws -> HostFile) throws {
+        self.file = file
+        self.cache = cache
+        let probe = try file.readBytes(at: 0, count: Int(min(file.size, 128)))
+        guard probe.count >= 72, BigEndianReader(bytes: probe).u32(0) == Header.magic else {
+            throw Qcow2Error.notQcow2(path: file.path)
+        }
+        let clusterBits = BigEndianReader(bytes: probe).u32(20)
+        guard (9...21).contains(clusterBits) else {
+            throw Qcow2Error.corrupt("cluster_bits \(clusterBits) is outside 9...21", offset: 20)
+        }
+        let firstCluster = try file.readBytes(at: 0, count: Int(min(file.size, 1 << UInt64(clusterBits))))
+        let header = try Header.parse(firstCluster, fileSize: file.size, path: file.path)
+        let extensions = try HeaderExtensions.parse(cluster: firstCluster, header: header)
+        if extensions.encrypted { throw Qcow2Error.encrypted }
+        let unknown = header.incompatibleFeatures & ~Header.Incompatible.known
+        if unknown != 0 {
+            let bit = unknown.trailingZeroBitCount
+            let name = extensions.featureNames[.init(type: 0, bit: UInt8(bit))]
+            throw Qcow2Error.unsupportedFeature(bit: bit, name: name)
+        }
+        self.header = header
+        self.backingFormat = extensions.backingFormat
+        self.externalDataFileName = extensions.externalDataFile
+        layout = ClusterLayout(clusterBits: UInt64(header.clusterBits), l2Bits: UInt64(header.l2Bits),
+                               extendedL2: header.extendedL2, hasDataFile: header.hasExternalDataFile)
+        if header.hasExternalDataFile {
+            guard let name = extensions.externalDataFile, !name.isEmpty else {
+                throw Qcow2Error.corrupt("external data file bit set but no data file name extension", offset: 72)
+            }
+            dataFile = try openDataFile(name)
+        } else {
+            dataFile = file
+        }
+        if header.backingFileOffset != 0, header.backingFileSize > 0 {
+            let start = Int(header.backingFileOffset)
+            let name = String(decoding: firstCluster[start..<start + Int(header.backingFileSize)], as: UTF8.self)
+            backingFileName = name
+            backing = try openBacking(name, extensions.backingFormat)
+        } else {
+            backingFileName = nil
+            backing = nil
+        }
+        snapshots = try SnapshotTable.read(file, header: header)
+    }
+
+    public var live: Qcow2View {
+        Qcow2View(image: self, l1Offset: header.l1TableOffset, l1Size: header.l1Size, size: header.size)
+    }
+
+    /// A snapshot's view: its own L1 table and its own size (the disk size recorded with it).
+    public func view(of snapshot: Snapshot) -> Qcow2View {
+        Qcow2View(image: self, l1Offset: snapshot.l1TableOffset, l1Size: snapshot.l1Size,
+                  size: snapshot.diskSize ?? header.size)
+    }
+
+    /// The L2 table at `offset`, through the cache.
+    func l2Table(at offset: UInt64, entryOffset: UInt64) throws -> CachedBlock {
+        let size = layout.clusterSize
+        guard offset & (size - 1) == 0 else {
+            throw Qcow2Error.corrupt("L1 entry points to unaligned L2 table offset \(offset)", offset: entryOffset)
+        }
+        guard offset <= file.size, size <= file.size - offset else {
+            throw Qcow2Error.corrupt("L2 table at \(offset) lies past the end of the file", offset: entryOffset)
+        }
+        return try cache.block(.init(file: file.id, offset: offset, kind: .l2)) {
+            try file.readBytes(at: offset, count: Int(size))
+        }
+    }
+
+    /// L1 entry `index` of the table at `l1Offset`, read through the cache one cluster at a time.
+    func l1Entry(l1Offset: UInt64, l1Size: UInt32, index: UInt64) throws -> UInt64 {
+        let byte = index * 8
+        let chunkStart = byte & ~(layout.clusterSize - 1)
+        let chunkBytes = min(layout.clusterSize, UInt64(l1Size) * 8 - chunkStart)
+        let chunk = try cache.block(.init(file: file.id, offset: l1Offset + chunkStart, kind: .l1)) {
+            try file.readBytes(at: l1Offset + chunkStart, count: Int(chunkBytes))
+        }
+        let at = Int(byte - chunkStart)
+        guard at + 8 <= chunk.bytes.count else {
+            throw Qcow2Error.corrupt("L1 table chunk is shorter than expected", offset: l1Offset + chunkStart)
+        }
+        return chunk.bytes.withUnsafeBytes { $0.bigEndianU64(at: at) }
+    }
+
+    /// The decoded bytes of a compressed cluster, through the cache.
+    func decompressedCluster(_ entry: UInt64, entryOffset: UInt64) throws -> CachedBlock {
+        let (offset, length) = layout.compressedExtent(entry)
+        guard offset < file.size else {
+            throw Qcow2Error.corrupt("compressed cluster at \(offset) lies past the end of the file", offset: entryOffset)
+        }
+        let stored = Int(min(length, file.size - offset))
+        let clusterSize = Int(layout.clusterSize)
+        let compression = header.compression
+        return try cache.block(.init(file: file.id, offset: offset, kind: .decoded)) {
+            let input = try file.readBytes(at: offset, count: stored)
+            return try Decompressor.decompress(input, kind: compression, clusterSize: clusterSize, offset: offset)
+        }
+    }
+}
+
+/// One readable state of a qcow2 image: an L1 table and the size it maps.
+public struct Qcow2View: BlockDevice {
+    public let image: Qcow2Image
+    let l1Offset: UInt64
+    let l1Size: UInt32
+    public let size: UInt64
+
+    /// Calls `body` with each run of the range, in order; a run never crosses a cluster.
+    func walk(from offset: UInt64, length: UInt64,
+              _ body: (ClusterRun, _ guest: UInt64, _ length: UInt64, _ entryOffset: UInt64) throws -> Void) throws {
+        let layout = image.layout
+        var pos = offset
+        let end = offset + length
+        while pos < end {
+            let l1Index = pos >> (layout.clusterBits + layout.l2Bits)
+            let spanEnd = min(end, (l1Index + 1) * layout.l2Span)
+            let l1EntryOffset = l1Offset + l1Index * 8
+            let l1 = l1Index < UInt64(l1Size)
+                ? try image.l1Entry(l1Offset: l1Offset, l1Size: l1Size, index: l1Index) : 0
+            let l2Offset = l1 & ClusterLayout.offsetMask
+            guard l2Offset != 0 else {
+                try body(.unallocated, pos, spanEnd - pos, l1EntryOffset)
+                pos = spanEnd
+                continue
+            }
+            let table = try image.l2Table(at: l2Offset, entryOffset: l1EntryOffset)
+            try table.bytes.withUnsafeBytes { l2 in
+                while pos < spanEnd {
+                    let index = (pos >> layout.clusterBits) & ((1 << layout.l2Bits) - 1)
+                    let at = Int(index) * layout.l2EntryBytes
+                    let entry = l2.bigEndianU64(at: at)
+                    let bitmap = layout.extendedL2 ? l2.bigEndianU64(at: at + 8) : 0
+                    let inCluster = pos & (layout.clusterSize - 1)
+                    let entryOffset = l2Offset + UInt64(at)
+                    let (run, n) = try layout.classify(entry: entry, bitmap: bitmap, inCluster: inCluster,
+                                                       limit: spanEnd - pos, entryOffset: entryOffset)
+                    try body(run, pos, n, entryOffset)
+                    pos += n
+                }
+            }
+        }
+    }
+
+    public func plan(at offset: UInt64, length: Int, into plan: inout ReadPlan) throws {
+        let backing = image.backing
+        let dataFile = image.dataFile
+        let clusterMask = image.layout.clusterSize - 1
+        var pendingStart: UInt64 = 0
+        var pendingLength: UInt64 = 0
+        try walk(from: offset, length: UInt64(length)) { run, guest, n, entryOffset in
+            if case .unallocated = run {
+                if pendingLength == 0 { pendingStart = guest }
+                pendingLength += n
+                return
+            }
+            if pendingLength > 0 {
+                try planBeneath(backing, at: pendingStart, length: Int(pendingLength), into: &plan)
+                pendingLength = 0
+            }
+            switch run {
+            case .unallocated:
+                break
+            case .zero:
+                plan.appendZero(Int(n))
+            case .data(let host):
+                plan.appendHost(dataFile, offset: host, length: Int(n))
+            case .compressed(let entry):
+                let cluster = try image.decompressedCluster(entry, entryOffset: entryOffset)
+                plan.appendBytes(cluster, start: Int(guest & clusterMask), length: Int(n))
+            }
+        }
+        if pendingLength > 0 {
+            try planBeneath(backing, at: pendingStart, length: Int(pendingLength), into: &plan)
+        }
+    }
+
+    public func status(at offset: UInt64, length: UInt64, into extents: inout [MapExtent]) throws {
+        let backing = image.backing
+        let dataFile = image.dataFile
+        let probeHoles = image.hasMetadataPreallocation
+        try walk(from: offset, length: length) { run, guest, n, _ in
+            switch run {
+            case .unallocated:
+                try statusBeneath(backing, at: guest, length: n, into: &extents)
+            case .zero:
+                extents.appendMerging(MapExtent(start: guest, length: n, depth: 0, present: true, zero: true, data: false))
+            case .data(let host):
+                if probeHoles {
+                    appendHostStatus(dataFile, guest: guest, host: host, length: n, depth: 0, holeIsData: true, into: &extents)
+                } else {
+                    extents.appendMerging(MapExtent(start: guest, length: n, depth: 0, present: true, zero: false, data: true, offset: host))
+                }
+            case .compressed:
+                extents.appendMerging(MapExtent(start: guest, length: n, depth: 0, present: true, zero: false, data: true))
+            }
+        }
+    }
+}

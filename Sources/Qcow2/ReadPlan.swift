@@ -1,0 +1,119 @@
+/// What a read of a virtual range resolves to, decided under no lock and carried out by the
+/// caller: runs of host file bytes, zeros, and decoded (compressed) cluster bytes. The FUSE layer
+/// turns host runs into zero-copy spliced replies; `execute` copies into a buffer.
+public struct ReadPlan: Sendable {
+    public enum Segment: Sendable {
+        case host(HostFile, offset: UInt64, length: Int)
+        case zero(length: Int)
+        case bytes(CachedBlock, start: Int, length: Int)
+
+        public var length: Int {
+            switch self {
+            case .host(_, _, let n), .zero(let n), .bytes(_, _, let n): return n
+            }
+        }
+    }
+
+    public private(set) var segments: [Segment] = []
+    public private(set) var length = 0
+
+    public init() {}
+
+    /// Host bytes; a run that crosses the end of the file reads zeros past it, as QEMU does.
+    mutating func appendHost(_ file: HostFile, offset: UInt64, length n: Int) {
+        guard n > 0 else { return }
+        let inside = offset >= file.size ? 0 : Int(min(UInt64(n), file.size - offset))
+        if inside > 0 {
+            if case .host(let f, let o, let m)? = segments.last, f === file, o + UInt64(m) == offset {
+                segments[segments.count - 1] = .host(f, offset: o, length: m + inside)
+            } else {
+                segments.append(.host(file, offset: offset, length: inside))
+            }
+            length += inside
+        }
+        appendZero(n - inside)
+    }
+
+    mutating func appendZero(_ n: Int) {
+        guard n > 0 else { return }
+        if case .zero(let m)? = segments.last {
+            segments[segments.count - 1] = .zero(length: m + n)
+        } else {
+            segments.append(.zero(length: n))
+        }
+        length += n
+    }
+
+    mutating func appendBytes(_ block: CachedBlock, start: Int, length n: Int) {
+        guard n > 0 else { return }
+        segments.append(.bytes(block, start: start, length: n))
+        length += n
+    }
+
+    /// Copies the planned bytes into `buffer`, which must hold `length` bytes.
+    public func execute(into buffer: UnsafeMutableRawBufferPointer) throws(Qcow2Error) {
+        precondition(buffer.count >= length, "read buffer smaller than its plan")
+        var at = 0
+        for segment in segments {
+            let target = UnsafeMutableRawBufferPointer(rebasing: buffer[at..<at + segment.length])
+            switch segment {
+            case .host(let file, let offset, _):
+                try file.read(into: target, at: offset)
+            case .zero:
+                target.initializeMemory(as: UInt8.self, repeating: 0)
+            case .bytes(let block, let start, let n):
+                block.bytes.withUnsafeBytes { src in
+                    target.copyMemory(from: UnsafeRawBufferPointer(rebasing: src[start..<start + n]))
+                }
+            }
+            at += segment.length
+        }
+    }
+}
+
+/// One entry of an allocation map, with the fields and meaning of `qemu-img map --output=json`.
+public struct MapExtent: Equatable, Sendable, CustomStringConvertible {
+    public var start: UInt64
+    public var length: UInt64
+    /// How many backing files down the data lives; 0 for ranges allocated nowhere.
+    public var depth: Int
+    /// Allocated in some layer of the chain.
+    public var present: Bool
+    /// Reads as zeros.
+    public var zero: Bool
+    /// Backed by stored data (possibly over a host hole, then also `zero`).
+    public var data: Bool
+    /// Host offset in the layer's data file, where QEMU reports one for data.
+    public var offset: UInt64?
+
+    public init(start: UInt64, length: UInt64, depth: Int, present: Bool, zero: Bool, data: Bool, offset: UInt64? = nil) {
+        self.start = start; self.length = length; self.depth = depth
+        self.present = present; self.zero = zero; self.data = data; self.offset = offset
+    }
+
+    public var description: String {
+        "{start \(start) length \(length) depth \(depth) present \(present) zero \(zero) data \(data) offset \(offset.map(String.init) ?? "-")}"
+    }
+
+    /// Whether `next` continues this extent as QEMU would merge it.
+    func continues(with next: MapExtent) -> Bool {
+        guard start + length == next.start, depth == next.depth, present == next.present,
+              zero == next.zero, data == next.data else { return false }
+        switch (offset, next.offset) {
+        case (nil, nil): return true
+        case let (a?, b?): return a + length == b
+        default: return false
+        }
+    }
+}
+
+extension Array where Element == MapExtent {
+    mutating func appendMerging(_ extent: MapExtent) {
+        guard extent.length > 0 else { return }
+        if let last = last, last.continues(with: extent) {
+            self[count - 1].length += extent.length
+        } else {
+            append(extent)
+        }
+    }
+}
