@@ -7,7 +7,7 @@ final class Scratch {
     let dir: String
 
     init() throws {
-        var template = Array((NSTemporaryDirectory() + "/poolfs-test-XXXXXX").utf8CString)
+        var template = Array(("/tmp/poolfs-test-XXXXXX").utf8CString)
         guard let made = mkdtemp(&template) else { throw ShellError(command: "mkdtemp", status: errno, output: "") }
         dir = String(cString: made)
     }
