@@ -1,0 +1,55 @@
+#include "cfuseshim.h"
+#include <errno.h>
+#include <stdlib.h>
+
+int poolfs_reply_segments(fuse_req_t req, const struct poolfs_segment *segments, size_t count) {
+    if (count == 0) return fuse_reply_buf(req, NULL, 0);
+    /* struct fuse_bufvec ends in a one-element array: allocate room for `count` buffers. */
+    size_t bytes = sizeof(struct fuse_bufvec) + (count - 1) * sizeof(struct fuse_buf);
+    struct fuse_bufvec *vec = calloc(1, bytes);
+    if (!vec) return fuse_reply_err(req, ENOMEM);
+    vec->count = count;
+    for (size_t i = 0; i < count; i++) {
+        struct fuse_buf *buf = &vec->buf[i];
+        buf->size = segments[i].size;
+        if (segments[i].fd >= 0) {
+            buf->flags = FUSE_BUF_IS_FD | FUSE_BUF_FD_SEEK | FUSE_BUF_FD_RETRY;
+            buf->fd = segments[i].fd;
+            buf->pos = (off_t)segments[i].pos;
+        } else {
+            buf->mem = (void *)segments[i].mem;
+        }
+    }
+    int ret = fuse_reply_data(req, vec, FUSE_BUF_SPLICE_MOVE);
+    free(vec);
+    return ret;
+}
+
+void poolfs_configure_connection(struct fuse_conn_info *conn, unsigned max_readahead, int splice) {
+    if (max_readahead > conn->max_readahead) max_readahead = conn->max_readahead;
+    conn->max_readahead = max_readahead;
+    if (splice) {
+        if (conn->capable & FUSE_CAP_SPLICE_WRITE) conn->want |= FUSE_CAP_SPLICE_WRITE;
+        if (conn->capable & FUSE_CAP_SPLICE_MOVE) conn->want |= FUSE_CAP_SPLICE_MOVE;
+    }
+    if (conn->capable & FUSE_CAP_PARALLEL_DIROPS) conn->want |= FUSE_CAP_PARALLEL_DIROPS;
+    if (conn->capable & FUSE_CAP_ASYNC_READ) conn->want |= FUSE_CAP_ASYNC_READ;
+    if (conn->capable & FUSE_CAP_READDIRPLUS) conn->want |= FUSE_CAP_READDIRPLUS;
+    conn->want &= ~FUSE_CAP_READDIRPLUS_AUTO;
+}
+
+int poolfs_session_loop_mt(struct fuse_session *session, unsigned max_threads) {
+    struct fuse_loop_config *config = fuse_loop_cfg_create();
+    if (!config) return -1;
+    fuse_loop_cfg_set_max_threads(config, max_threads);
+    fuse_loop_cfg_set_idle_threads(config, max_threads);
+    fuse_loop_cfg_set_clone_fd(config, 0);
+    int ret = fuse_session_loop_mt(session, config);
+    fuse_loop_cfg_destroy(config);
+    return ret;
+}
+
+uint32_t poolfs_req_uid(fuse_req_t req) {
+    const struct fuse_ctx *ctx = fuse_req_ctx(req);
+    return ctx ? ctx->uid : 0;
+}

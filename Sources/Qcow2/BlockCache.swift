@@ -93,8 +93,19 @@ public final class BlockCache: Sendable {
     }
 }
 
-/// An immutable cached block; shared by reference with readers that hold it beyond eviction.
-public final class CachedBlock: Sendable {
-    public let bytes: [UInt8]
-    init(_ bytes: [UInt8]) { self.bytes = bytes }
+/// An immutable cached block in memory of its own, so that a reply can hand its address to the
+/// kernel; shared by reference with readers that hold it beyond eviction.
+public final class CachedBlock: @unchecked Sendable {
+    // SAFETY: written once in init, never mutated, freed in deinit.
+    public let bytes: UnsafeRawBufferPointer
+
+    init(_ contents: [UInt8]) {
+        let storage = UnsafeMutableRawBufferPointer.allocate(byteCount: max(contents.count, 1), alignment: 16)
+        contents.withUnsafeBytes { storage.copyMemory(from: $0) }
+        bytes = UnsafeRawBufferPointer(rebasing: storage[0..<contents.count])
+    }
+
+    deinit { bytes.deallocate() }
+
+    func withUnsafeBytes<R>(_ body: (UnsafeRawBufferPointer) throws -> R) rethrows -> R { try body(bytes) }
 }

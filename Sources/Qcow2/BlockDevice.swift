@@ -1,3 +1,12 @@
+/// How hard `status` looks for holes under stored data.
+public enum HoleDetection: Sendable {
+    /// Exactly as `qemu-img map`: host holes under qcow2 data clusters are probed only in images
+    /// with preallocated metadata (which costs one scan of the refcounts per image).
+    case likeQemu
+    /// From metadata alone: qcow2 data clusters are data; raw files still report their holes.
+    case metadataOnly
+}
+
 /// A readable virtual disk: a raw file, a qcow2 image's live state, or one of its snapshots.
 /// Callers keep `offset + length` within `size`.
 public protocol BlockDevice: Sendable {
@@ -5,7 +14,7 @@ public protocol BlockDevice: Sendable {
     /// Appends what reading `length` bytes at `offset` takes to `plan`.
     func plan(at offset: UInt64, length: Int, into plan: inout ReadPlan) throws
     /// Appends the allocation status of the range to `extents`, as `qemu-img map` reports it.
-    func status(at offset: UInt64, length: UInt64, into extents: inout [MapExtent]) throws
+    func status(at offset: UInt64, length: UInt64, detection: HoleDetection, into extents: inout [MapExtent]) throws
 }
 
 extension BlockDevice {
@@ -31,11 +40,27 @@ extension BlockDevice {
         return bytes
     }
 
-    public func status(at offset: UInt64 = 0, length: UInt64? = nil) throws -> [MapExtent] {
+    public func status(at offset: UInt64 = 0, length: UInt64? = nil, detection: HoleDetection = .likeQemu) throws -> [MapExtent] {
         var extents: [MapExtent] = []
         let n = min(length ?? size, size - min(offset, size))
-        try status(at: offset, length: n, into: &extents)
+        try status(at: offset, length: n, detection: detection, into: &extents)
         return extents
+    }
+
+    /// Bytes of the disk that hold data (not holes, not zeros), from metadata: what `st_blocks`
+    /// reports. Scans in windows so the extent list stays small.
+    public func allocatedBytes() throws -> UInt64 {
+        var total: UInt64 = 0
+        var offset: UInt64 = 0
+        let window: UInt64 = 1 << 32
+        while offset < size {
+            let n = min(window, size - offset)
+            for extent in try status(at: offset, length: n, detection: .metadataOnly) where extent.data && !extent.zero {
+                total += extent.length
+            }
+            offset += n
+        }
+        return total
     }
 
     /// Reads what lies beneath an overlay: the backing device up to its end, zeros past it.
@@ -48,12 +73,13 @@ extension BlockDevice {
 
     /// The status of what lies beneath an overlay, one level deeper. QEMU reports ranges that no
     /// layer allocates (including those past a short backing file) at depth 0, not present.
-    func statusBeneath(_ backing: (any BlockDevice)?, at offset: UInt64, length: UInt64, into extents: inout [MapExtent]) throws {
+    func statusBeneath(_ backing: (any BlockDevice)?, at offset: UInt64, length: UInt64, detection: HoleDetection,
+                       into extents: inout [MapExtent]) throws {
         var inside: UInt64 = 0
         if let backing, offset < backing.size {
             inside = min(length, backing.size - offset)
             var below: [MapExtent] = []
-            try backing.status(at: offset, length: inside, into: &below)
+            try backing.status(at: offset, length: inside, detection: detection, into: &below)
             for var extent in below {
                 if extent.present { extent.depth += 1 }
                 extents.appendMerging(extent)

@@ -100,7 +100,7 @@ public final class Qcow2Image: Sendable {
         guard at + 8 <= chunk.bytes.count else {
             throw Qcow2Error.corrupt("L1 table chunk is shorter than expected", offset: l1Offset + chunkStart)
         }
-        return chunk.bytes.withUnsafeBytes { $0.bigEndianU64(at: at) }
+        return chunk.withUnsafeBytes { $0.bigEndianU64(at: at) }
     }
 
     /// The decoded bytes of a compressed cluster, through the cache.
@@ -145,7 +145,7 @@ public struct Qcow2View: BlockDevice {
                 continue
             }
             let table = try image.l2Table(at: l2Offset, entryOffset: l1EntryOffset)
-            try table.bytes.withUnsafeBytes { l2 in
+            try table.withUnsafeBytes { l2 in
                 while pos < spanEnd {
                     let index = (pos >> layout.clusterBits) & ((1 << layout.l2Bits) - 1)
                     let at = Int(index) * layout.l2EntryBytes
@@ -195,14 +195,14 @@ public struct Qcow2View: BlockDevice {
         }
     }
 
-    public func status(at offset: UInt64, length: UInt64, into extents: inout [MapExtent]) throws {
+    public func status(at offset: UInt64, length: UInt64, detection: HoleDetection, into extents: inout [MapExtent]) throws {
         let backing = image.backing
         let dataFile = image.dataFile
-        let probeHoles = image.hasMetadataPreallocation
+        let probeHoles = detection == .likeQemu && image.hasMetadataPreallocation
         try walk(from: offset, length: length) { run, guest, n, _ in
             switch run {
             case .unallocated:
-                try statusBeneath(backing, at: guest, length: n, into: &extents)
+                try statusBeneath(backing, at: guest, length: n, detection: detection, into: &extents)
             case .zero:
                 extents.appendMerging(MapExtent(start: guest, length: n, depth: 0, present: true, zero: true, data: false))
             case .data(let host):

@@ -9,7 +9,7 @@ public final class RawImage: BlockDevice {
         plan.appendHost(file, offset: offset, length: length)
     }
 
-    public func status(at offset: UInt64, length: UInt64, into extents: inout [MapExtent]) throws {
+    public func status(at offset: UInt64, length: UInt64, detection: HoleDetection, into extents: inout [MapExtent]) throws {
         appendHostStatus(file, guest: offset, host: offset, length: length, depth: 0, holeIsData: false, into: &extents)
     }
 }

@@ -62,9 +62,7 @@ public struct ReadPlan: Sendable {
             case .zero:
                 target.initializeMemory(as: UInt8.self, repeating: 0)
             case .bytes(let block, let start, let n):
-                block.bytes.withUnsafeBytes { src in
-                    target.copyMemory(from: UnsafeRawBufferPointer(rebasing: src[start..<start + n]))
-                }
+                target.copyMemory(from: UnsafeRawBufferPointer(rebasing: block.bytes[start..<start + n]))
             }
             at += segment.length
         }

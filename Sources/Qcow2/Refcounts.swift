@@ -15,7 +15,7 @@ extension Qcow2Image {
         let table = try cache.block(.init(file: file.id, offset: tableChunk, kind: .refcountTable)) {
             try file.readBytes(at: tableChunk, count: Int(clusterSize))
         }
-        let blockOffset = table.bytes.withUnsafeBytes { $0.bigEndianU64(at: Int(tableEntryOffset - tableChunk)) }
+        let blockOffset = table.withUnsafeBytes { $0.bigEndianU64(at: Int(tableEntryOffset - tableChunk)) }
             & ~UInt64(511)
         guard blockOffset != 0 else { return 0 }
         guard blockOffset & (clusterSize - 1) == 0, blockOffset < file.size, clusterSize <= file.size - blockOffset else {
@@ -25,7 +25,7 @@ extension Qcow2Image {
             try file.readBytes(at: blockOffset, count: Int(clusterSize))
         }
         let entry = index % entriesPerBlock
-        return block.bytes.withUnsafeBytes { bytes -> UInt64 in
+        return block.withUnsafeBytes { bytes -> UInt64 in
             switch bitsPerEntry {
             case 1, 2, 4:  // packed least significant bits first, as QEMU stores them
                 let bit = entry * bitsPerEntry

@@ -1,0 +1,309 @@
+import CFuse3
+import CFuseShim
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// Mounts a `FileSystemOperations` through libfuse's low-level API and serves it until unmounted
+/// or signalled (SIGINT, SIGTERM, SIGHUP).
+///
+/// Callbacks are C function pointers with no captures: each finds the server through
+/// `fuse_req_userdata`, an unretained pointer to this object, which `run` keeps alive.
+public final class FuseServer: @unchecked Sendable {
+    public struct Configuration: Sendable {
+        /// Options for libfuse and the kernel (`-o`): allow_other, default_permissions, ro, fsname...
+        public var options: [String] = []
+        public var foreground = false
+        public var threads: UInt32 = 16
+        public var maxReadahead: UInt32 = 1 << 20
+        public var splice = true
+        public init() {}
+    }
+
+    public enum Failure: Error, CustomStringConvertible {
+        case session(String)
+        case mount(String)
+        public var description: String {
+            switch self {
+            case .session(let why): return why
+            case .mount(let why): return why
+            }
+        }
+    }
+
+    let filesystem: any FileSystemOperations
+    let configuration: Configuration
+    // SAFETY: written once in `mount` before the loop starts; read only after it ends.
+    private var session: OpaquePointer?
+
+    public init(filesystem: any FileSystemOperations, configuration: Configuration) {
+        self.filesystem = filesystem
+        self.configuration = configuration
+    }
+
+    /// Mounts at `mountpoint`; daemonizes unless `foreground` (the parent exits once the mount is
+    /// up); serves until unmounted or signalled; then unmounts. `onMounted` runs after mounting,
+    /// in the process that serves.
+    public func run(mountpoint: String, onMounted: () -> Void = {}) throws {
+        var arguments = ["poolfs"]
+        for option in configuration.options { arguments += ["-o", option] }
+        let argv = arguments.map { strdup($0) }
+        defer { argv.forEach { free($0) } }
+        var cArgv: [UnsafeMutablePointer<CChar>?] = argv + [nil]
+        var ops = Self.operations()
+        let session: OpaquePointer? = cArgv.withUnsafeMutableBufferPointer { buffer in
+            var args = fuse_args(argc: Int32(arguments.count), argv: buffer.baseAddress, allocated: 0)
+            // SAFETY: `run` holds `self` for as long as the session exists.
+            let userdata = Unmanaged.passUnretained(self).toOpaque()
+            let se = fuse_session_new(&args, &ops, MemoryLayout<fuse_lowlevel_ops>.size, userdata)
+            fuse_opt_free_args(&args)
+            return se
+        }
+        guard let session else { throw Failure.session("fuse: invalid options \(configuration.options)") }
+        self.session = session
+        defer { fuse_session_destroy(session) }
+        guard fuse_set_signal_handlers(session) == 0 else { throw Failure.session("fuse: cannot set signal handlers") }
+        defer { fuse_remove_signal_handlers(session) }
+        guard fuse_session_mount(session, mountpoint) == 0 else {
+            throw Failure.mount("cannot mount at \(mountpoint) (see the message above)")
+        }
+        defer { fuse_session_unmount(session) }
+        fuse_daemonize(configuration.foreground ? 1 : 0)
+        onMounted()
+        withExtendedLifetime(self) {
+            _ = poolfs_session_loop_mt(session, configuration.threads)
+        }
+    }
+
+    static func server(_ req: fuse_req_t?) -> FuseServer {
+        // SAFETY: userdata is the `FuseServer` passed to fuse_session_new, alive during `run`.
+        Unmanaged<FuseServer>.fromOpaque(fuse_req_userdata(req)!).takeUnretainedValue()
+    }
+}
+
+// MARK: - Replies: one place sends each kind.
+
+extension FuseServer {
+    static func reply(_ req: fuse_req_t?, _ error: Errno) {
+        fuse_reply_err(req, error.code)
+    }
+
+    static func reply(_ req: fuse_req_t?, entry: Entry) {
+        var e = fuse_entry_param()
+        e.ino = entry.attributes.inode
+        e.attr = entry.attributes.stat
+        e.attr_timeout = entry.attributeTimeout
+        e.entry_timeout = entry.entryTimeout
+        fuse_reply_entry(req, &e)
+    }
+
+    static let zeros: UnsafeRawBufferPointer = {
+        let size = 1 << 20
+        return UnsafeRawBufferPointer(start: calloc(size, 1), count: size)
+    }()
+
+    static func reply(_ req: fuse_req_t?, data: ReadData) {
+        var pieces: [poolfs_segment] = []
+        pieces.reserveCapacity(data.segments.count + 4)
+        for segment in data.segments {
+            switch segment {
+            case .file(let fd, let offset, let length):
+                pieces.append(poolfs_segment(fd: fd, pos: offset, mem: nil, size: length))
+            case .memory(let bytes):
+                pieces.append(poolfs_segment(fd: -1, pos: 0, mem: bytes.baseAddress, size: bytes.count))
+            case .zero(var length):
+                while length > 0 {
+                    let n = min(length, zeros.count)
+                    pieces.append(poolfs_segment(fd: -1, pos: 0, mem: zeros.baseAddress, size: n))
+                    length -= n
+                }
+            }
+        }
+        withExtendedLifetime(data.owner) {
+            _ = pieces.withUnsafeBufferPointer { poolfs_reply_segments(req, $0.baseAddress, $0.count) }
+        }
+    }
+
+    static func replyBuffer(_ req: fuse_req_t?, _ bytes: [UInt8], size: Int) {
+        if size == 0 { fuse_reply_xattr(req, bytes.count); return }
+        guard bytes.count <= size else { return reply(req, .range) }
+        bytes.withUnsafeBytes { _ = fuse_reply_buf(req, $0.baseAddress, $0.count) }
+    }
+}
+
+// MARK: - Operations: C callbacks, one per operation.
+
+extension FuseServer {
+    static func operations() -> fuse_lowlevel_ops {
+        var ops = fuse_lowlevel_ops()
+        ops.`init` = { userdata, conn in
+            // SAFETY: userdata is the server, as above.
+            let server = Unmanaged<FuseServer>.fromOpaque(userdata!).takeUnretainedValue()
+            poolfs_configure_connection(conn, server.configuration.maxReadahead, server.configuration.splice ? 1 : 0)
+        }
+        ops.lookup = { req, parent, name in
+            switch FuseServer.server(req).filesystem.lookup(parent: parent, name: String(cString: name!)) {
+            case .success(let entry): FuseServer.reply(req, entry: entry)
+            case .failure(let error): FuseServer.reply(req, error)
+            }
+        }
+        ops.forget = { req, ino, count in
+            FuseServer.server(req).filesystem.forget(inode: ino, count: count)
+            fuse_reply_none(req)
+        }
+        ops.forget_multi = { req, count, forgets in
+            let fs = FuseServer.server(req).filesystem
+            for i in 0..<count { fs.forget(inode: forgets![i].ino, count: forgets![i].nlookup) }
+            fuse_reply_none(req)
+        }
+        ops.getattr = { req, ino, _ in
+            switch FuseServer.server(req).filesystem.attributes(of: ino) {
+            case .success(let (attributes, timeout)):
+                var st = attributes.stat
+                fuse_reply_attr(req, &st, timeout)
+            case .failure(let error): FuseServer.reply(req, error)
+            }
+        }
+        ops.setattr = { req, _, _, _, _ in FuseServer.reply(req, .readOnly) }
+        ops.open = { req, ino, fi in
+            if (fi!.pointee.flags & O_ACCMODE) != O_RDONLY || (fi!.pointee.flags & O_TRUNC) != 0 {
+                return FuseServer.reply(req, .readOnly)
+            }
+            switch FuseServer.server(req).filesystem.open(inode: ino) {
+            case .success:
+                fuse_reply_open(req, fi)
+            case .failure(let error): FuseServer.reply(req, error)
+            }
+        }
+        ops.read = { req, ino, size, offset, _ in
+            switch FuseServer.server(req).filesystem.read(inode: ino, offset: UInt64(max(offset, 0)), size: size) {
+            case .success(let data): FuseServer.reply(req, data: data)
+            case .failure(let error): FuseServer.reply(req, error)
+            }
+        }
+        ops.release = { req, _, _ in fuse_reply_err(req, 0) }
+        ops.opendir = { req, ino, fi in
+            switch FuseServer.server(req).filesystem.list(directory: ino) {
+            case .success(let entries):
+                // SAFETY: released in releasedir, which the kernel sends exactly once per opendir.
+                fi!.pointee.fh = UInt64(UInt(bitPattern: Unmanaged.passRetained(Listing(entries)).toOpaque()))
+                fuse_reply_open(req, fi)
+            case .failure(let error): FuseServer.reply(req, error)
+            }
+        }
+        ops.readdir = { req, ino, size, offset, fi in
+            FuseServer.readDirectory(req, ino: ino, size: size, offset: offset, fi: fi, plus: false)
+        }
+        ops.readdirplus = { req, ino, size, offset, fi in
+            FuseServer.readDirectory(req, ino: ino, size: size, offset: offset, fi: fi, plus: true)
+        }
+        ops.releasedir = { req, _, fi in
+            if let pointer = UnsafeRawPointer(bitPattern: UInt(fi!.pointee.fh)) {
+                Unmanaged<Listing>.fromOpaque(pointer).release()
+            }
+            fuse_reply_err(req, 0)
+        }
+        ops.statfs = { req, _ in
+            let s = FuseServer.server(req).filesystem.statistics()
+            var st = statvfs()
+            st.f_bsize = UInt(s.blockSize)
+            st.f_frsize = UInt(s.blockSize)
+            st.f_blocks = fsblkcnt_t(s.blocks)
+            st.f_bfree = fsblkcnt_t(s.freeBlocks)
+            st.f_bavail = fsblkcnt_t(s.freeBlocks)
+            st.f_files = fsfilcnt_t(s.files)
+            st.f_namemax = 255
+            st.f_flag = UInt(ST_RDONLY)
+            fuse_reply_statfs(req, &st)
+        }
+        ops.getxattr = { req, ino, name, size in
+            switch FuseServer.server(req).filesystem.extendedAttribute(of: ino, name: String(cString: name!)) {
+            case .success(let bytes): FuseServer.replyBuffer(req, bytes, size: size)
+            case .failure(let error): FuseServer.reply(req, error)
+            }
+        }
+        ops.listxattr = { req, ino, size in
+            switch FuseServer.server(req).filesystem.extendedAttributeNames(of: ino) {
+            case .success(let names): FuseServer.replyBuffer(req, names.flatMap { Array($0.utf8) + [0] }, size: size)
+            case .failure(let error): FuseServer.reply(req, error)
+            }
+        }
+        ops.access = { req, _, mask in
+            FuseServer.reply(req, Errno(mask & W_OK != 0 ? EROFS : 0))
+        }
+        ops.lseek = { req, ino, offset, whence, _ in
+            guard whence == 3 || whence == 4 else { return FuseServer.reply(req, .invalid) }  // SEEK_DATA, SEEK_HOLE
+            switch FuseServer.server(req).filesystem.seek(inode: ino, offset: UInt64(max(offset, 0)), data: whence == 3) {
+            case .success(let found): fuse_reply_lseek(req, off_t(found))
+            case .failure(let error): FuseServer.reply(req, error)
+            }
+        }
+        // Everything that would modify the tree or a file.
+        ops.write = { req, _, _, _, _, _ in FuseServer.reply(req, .readOnly) }
+        ops.mknod = { req, _, _, _, _ in FuseServer.reply(req, .readOnly) }
+        ops.mkdir = { req, _, _, _ in FuseServer.reply(req, .readOnly) }
+        ops.unlink = { req, _, _ in FuseServer.reply(req, .readOnly) }
+        ops.rmdir = { req, _, _ in FuseServer.reply(req, .readOnly) }
+        ops.symlink = { req, _, _, _ in FuseServer.reply(req, .readOnly) }
+        ops.rename = { req, _, _, _, _, _ in FuseServer.reply(req, .readOnly) }
+        ops.link = { req, _, _, _ in FuseServer.reply(req, .readOnly) }
+        ops.create = { req, _, _, _, _ in FuseServer.reply(req, .readOnly) }
+        ops.setxattr = { req, _, _, _, _, _ in FuseServer.reply(req, .readOnly) }
+        ops.removexattr = { req, _, _ in FuseServer.reply(req, .readOnly) }
+        ops.fallocate = { req, _, _, _, _, _ in FuseServer.reply(req, .readOnly) }
+        return ops
+    }
+
+    /// Adds entries from the opendir snapshot, starting after `offset`, until the buffer is full.
+    /// With readdirplus every real entry counts as a lookup; one that does not fit is forgotten.
+    static func readDirectory(_ req: fuse_req_t?, ino: fuse_ino_t, size: Int, offset: off_t,
+                              fi: UnsafeMutablePointer<fuse_file_info>?, plus: Bool) {
+        guard let pointer = UnsafeRawPointer(bitPattern: UInt(fi!.pointee.fh)) else { return reply(req, .io) }
+        // SAFETY: the listing stays retained until releasedir.
+        let listing = Unmanaged<Listing>.fromOpaque(pointer).takeUnretainedValue()
+        let fs = server(req).filesystem
+        let buffer = UnsafeMutablePointer<CChar>.allocate(capacity: size)
+        defer { buffer.deallocate() }
+        var used = 0
+        var index = Int(max(offset, 0))
+        while index < listing.entries.count {
+            let item = listing.entries[index]
+            let isDot = item.name == "." || item.name == ".."
+            var needed = 0
+            if plus {
+                var e = fuse_entry_param()
+                var looked = false
+                if !isDot, case .success(let entry) = fs.lookup(parent: ino, name: item.name) {
+                    e.ino = entry.attributes.inode
+                    e.attr = entry.attributes.stat
+                    e.attr_timeout = entry.attributeTimeout
+                    e.entry_timeout = entry.entryTimeout
+                    looked = true
+                } else {
+                    e.attr.st_ino = UInt(item.inode)
+                    e.attr.st_mode = item.mode
+                }
+                needed = fuse_add_direntry_plus(req, buffer + used, size - used, item.name, &e, off_t(index + 1))
+                if needed > size - used {
+                    if looked { fs.forget(inode: e.ino, count: 1) }
+                    break
+                }
+            } else {
+                var st = Glibc.stat()
+                st.st_ino = UInt(item.inode)
+                st.st_mode = item.mode
+                needed = fuse_add_direntry(req, buffer + used, size - used, item.name, &st, off_t(index + 1))
+                if needed > size - used { break }
+            }
+            used += needed
+            index += 1
+        }
+        fuse_reply_buf(req, buffer, used)
+    }
+}
+
+/// A directory's entries as they were at opendir, so that readdir offsets stay stable.
+final class Listing {
+    let entries: [DirectoryEntry]
+    init(_ entries: [DirectoryEntry]) { self.entries = entries }
+}

@@ -1,0 +1,118 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// An errno to reply with. Operations return it; FuseKit sends it.
+public struct Errno: Error, Equatable, Sendable {
+    public let code: Int32
+    public init(_ code: Int32) { self.code = code }
+    public static let noEntry = Errno(ENOENT)
+    public static let io = Errno(EIO)
+    public static let readOnly = Errno(EROFS)
+    public static let noData = Errno(ENODATA)
+    public static let range = Errno(ERANGE)
+    public static let invalid = Errno(EINVAL)
+    public static let notDirectory = Errno(ENOTDIR)
+    public static let isDirectory = Errno(EISDIR)
+    public static let noDevice = Errno(ENXIO)
+}
+
+/// The attributes of an inode, as `stat` reports them.
+public struct Attributes: Sendable {
+    public var inode: UInt64 = 0
+    public var mode: UInt32
+    public var links: UInt32 = 1
+    public var uid: UInt32 = 0
+    public var gid: UInt32 = 0
+    public var size: UInt64 = 0
+    /// In 512-byte units.
+    public var blocks: UInt64 = 0
+    public var atime = timespec()
+    public var mtime = timespec()
+    public var ctime = timespec()
+
+    public init(mode: UInt32) { self.mode = mode }
+
+    var stat: Glibc.stat {
+        var st = Glibc.stat()
+        st.st_ino = UInt(inode)
+        st.st_mode = mode
+        st.st_nlink = UInt(links)
+        st.st_uid = uid
+        st.st_gid = gid
+        st.st_size = Int(clamping: size)
+        st.st_blocks = Int(clamping: blocks)
+        st.st_blksize = 65536
+        st.st_atim = atime
+        st.st_mtim = mtime
+        st.st_ctim = ctime
+        return st
+    }
+}
+
+/// The reply to lookup: an inode the kernel now holds one more reference to.
+public struct Entry: Sendable {
+    public var attributes: Attributes
+    /// Seconds the kernel may trust the name and the attributes.
+    public var entryTimeout: Double
+    public var attributeTimeout: Double
+
+    public init(attributes: Attributes, entryTimeout: Double, attributeTimeout: Double) {
+        self.attributes = attributes
+        self.entryTimeout = entryTimeout
+        self.attributeTimeout = attributeTimeout
+    }
+}
+
+public struct DirectoryEntry: Sendable {
+    public var name: String
+    public var inode: UInt64
+    public var mode: UInt32
+    public init(name: String, inode: UInt64, mode: UInt32) {
+        self.name = name; self.inode = inode; self.mode = mode
+    }
+}
+
+/// The bytes of a read reply, in order. `owner` keeps `memory` segments alive until sent.
+public struct ReadData: Sendable {
+    public enum Segment: Sendable {
+        case file(fd: Int32, offset: UInt64, length: Int)
+        case zero(length: Int)
+        case memory(UnsafeRawBufferPointer)
+    }
+    public var segments: [Segment]
+    public var owner: (any Sendable)?
+
+    public init(segments: [Segment], owner: (any Sendable)?) {
+        self.segments = segments
+        self.owner = owner
+    }
+}
+
+extension UnsafeRawBufferPointer: @retroactive @unchecked Sendable {}
+
+public struct FileSystemStatistics: Sendable {
+    public var blockSize: UInt64
+    public var blocks: UInt64
+    public var freeBlocks: UInt64
+    public var files: UInt64
+    public init(blockSize: UInt64, blocks: UInt64, freeBlocks: UInt64, files: UInt64) {
+        self.blockSize = blockSize; self.blocks = blocks; self.freeBlocks = freeBlocks; self.files = files
+    }
+}
+
+/// What a filesystem implements. Every method runs on a libfuse worker thread, many at once; each
+/// returns its result and FuseKit sends exactly one reply. The mount is read-only, so every
+/// modifying operation is answered EROFS by FuseKit itself.
+public protocol FileSystemOperations: AnyObject, Sendable {
+    func lookup(parent: UInt64, name: String) -> Result<Entry, Errno>
+    func forget(inode: UInt64, count: UInt64)
+    func attributes(of inode: UInt64) -> Result<(Attributes, timeout: Double), Errno>
+    func open(inode: UInt64) -> Result<Void, Errno>
+    func read(inode: UInt64, offset: UInt64, size: Int) -> Result<ReadData, Errno>
+    func list(directory inode: UInt64) -> Result<[DirectoryEntry], Errno>
+    func seek(inode: UInt64, offset: UInt64, data: Bool) -> Result<UInt64, Errno>
+    func extendedAttribute(of inode: UInt64, name: String) -> Result<[UInt8], Errno>
+    func extendedAttributeNames(of inode: UInt64) -> Result<[String], Errno>
+    func statistics() -> FileSystemStatistics
+}

@@ -1,0 +1,81 @@
+/// The `-o` options of a mount. poolfs's own are consumed here; the rest go to libfuse and the
+/// kernel (allow_other, default_permissions, nodev, noatime, ...).
+public struct MountOptions: Sendable, Equatable {
+    public var cacheSize = 64 << 20
+    public var threads: UInt32 = 16
+    public var readahead: UInt32 = 1 << 20
+    public var splice = true
+    public var type: String?
+    public var fuseOptions: [String] = []
+    public var warnings: [String] = []
+
+    public init() {}
+
+    /// Options that only mean something to mount(8), fstab or systemd.
+    static let mountOnly: Set<String> = ["defaults", "auto", "noauto", "user", "users", "nouser", "nofail", "_netdev", "owner", "group"]
+
+    /// Parses `-o` lists as given (each comma-separated; later ones win).
+    public static func parse(_ lists: [String]) throws -> MountOptions {
+        var o = MountOptions()
+        for list in lists {
+            for option in list.split(separator: ",").map(String.init) where !option.isEmpty {
+                let parts = option.split(separator: "=", maxSplits: 1).map(String.init)
+                let key = parts[0]
+                let value = parts.count > 1 ? parts[1] : nil
+                switch key {
+                case "cache_size":
+                    o.cacheSize = try Int(size(value, option: option))
+                case "readahead":
+                    o.readahead = UInt32(clamping: try size(value, option: option))
+                case "threads":
+                    guard let value, let n = UInt32(value), (1...256).contains(n) else {
+                        throw MountError.badOption("\(option): threads takes a number from 1 to 256")
+                    }
+                    o.threads = n
+                case "nosplice":
+                    o.splice = false
+                case "type":
+                    o.type = value
+                case "ro":
+                    break  // always read-only
+                case "rw":
+                    o.warnings.append("rw: writable mounts are not available yet; mounting read-only")
+                case _ where mountOnly.contains(key) || key.hasPrefix("x-") || key == "comment":
+                    break
+                default:
+                    o.fuseOptions.append(option)
+                }
+            }
+        }
+        return o
+    }
+
+    /// "64M", "1G", "4096": bytes, with an optional K, M, G or T suffix (powers of 1024).
+    static func size(_ text: String?, option: String) throws -> UInt64 {
+        guard var text, !text.isEmpty else { throw MountError.badOption("\(option): needs a size") }
+        var multiplier: UInt64 = 1
+        let suffixes: [Character: UInt64] = ["K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40]
+        if let last = text.last?.uppercased().first, let m = suffixes[last] {
+            multiplier = m
+            text.removeLast()
+        }
+        guard let n = UInt64(text), n <= UInt64.max / multiplier else {
+            throw MountError.badOption("\(option): '\(text)' is not a size")
+        }
+        return n * multiplier
+    }
+}
+
+public enum MountError: Error, CustomStringConvertible {
+    case badOption(String)
+    case noFuseDevice
+    case mountpoint(String)
+
+    public var description: String {
+        switch self {
+        case .badOption(let why): return "bad option \(why)"
+        case .noFuseDevice: return "/dev/fuse is missing: install fuse3 and load the fuse module (modprobe fuse)"
+        case .mountpoint(let why): return why
+        }
+    }
+}

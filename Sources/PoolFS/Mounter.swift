@@ -1,0 +1,98 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import Foundation
+import FuseKit
+import Qcow2
+
+/// Checks everything that can be checked before mounting, so that each failure gets one clear
+/// message and nothing is left mounted; then serves the pool until unmounted.
+public enum Mounter {
+    public static func mount(source: String, mountpoint: String, options: MountOptions, foreground: Bool) throws {
+        guard access("/dev/fuse", R_OK | W_OK) == 0 else { throw MountError.noFuseDevice }
+        let pool = try PoolSource.open(source, type: options.type)
+        let target = try checkMountpoint(mountpoint)
+        Log.configure(foreground: foreground)
+        for warning in options.warnings { Log.warning(warning) }
+
+        let store = VolumeStore(pool: pool, cache: BlockCache(capacityBytes: options.cacheSize))
+        let filesystem = PoolFileSystem(store: store)
+        var configuration = FuseServer.Configuration()
+        configuration.foreground = foreground
+        configuration.threads = options.threads
+        configuration.maxReadahead = options.readahead
+        configuration.splice = options.splice
+        let fsname = ("poolfs:" + pool.displayName).replacingOccurrences(of: ",", with: "\\,")
+        configuration.options = ["ro", "fsname=\(fsname)", "subtype=poolfs"] + options.fuseOptions
+        let server = FuseServer(filesystem: filesystem, configuration: configuration)
+        try server.run(mountpoint: target) {
+            Log.info("mounted \(pool.displayName) at \(target)")
+        }
+        Log.info("unmounted \(target)")
+    }
+
+    /// The mountpoint's real path: it must exist, be a directory, and not be mounted on already.
+    static func checkMountpoint(_ path: String) throws -> String {
+        var st = stat()
+        guard stat(path, &st) == 0 else {
+            if errno == ENOTCONN {
+                throw MountError.mountpoint("mountpoint \(path) is a dead FUSE mount: run 'fusermount3 -u \(path)'")
+            }
+            throw MountError.mountpoint("mountpoint \(path) does not exist")
+        }
+        guard st.st_mode & S_IFMT == S_IFDIR else { throw MountError.mountpoint("mountpoint \(path) is not a directory") }
+        guard let resolved = realpath(path, nil) else { throw MountError.mountpoint("mountpoint \(path) cannot be resolved") }
+        let real = String(cString: resolved)
+        free(resolved)
+        if mountedPaths().contains(real) {
+            throw MountError.mountpoint("mountpoint \(real) is busy: something is already mounted there")
+        }
+        return real
+    }
+
+    /// Mount points from /proc/self/mountinfo (field 5, with octal escapes for spaces and the like).
+    static func mountedPaths() -> Set<String> {
+        guard let text = try? String(contentsOfFile: "/proc/self/mountinfo", encoding: .utf8) else { return [] }
+        var paths = Set<String>()
+        for line in text.split(separator: "\n") {
+            let fields = line.split(separator: " ")
+            guard fields.count > 4 else { continue }
+            paths.insert(unescape(String(fields[4])))
+        }
+        return paths
+    }
+
+    static func unescape(_ field: String) -> String {
+        var bytes: [UInt8] = []
+        let u = Array(field.utf8)
+        var i = 0
+        while i < u.count {
+            if u[i] == UInt8(ascii: "\\"), i + 3 < u.count + 0, let v = UInt8(String(decoding: u[i + 1...i + 3], as: UTF8.self), radix: 8) {
+                bytes.append(v)
+                i += 4
+            } else {
+                bytes.append(u[i])
+                i += 1
+            }
+        }
+        return String(decoding: bytes, as: UTF8.self)
+    }
+
+    public static func unmount(_ mountpoint: String) throws {
+        let process = Process()
+        process.executableURL = URL(fileURLWithPath: "/usr/bin/env")
+        process.arguments = ["fusermount3", "-u", mountpoint]
+        try process.run()
+        process.waitUntilExit()
+        guard process.terminationStatus == 0 else {
+            throw MountError.mountpoint("fusermount3 -u \(mountpoint) failed")
+        }
+    }
+
+    /// Opens every volume of the pool, for `poolfs ls`.
+    public static func reports(source: String, type: String?) throws -> [VolumeReport] {
+        let pool = try PoolSource.open(source, type: type)
+        let store = VolumeStore(pool: pool, cache: BlockCache(capacityBytes: 16 << 20))
+        return store.volumeNames().compactMap { store.volume($0) }.map(VolumeReport.make)
+    }
+}

@@ -1,0 +1,284 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import FuseKit
+import Qcow2
+
+/// The tree: volumes at the top, `.snapshots/<volume>/<snapshot>` below, all read-only.
+public enum Node: Hashable, Sendable {
+    case root
+    case snapshots
+    case volume(String)
+    case snapshotDirectory(volume: String)
+    case snapshot(volume: String, file: String)
+}
+
+/// Maps FUSE operations onto the pool's volumes. Every operation resolves its node afresh through
+/// the `VolumeStore`, so changes in the pool show without a remount.
+public final class PoolFileSystem: FileSystemOperations {
+    public static let snapshotsName = ".snapshots"
+    /// Seconds the kernel may cache names and attributes: short, since the pool changes under us.
+    let timeout = 1.0
+    let store: VolumeStore
+    let inodes = InodeTable<Node>(root: .root)
+    let rootStat: stat
+
+    public init(store: VolumeStore) {
+        self.store = store
+        var st = stat()
+        _ = stat(store.pool.statisticsPath, &st)
+        rootStat = st
+    }
+
+    // MARK: Resolving nodes
+
+    /// What a node is now: a directory, a volume, or a snapshot of a volume.
+    enum Resolved {
+        case directory(Attributes)
+        case volume(OpenVolume)
+        case snapshot(OpenVolume, Snapshot)
+    }
+
+    func resolve(_ node: Node) -> Result<Resolved, Errno> {
+        switch node {
+        case .root:
+            return .success(.directory(directoryAttributes(from: rootStat)))
+        case .snapshots:
+            var a = directoryAttributes(from: rootStat)
+            a.mode = S_IFDIR | 0o555
+            return .success(.directory(a))
+        case .volume(let name):
+            guard let volume = store.volume(name) else { return .failure(.noEntry) }
+            return .success(.volume(volume))
+        case .snapshotDirectory(let name):
+            guard let volume = store.volume(name) else { return .failure(.noEntry) }
+            var a = directoryAttributes(from: volume.fileStat)
+            a.mode = S_IFDIR | 0o555
+            return .success(.directory(a))
+        case .snapshot(let name, let file):
+            guard let volume = store.volume(name), let snapshot = volume.snapshot(file: file) else {
+                return .failure(.noEntry)
+            }
+            return .success(.snapshot(volume, snapshot))
+        }
+    }
+
+    func directoryAttributes(from st: stat) -> Attributes {
+        var a = Attributes(mode: S_IFDIR | (st.st_mode & 0o7777))
+        a.links = 2
+        a.uid = st.st_uid
+        a.gid = st.st_gid
+        a.atime = st.st_atim
+        a.mtime = st.st_mtim
+        a.ctime = st.st_ctim
+        return a
+    }
+
+    func attributes(_ resolved: Resolved) -> Attributes {
+        switch resolved {
+        case .directory(let a):
+            return a
+        case .volume(let v):
+            var a = Attributes(mode: S_IFREG | (v.fileStat.st_mode & 0o7777))
+            a.uid = v.fileStat.st_uid
+            a.gid = v.fileStat.st_gid
+            a.atime = v.fileStat.st_atim
+            a.mtime = v.fileStat.st_mtim
+            a.ctime = v.fileStat.st_ctim
+            a.size = v.image?.virtualSize ?? 0
+            a.blocks = (v.allocatedBytes(snapshot: nil) + 511) / 512
+            return a
+        case .snapshot(let v, let s):
+            var a = Attributes(mode: S_IFREG | (v.fileStat.st_mode & 0o7555))
+            a.uid = v.fileStat.st_uid
+            a.gid = v.fileStat.st_gid
+            let date = timespec(tv_sec: Int(s.dateSeconds), tv_nsec: Int(s.dateNanoseconds))
+            a.atime = date
+            a.mtime = date
+            a.ctime = date
+            a.size = v.image?.device(of: s)?.size ?? 0
+            a.blocks = (v.allocatedBytes(snapshot: s) + 511) / 512
+            return a
+        }
+    }
+
+    func device(_ inode: UInt64) -> Result<any BlockDevice, Errno> {
+        guard let node = inodes.key(of: inode) else { return .failure(.noEntry) }
+        switch resolve(node) {
+        case .failure(let e): return .failure(e)
+        case .success(.directory): return .failure(.isDirectory)
+        case .success(.volume(let v)):
+            guard let image = v.image else { return .failure(.io) }
+            return .success(image.live)
+        case .success(.snapshot(let v, let s)):
+            guard let device = v.image?.device(of: s) else { return .failure(.io) }
+            return .success(device)
+        }
+    }
+
+    // MARK: FileSystemOperations
+
+    public func lookup(parent: UInt64, name: String) -> Result<Entry, Errno> {
+        guard let parentNode = inodes.key(of: parent) else { return .failure(.noEntry) }
+        let child: Node
+        switch parentNode {
+        case .root:
+            child = name == Self.snapshotsName ? .snapshots : .volume(name)
+        case .snapshots:
+            child = .snapshotDirectory(volume: name)
+        case .snapshotDirectory(let volume):
+            child = .snapshot(volume: volume, file: name)
+        case .volume, .snapshot:
+            return .failure(.notDirectory)
+        }
+        return resolve(child).map { resolved in
+            var a = attributes(resolved)
+            a.inode = inodes.reference(child)
+            return Entry(attributes: a, entryTimeout: timeout, attributeTimeout: timeout)
+        }
+    }
+
+    public func forget(inode: UInt64, count: UInt64) {
+        inodes.forget(inode, count: count)
+    }
+
+    public func attributes(of inode: UInt64) -> Result<(Attributes, timeout: Double), Errno> {
+        guard let node = inodes.key(of: inode) else { return .failure(.noEntry) }
+        return resolve(node).map { resolved in
+            var a = attributes(resolved)
+            a.inode = inode
+            return (a, timeout)
+        }
+    }
+
+    public func open(inode: UInt64) -> Result<Void, Errno> {
+        device(inode).map { _ in () }
+    }
+
+    public func read(inode: UInt64, offset: UInt64, size: Int) -> Result<ReadData, Errno> {
+        switch device(inode) {
+        case .failure(let e):
+            return .failure(e)
+        case .success(let device):
+            guard offset < device.size else { return .success(ReadData(segments: [], owner: nil)) }
+            let n = Int(min(UInt64(size), device.size - offset))
+            do {
+                let plan = try device.plan(at: offset, length: n)
+                let segments = plan.segments.map { segment -> ReadData.Segment in
+                    switch segment {
+                    case .host(let file, let at, let length): return .file(fd: file.fd, offset: at, length: length)
+                    case .zero(let length): return .zero(length: length)
+                    case .bytes(let block, let start, let length):
+                        return .memory(UnsafeRawBufferPointer(rebasing: block.bytes[start..<start + length]))
+                    }
+                }
+                // The plan holds the files and cached blocks that the segments point into.
+                return .success(ReadData(segments: segments, owner: plan))
+            } catch {
+                return .failure(fail(error, inode: inode))
+            }
+        }
+    }
+
+    public func list(directory inode: UInt64) -> Result<[DirectoryEntry], Errno> {
+        guard let node = inodes.key(of: inode) else { return .failure(.noEntry) }
+        var entries = [DirectoryEntry(name: ".", inode: inode, mode: S_IFDIR),
+                       DirectoryEntry(name: "..", inode: 1, mode: S_IFDIR)]
+        func add(_ name: String, _ child: Node, _ mode: UInt32) {
+            entries.append(DirectoryEntry(name: name, inode: inodes.inode(of: child) ?? 0xffff_ffff, mode: mode))
+        }
+        switch node {
+        case .root:
+            add(Self.snapshotsName, .snapshots, S_IFDIR)
+            for name in store.volumeNames() { add(name, .volume(name), S_IFREG) }
+        case .snapshots:
+            for name in store.volumeNames() { add(name, .snapshotDirectory(volume: name), S_IFDIR) }
+        case .snapshotDirectory(let volume):
+            guard let open = store.volume(volume) else { return .failure(.noEntry) }
+            for (file, _) in open.snapshotFiles { add(file, .snapshot(volume: volume, file: file), S_IFREG) }
+        case .volume, .snapshot:
+            return .failure(.notDirectory)
+        }
+        return .success(entries)
+    }
+
+    /// SEEK_DATA / SEEK_HOLE from the allocation map: zeros count as holes, so sparse copies
+    /// skip them; the end of the disk is the final hole.
+    public func seek(inode: UInt64, offset: UInt64, data: Bool) -> Result<UInt64, Errno> {
+        switch device(inode) {
+        case .failure(let e): return .failure(e)
+        case .success(let device):
+            guard offset < device.size else { return .failure(.noDevice) }
+            do {
+                var at = offset
+                let window: UInt64 = 1 << 30
+                while at < device.size {
+                    let n = min(window, device.size - at)
+                    for extent in try device.status(at: at, length: n, detection: .metadataOnly) {
+                        let isData = extent.data && !extent.zero
+                        if isData == data { return .success(max(extent.start, offset)) }
+                    }
+                    at += n
+                }
+                return data ? .failure(.noDevice) : .success(device.size)
+            } catch {
+                return .failure(fail(error, inode: inode))
+            }
+        }
+    }
+
+    public func extendedAttribute(of inode: UInt64, name: String) -> Result<[UInt8], Errno> {
+        extendedAttributes(of: inode).flatMap { attributes in
+            guard let value = attributes.first(where: { $0.name == name })?.value else { return .failure(.noData) }
+            return .success(Array(value.utf8))
+        }
+    }
+
+    public func extendedAttributeNames(of inode: UInt64) -> Result<[String], Errno> {
+        extendedAttributes(of: inode).map { $0.map(\.name) }
+    }
+
+    /// `user.poolfs.*`: what `poolfs ls` knows about the volume or snapshot.
+    func extendedAttributes(of inode: UInt64) -> Result<[(name: String, value: String)], Errno> {
+        guard let node = inodes.key(of: inode) else { return .failure(.noEntry) }
+        return resolve(node).map { resolved in
+            switch resolved {
+            case .directory:
+                return []
+            case .volume(let v):
+                guard let image = v.image else { return [("user.poolfs.error", v.error ?? "unknown")] }
+                return [
+                    ("user.poolfs.format", image.format.rawValue),
+                    ("user.poolfs.virtual_size", "\(image.virtualSize)"),
+                    ("user.poolfs.backing_chain", VolumeReport.chainDescription(image)),
+                    ("user.poolfs.snapshots", "\(image.snapshots.count)"),
+                ]
+            case .snapshot(let v, let s):
+                return [
+                    ("user.poolfs.format", "qcow2-snapshot"),
+                    ("user.poolfs.virtual_size", "\(v.image?.device(of: s)?.size ?? 0)"),
+                    ("user.poolfs.backing_chain", v.image.map(VolumeReport.chainDescription) ?? ""),
+                    ("user.poolfs.snapshot_id", s.id),
+                    ("user.poolfs.snapshot_name", s.name),
+                    ("user.poolfs.snapshot_date", VolumeReport.isoDate(s.dateSeconds)),
+                    ("user.poolfs.vm_state_size", "\(s.vmStateSize)"),
+                    ("user.poolfs.vm_clock_ns", "\(s.vmClockNanoseconds)"),
+                ]
+            }
+        }
+    }
+
+    public func statistics() -> FileSystemStatistics {
+        var st = statvfs()
+        _ = statvfs(store.pool.statisticsPath, &st)
+        return FileSystemStatistics(blockSize: UInt64(st.f_frsize), blocks: UInt64(st.f_blocks),
+                                    freeBlocks: 0, files: UInt64(st.f_files))
+    }
+
+    /// Logs an engine error against the volume and turns it into an errno.
+    func fail(_ error: any Error, inode: UInt64) -> Errno {
+        let what = inodes.key(of: inode).map { "\($0)" } ?? "inode \(inode)"
+        Log.error("\(what): \(error)")
+        return Errno((error as? Qcow2Error)?.errno ?? EIO)
+    }
+}

@@ -1,0 +1,36 @@
+import Qcow2
+
+/// File names for snapshots under `.snapshots/<volume>/`.
+///
+/// qcow2 snapshot names may contain `/`, may be empty and need not be unique; file names cannot
+/// and must. The rules:
+/// - `%`, `/` and `@` are written as `%25`, `%2F` and `%40`; a name of `.` or `..` as `%2E`, `%2E%2E`.
+/// - A name that several snapshots share, or an empty one, gets `@<id>` appended: two snapshots
+///   called `daily` with ids 3 and 7 appear as `daily@3` and `daily@7`.
+/// So every snapshot has exactly one file name and every file name one snapshot.
+public enum SnapshotNames {
+    public static func escape(_ name: String) -> String {
+        if name == "." { return "%2E" }
+        if name == ".." { return "%2E%2E" }
+        var out = ""
+        for ch in name {
+            switch ch {
+            case "%": out += "%25"
+            case "/": out += "%2F"
+            case "@": out += "%40"
+            default: out.append(ch)
+            }
+        }
+        return out
+    }
+
+    /// File name → snapshot, for a volume's snapshot table.
+    public static func files(for snapshots: [Snapshot]) -> [(file: String, snapshot: Snapshot)] {
+        var counts: [String: Int] = [:]
+        for s in snapshots { counts[s.name, default: 0] += 1 }
+        return snapshots.map { s in
+            let unique = counts[s.name] == 1 && !s.name.isEmpty
+            return (unique ? escape(s.name) : escape(s.name) + "@" + escape(s.id), s)
+        }
+    }
+}

@@ -1,0 +1,90 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import Foundation
+import Qcow2
+
+/// What `poolfs ls` prints about each volume, as a table or as JSON.
+public struct VolumeReport: Codable, Sendable {
+    public struct Layer: Codable, Sendable {
+        public var path: String
+        public var format: String
+    }
+    public struct SnapshotInfo: Codable, Sendable {
+        public var id: String
+        public var name: String
+        public var file: String
+        public var date: String
+        public var virtualSize: UInt64
+        public var vmStateSize: UInt64
+    }
+    public var name: String
+    public var path: String
+    public var format: String?
+    public var virtualSize: UInt64?
+    /// Bytes of the virtual disk that hold data.
+    public var allocatedSize: UInt64?
+    /// Bytes the image file occupies on the host.
+    public var diskUsage: UInt64
+    public var backingChain: [Layer]
+    public var snapshots: [SnapshotInfo]
+    public var error: String?
+
+    public static func make(_ volume: OpenVolume) -> VolumeReport {
+        let image = volume.image
+        return VolumeReport(
+            name: volume.name, path: volume.path, format: image?.format.rawValue,
+            virtualSize: image?.virtualSize,
+            allocatedSize: image == nil ? nil : volume.allocatedBytes(snapshot: nil),
+            diskUsage: UInt64(volume.fileStat.st_blocks) * 512,
+            backingChain: (image?.chain.dropFirst() ?? []).map { Layer(path: $0.path, format: $0.format.rawValue) },
+            snapshots: volume.snapshotFiles.map { file, s in
+                SnapshotInfo(id: s.id, name: s.name, file: file, date: isoDate(s.dateSeconds),
+                             virtualSize: image?.device(of: s)?.size ?? 0, vmStateSize: s.vmStateSize)
+            },
+            error: volume.error)
+    }
+
+    static func chainDescription(_ image: Image) -> String {
+        image.chain.dropFirst().map { "\($0.path) (\($0.format.rawValue))" }.joined(separator: "\n")
+    }
+
+    static func isoDate(_ seconds: UInt32) -> String {
+        var t = time_t(seconds)
+        var parts = tm()
+        gmtime_r(&t, &parts)
+        var buffer = [CChar](repeating: 0, count: 32)
+        strftime(&buffer, buffer.count, "%Y-%m-%dT%H:%M:%SZ", &parts)
+        return String(cString: buffer)
+    }
+
+    public static func json(_ reports: [VolumeReport]) -> String {
+        let encoder = JSONEncoder()
+        encoder.keyEncodingStrategy = .convertToSnakeCase
+        encoder.outputFormatting = [.prettyPrinted, .sortedKeys]
+        return String(decoding: (try? encoder.encode(reports)) ?? Data(), as: UTF8.self)
+    }
+
+    public static func table(_ reports: [VolumeReport]) -> String {
+        var rows = [["VOLUME", "FORMAT", "VIRTUAL", "ALLOCATED", "DISK", "SNAPSHOTS", "BACKING / ERROR"]]
+        for r in reports {
+            let tail = r.error.map { "error: \($0)" }
+                ?? r.backingChain.map { "\(($0.path as NSString).lastPathComponent) (\($0.format))" }.joined(separator: " -> ")
+            rows.append([r.name, r.format ?? "-", r.virtualSize.map(human) ?? "-", r.allocatedSize.map(human) ?? "-",
+                         human(r.diskUsage), r.snapshots.isEmpty ? "-" : r.snapshots.map(\.file).joined(separator: ","), tail])
+        }
+        let widths = (0..<rows[0].count).map { c in rows.map { $0[c].count }.max() ?? 0 }
+        return rows.map { row in
+            row.enumerated().map { c, cell in c == row.count - 1 ? cell : cell.padding(toLength: widths[c], withPad: " ", startingAt: 0) }
+                .joined(separator: "  ")
+        }.joined(separator: "\n")
+    }
+
+    static func human(_ bytes: UInt64) -> String {
+        let units = ["B", "K", "M", "G", "T", "P"]
+        var value = Double(bytes)
+        var unit = 0
+        while value >= 1024, unit < units.count - 1 { value /= 1024; unit += 1 }
+        return unit == 0 ? "\(bytes)B" : String(format: value < 10 ? "%.1f%@" : "%.0f%@", value, units[unit])
+    }
+}

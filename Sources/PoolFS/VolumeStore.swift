@@ -1,0 +1,108 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import Qcow2
+import Synchronization
+
+/// One volume as last opened: the image or why it failed, and what is derived from it lazily.
+public final class OpenVolume: Sendable {
+    public let name: String
+    public let path: String
+    /// The image file as stat'ed when opened; a different stat means reopen.
+    public let identity: FileIdentity
+    public let fileStat: stat
+    public let image: Image?
+    public let error: String?
+    public let snapshotFiles: [(file: String, snapshot: Snapshot)]
+    let openedAt: timespec
+    private let allocation = Mutex<[String: UInt64]>([:])
+
+    init(name: String, path: String, cache: BlockCache) {
+        self.name = name
+        self.path = path
+        var st = Glibc.stat()
+        _ = stat(path, &st)
+        self.fileStat = st
+        self.identity = FileIdentity(st)
+        self.openedAt = Self.now()
+        do {
+            let image = try Image.open(path: path, cache: cache)
+            self.image = image
+            self.error = nil
+            self.snapshotFiles = SnapshotNames.files(for: image.snapshots)
+        } catch {
+            self.image = nil
+            self.error = "\(error)"
+            self.snapshotFiles = []
+        }
+    }
+
+    public func snapshot(file: String) -> Snapshot? {
+        snapshotFiles.first { $0.file == file }?.snapshot
+    }
+
+    /// Data bytes of the live disk (`key` nil) or of a snapshot, computed once per opened image.
+    func allocatedBytes(snapshot: Snapshot?) -> UInt64 {
+        let key = snapshot.map { "\($0.id)" } ?? ""
+        if let known = allocation.withLock({ $0[key] }) { return known }
+        guard let image else { return 0 }
+        let device: (any BlockDevice)? = snapshot.map { image.device(of: $0) } ?? image.live
+        let bytes = (try? device?.allocatedBytes()) ?? 0
+        allocation.withLock { $0[key] = bytes }
+        return bytes
+    }
+
+    /// Whether this volume must be reopened: its file changed (or went away), a file of its
+    /// chain changed, or it failed to open a while ago (a missing backing file may be back).
+    func isStale(currentIdentity: FileIdentity?) -> Bool {
+        guard let currentIdentity, currentIdentity == identity else { return true }
+        if let image { return image.changedOnDisk() }
+        return Self.now().tv_sec - openedAt.tv_sec >= 2
+    }
+
+    static func now() -> timespec {
+        var ts = timespec()
+        clock_gettime(CLOCK_MONOTONIC, &ts)
+        return ts
+    }
+}
+
+/// Volumes by name, opened on first use and reopened whenever their files change, so that no
+/// reader sees metadata older than the file. Nothing is opened at mount.
+public final class VolumeStore: Sendable {
+    public let pool: any Pool
+    public let cache: BlockCache
+    private let volumes = Mutex<[String: OpenVolume]>([:])
+
+    public init(pool: any Pool, cache: BlockCache) {
+        self.pool = pool
+        self.cache = cache
+    }
+
+    /// The current state of volume `name`, or nil when the pool has no such volume.
+    public func volume(_ name: String) -> OpenVolume? {
+        guard let path = pool.volumePath(name) else {
+            volumes.withLock { $0[name] = nil }
+            return nil
+        }
+        if let known = volumes.withLock({ $0[name] }), known.path == path,
+           !known.isStale(currentIdentity: FileIdentity(path: path)) {
+            return known
+        }
+        // Opening reads the header and snapshot table: done outside the lock.
+        let fresh = OpenVolume(name: name, path: path, cache: cache)
+        if let error = fresh.error { Log.warning("volume \(name): \(error)") }
+        volumes.withLock { $0[name] = fresh }
+        return fresh
+    }
+
+    public func volumeNames() -> [String] {
+        let names = (try? pool.volumeNames()) ?? []
+        // Forget volumes that left the pool, so their files close.
+        let present = Set(names)
+        volumes.withLock { open in
+            for name in open.keys where !present.contains(name) { open[name] = nil }
+        }
+        return names
+    }
+}

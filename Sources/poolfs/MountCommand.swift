@@ -1,0 +1,73 @@
+import ArgumentParser
+import PoolFS
+
+struct MountCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "mount",
+        abstract: "Mount a pool (a directory of images, or a libvirt pool name).",
+        discussion: """
+        Options (-o, comma-separated, repeatable): cache_size=SIZE (default 64M), threads=N (16), \
+        readahead=SIZE (1M), nosplice, type=dir; anything else goes to FUSE (allow_other, \
+        default_permissions, noatime, ...). The mount is read-only.
+        """)
+
+    @Option(name: .long, help: "Pool type: dir (a directory of qcow2/raw images).")
+    var type: String?
+
+    @Option(name: .customShort("o"), help: "Mount options.")
+    var options: [String] = []
+
+    @Flag(name: [.short, .long], help: "Stay in the foreground instead of daemonizing.")
+    var foreground = false
+
+    @Argument(help: "A pool directory or libvirt pool name.")
+    var source: String
+
+    @Argument(help: "Where to mount it.")
+    var mountpoint: String
+
+    func run() throws {
+        do {
+            var parsed = try MountOptions.parse(options)
+            if let type { parsed.type = type }
+            try Mounter.mount(source: source, mountpoint: mountpoint, options: parsed, foreground: foreground)
+        } catch {
+            throw fail(error)
+        }
+    }
+}
+
+struct UnmountCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(commandName: "unmount", abstract: "Unmount a poolfs mount.",
+                                                    aliases: ["umount"])
+
+    @Argument(help: "The mountpoint.")
+    var mountpoint: String
+
+    func run() throws {
+        do { try Mounter.unmount(mountpoint) } catch { throw fail(error) }
+    }
+}
+
+struct ListCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "ls", abstract: "List a pool's volumes: format, sizes, backing chain, snapshots, errors.")
+
+    @Option(name: .long, help: "Pool type: dir.")
+    var type: String?
+
+    @Flag(name: .long, help: "Print JSON.")
+    var json = false
+
+    @Argument(help: "A pool directory or libvirt pool name.")
+    var source: String
+
+    func run() throws {
+        do {
+            let reports = try Mounter.reports(source: source, type: type)
+            print(json ? VolumeReport.json(reports) : VolumeReport.table(reports))
+        } catch {
+            throw fail(error)
+        }
+    }
+}
