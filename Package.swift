@@ -27,8 +27,10 @@ let package = Package(
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
         ]),
 
-        .testTarget(name: "Qcow2Tests", dependencies: ["Qcow2"]),
-        .testTarget(name: "PoolFSTests", dependencies: ["PoolFS"]),
-        .testTarget(name: "MountTests", dependencies: ["PoolFS", "Qcow2"]),
+        .target(name: "TestSupport", path: "Tests/TestSupport"),
+        .testTarget(name: "Qcow2Tests", dependencies: ["Qcow2", "TestSupport"]),
+        .testTarget(name: "PoolFSTests", dependencies: ["PoolFS", "FuseKit", "Qcow2", "TestSupport"]),
+        // Mounts the built `poolfs` binary through FUSE and compares with qemu-img.
+        .testTarget(name: "MountTests", dependencies: ["Qcow2", "TestSupport"]),
     ]
 )

@@ -92,7 +92,7 @@ public enum Mounter {
     /// Opens every volume of the pool, for `poolfs ls`.
     public static func reports(source: String, type: String?) throws -> [VolumeReport] {
         let pool = try PoolSource.open(source, type: type)
-        let store = VolumeStore(pool: pool, cache: BlockCache(capacityBytes: 16 << 20))
+        let store = VolumeStore(pool: pool, cache: BlockCache(capacityBytes: 16 << 20), logsFailures: false)
         return store.volumeNames().compactMap { store.volume($0) }.map(VolumeReport.make)
     }
 }

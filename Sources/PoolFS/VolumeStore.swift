@@ -72,11 +72,14 @@ public final class OpenVolume: Sendable {
 public final class VolumeStore: Sendable {
     public let pool: any Pool
     public let cache: BlockCache
+    /// Whether volumes that fail to open are logged (a mount) or only reported (`poolfs ls`).
+    let logsFailures: Bool
     private let volumes = Mutex<[String: OpenVolume]>([:])
 
-    public init(pool: any Pool, cache: BlockCache) {
+    public init(pool: any Pool, cache: BlockCache, logsFailures: Bool = true) {
         self.pool = pool
         self.cache = cache
+        self.logsFailures = logsFailures
     }
 
     /// The current state of volume `name`, or nil when the pool has no such volume.
@@ -91,7 +94,7 @@ public final class VolumeStore: Sendable {
         }
         // Opening reads the header and snapshot table: done outside the lock.
         let fresh = OpenVolume(name: name, path: path, cache: cache)
-        if let error = fresh.error { Log.warning("volume \(name): \(error)") }
+        if logsFailures, let error = fresh.error { Log.warning("volume \(name): \(error)") }
         volumes.withLock { $0[name] = fresh }
         return fresh
     }

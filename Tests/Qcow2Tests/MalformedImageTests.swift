@@ -1,3 +1,4 @@
+import TestSupport
 import Qcow2
 import Testing
 

@@ -1,12 +1,11 @@
 import Foundation
-import Testing
 
 /// A temporary directory for one test, removed when the test ends. Shell commands run inside it;
 /// a missing tool (qemu-img, qemu-io) fails the test with its exit status, never skips it.
-final class Scratch {
-    let dir: String
+public final class Scratch {
+    public let dir: String
 
-    init() throws {
+    public init() throws {
         var template = Array(("/tmp/poolfs-test-XXXXXX").utf8CString)
         guard let made = mkdtemp(&template) else { throw ShellError(command: "mkdtemp", status: errno, output: "") }
         dir = String(cString: made)
@@ -14,32 +13,35 @@ final class Scratch {
 
     deinit { try? FileManager.default.removeItem(atPath: dir) }
 
-    func path(_ name: String) -> String { dir + "/" + name }
+    public func path(_ name: String) -> String { dir + "/" + name }
 
     @discardableResult
-    func sh(_ command: String) throws -> String {
+    public func sh(_ command: String) throws -> String {
         try Shell.run(command, in: dir)
     }
 
-    func bytes(_ name: String) throws -> [UInt8] {
+    public func bytes(_ name: String) throws -> [UInt8] {
         [UInt8](try Data(contentsOf: URL(fileURLWithPath: path(name))))
     }
 
-    func write(_ name: String, _ bytes: [UInt8]) throws {
+    public func write(_ name: String, _ bytes: [UInt8]) throws {
         try Data(bytes).write(to: URL(fileURLWithPath: path(name)))
     }
 }
 
-struct ShellError: Error, CustomStringConvertible {
-    var command: String
-    var status: Int32
-    var output: String
-    var description: String { "`\(command)` exited \(status): \(output)" }
+public struct ShellError: Error, CustomStringConvertible {
+    public var command: String
+    public var status: Int32
+    public var output: String
+    public init(command: String, status: Int32, output: String) {
+        self.command = command; self.status = status; self.output = output
+    }
+    public var description: String { "`\(command)` exited \(status): \(output)" }
 }
 
-enum Shell {
+public enum Shell {
     /// Runs `command` with /bin/sh in `dir`; throws with the output when it exits non-zero.
-    static func run(_ command: String, in dir: String) throws -> String {
+    public static func run(_ command: String, in dir: String) throws -> String {
         let process = Process()
         process.executableURL = URL(fileURLWithPath: "/bin/sh")
         process.arguments = ["-c", command]
