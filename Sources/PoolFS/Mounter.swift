@@ -9,6 +9,7 @@ import Qcow2
 /// message and nothing is left mounted; then serves the pool until unmounted.
 public enum Mounter {
     public static func mount(source: String, mountpoint: String, options: MountOptions, foreground: Bool) throws {
+        if !foreground { closeInheritedDescriptors() }
         guard access("/dev/fuse", R_OK | W_OK) == 0 else { throw MountError.noFuseDevice }
         let pool = try PoolSource.open(source, type: options.type)
         let target = try checkMountpoint(mountpoint)
@@ -29,6 +30,16 @@ public enum Mounter {
             Log.info("mounted \(pool.displayName) at \(target)")
         }
         Log.info("unmounted \(target)")
+    }
+
+    /// A daemon keeps no descriptor it inherited beyond stdin, stdout and stderr (which
+    /// fuse_daemonize points at /dev/null): an inherited pipe or socket would make whoever
+    /// started us wait for the daemon's whole life.
+    static func closeInheritedDescriptors() {
+        guard let entries = try? FileManager.default.contentsOfDirectory(atPath: "/proc/self/fd") else { return }
+        for fd in entries.compactMap({ Int32($0) }) where fd > 2 {
+            close(fd)  // includes the directory's own descriptor, already closed: EBADF is harmless
+        }
     }
 
     /// The mountpoint's real path: it must exist, be a directory, and not be mounted on already.

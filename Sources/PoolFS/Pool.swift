@@ -43,7 +43,10 @@ public struct DirectoryPool: Pool {
         var st = stat()
         guard stat(path, &st) == 0 else { throw PoolError.notFound(path) }
         guard st.st_mode & S_IFMT == S_IFDIR else { throw PoolError.notADirectory(path) }
-        self.path = path
+        // Absolute, because a daemonized mount runs in /.
+        guard let resolved = realpath(path, nil) else { throw PoolError.notFound(path) }
+        self.path = String(cString: resolved)
+        free(resolved)
     }
 
     public func volumeNames() throws -> [String] {
