@@ -97,7 +97,8 @@ extension FuseServer {
         fuse_reply_entry(req, &e)
     }
 
-    static let zeros: UnsafeRawBufferPointer = {
+    /// Zeros for read replies, shared by every thread; never written after it is made.
+    nonisolated(unsafe) static let zeros: UnsafeRawBufferPointer = {
         let size = 1 << 20
         return UnsafeRawBufferPointer(start: calloc(size, 1), count: size)
     }()

@@ -75,7 +75,8 @@ public struct DirectoryEntry: Sendable {
 
 /// The bytes of a read reply, in order. `owner` keeps `memory` segments alive until sent.
 public struct ReadData: Sendable {
-    public enum Segment: Sendable {
+    /// SAFETY: memory segments point into `owner`'s immutable storage, which outlives the reply.
+    public enum Segment: @unchecked Sendable {
         case file(fd: Int32, offset: UInt64, length: Int)
         case zero(length: Int)
         case memory(UnsafeRawBufferPointer)
@@ -88,8 +89,6 @@ public struct ReadData: Sendable {
         self.owner = owner
     }
 }
-
-extension UnsafeRawBufferPointer: @retroactive @unchecked Sendable {}
 
 public struct FileSystemStatistics: Sendable {
     public var blockSize: UInt64

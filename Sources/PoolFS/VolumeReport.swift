@@ -54,8 +54,8 @@ public struct VolumeReport: Codable, Sendable {
         var parts = tm()
         gmtime_r(&t, &parts)
         var buffer = [CChar](repeating: 0, count: 32)
-        strftime(&buffer, buffer.count, "%Y-%m-%dT%H:%M:%SZ", &parts)
-        return String(cString: buffer)
+        let n = strftime(&buffer, buffer.count, "%Y-%m-%dT%H:%M:%SZ", &parts)
+        return String(decoding: buffer[0..<n].map { UInt8(bitPattern: $0) }, as: UTF8.self)
     }
 
     public static func json(_ reports: [VolumeReport]) -> String {

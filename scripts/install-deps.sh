@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Installs the Debian/Ubuntu packages poolfs needs to build, test and demo, when any is missing.
+# Usage: scripts/install-deps.sh [extra packages...]
+set -euo pipefail
+
+packages=(libfuse3-dev fuse3 zlib1g-dev libzstd-dev pkg-config qemu-utils fdisk e2fsprogs mount util-linux kmod attr "$@")
+missing=()
+for p in "${packages[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+
+as_root() {
+    if [ "$(id -u)" -eq 0 ]; then "$@"; elif command -v sudo >/dev/null; then sudo "$@"; else
+        echo "install-deps: need root to install: ${missing[*]}" >&2; exit 1
+    fi
+}
+
+if [ ${#missing[@]} -gt 0 ]; then
+    echo "install-deps: installing ${missing[*]}"
+    as_root apt-get update -qq
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+if [ ! -e /dev/fuse ]; then
+    as_root modprobe fuse 2>/dev/null || true
+fi
+if [ ! -e /dev/fuse ]; then
+    echo "install-deps: /dev/fuse is missing and 'modprobe fuse' did not create it: poolfs needs FUSE" >&2
+    exit 1
+fi
+
+if ! command -v swift >/dev/null; then
+    echo "install-deps: no Swift toolchain on PATH (expected in /opt/swift/usr/bin; see swift.org/install)" >&2
+    exit 1
+fi
