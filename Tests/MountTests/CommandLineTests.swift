@@ -89,3 +89,34 @@ struct CommandLineTests {
         #expect(snapshots.map { $0["virtual_size"] as! Int } == [4 << 20, 12 << 20, 12 << 20])
     }
 }
+
+@Suite("permissions")
+struct PermissionTests {
+    /// Runs `command` as nobody; returns whether it succeeded.
+    func asNobody(_ command: String, in scratch: Scratch) -> Bool {
+        (try? scratch.sh("setpriv --reuid=65534 --regid=65534 --clear-groups sh -c \"\(command)\" 2>/dev/null")) != nil
+    }
+
+    @Test func allowOtherAndDefaultPermissionsBehaveAsInFUSE() throws {
+        let scratch = try Scratch()
+        try scratch.sh("chmod 755 . && mkdir pool && qemu-img create -q -f qcow2 pool/private.qcow2 1M && qemu-img create -q -f qcow2 pool/shared.qcow2 1M && chmod 600 pool/private.qcow2 && chmod 644 pool/shared.qcow2 && chmod 755 pool")
+        do {
+            let mount = try PoolMount(scratch.path("pool"), in: scratch, name: "own")
+            defer { mount.unmount() }
+            #expect(!asNobody("ls \(mount.mountpoint)", in: scratch), "without allow_other only the mounting user gets in")
+        }
+        do {
+            let mount = try PoolMount(scratch.path("pool"), in: scratch, options: ["allow_other"], name: "open")
+            defer { mount.unmount() }
+            #expect(asNobody("head -c1 \(mount.path("private.qcow2")) >/dev/null", in: scratch),
+                    "allow_other without default_permissions: FUSE checks nothing")
+        }
+        do {
+            let mount = try PoolMount(scratch.path("pool"), in: scratch, options: ["allow_other,default_permissions"], name: "checked")
+            defer { mount.unmount() }
+            #expect(!asNobody("head -c1 \(mount.path("private.qcow2")) >/dev/null", in: scratch), "a 0600 image stays private")
+            #expect(asNobody("head -c1 \(mount.path("shared.qcow2")) >/dev/null", in: scratch), "a 0644 image is readable")
+            #expect(asNobody("ls \(mount.path(".snapshots/shared.qcow2"))", in: scratch), "snapshot directories are open to all")
+        }
+    }
+}
