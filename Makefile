@@ -5,7 +5,7 @@ PREFIX ?= /usr/local
 SWIFT_RELEASE := swift build -c release
 BIN_RELEASE = $(shell swift build -c release --show-bin-path 2>/dev/null)/poolfs
 
-.PHONY: all deps build release demo demo-stop test install uninstall clean
+.PHONY: all deps build release demo demo-stop test bench bench-quick install uninstall clean
 
 all: release
 
@@ -32,6 +32,15 @@ test: deps
 	swift build --build-tests
 	POOLFS_BIN="$$(swift build --show-bin-path)/poolfs" swift test
 
+# poolfs against qemu-storage-daemon's FUSE export and qcowmount, same images, one run (bench/run.py).
+bench: release
+	@scripts/install-deps.sh fio qemu-system-common libqcow-utils python3
+	bench/run.py "$(BIN_RELEASE)"
+
+bench-quick: release
+	@scripts/install-deps.sh fio qemu-system-common libqcow-utils python3
+	bench/run.py "$(BIN_RELEASE)" --quick --rounds 2
+
 # Installs the binary, and the helper that lets mount(8) and fstab use `-t fuse.poolfs`.
 install: release
 	install -D -m 755 "$(BIN_RELEASE)" "$(DESTDIR)$(PREFIX)/bin/poolfs"
@@ -42,4 +51,4 @@ uninstall:
 	rm -f "$(DESTDIR)$(PREFIX)/bin/poolfs" "$(DESTDIR)/sbin/mount.fuse.poolfs"
 
 clean:
-	rm -rf .build demo-pool demo-mnt
+	rm -rf .build demo-pool demo-mnt bench-work

@@ -14,7 +14,7 @@ let package = Package(
         // C libraries. Nothing but these three targets touches C headers directly.
         .systemLibrary(name: "CFuse3", pkgConfig: "fuse3", providers: [.apt(["libfuse3-dev"])]),
         .target(name: "CFuseShim", dependencies: ["CFuse3"]),
-        .target(name: "CCompress", linkerSettings: [.linkedLibrary("z"), .linkedLibrary("zstd")]),
+        .target(name: "CCompress", linkerSettings: [.linkedLibrary("deflate"), .linkedLibrary("z"), .linkedLibrary("zstd")]),
 
         // The qcow2/raw engine: no FUSE, no processes.
         .target(name: "Qcow2", dependencies: ["CCompress"]),

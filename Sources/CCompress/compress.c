@@ -1,9 +1,18 @@
 #include "ccompress.h"
 #include <string.h>
+#include <libdeflate.h>
 #include <zlib.h>
 #include <zstd.h>
 
-int poolfs_inflate_raw(const void *src, size_t src_len, void *dst, size_t dst_len) {
+/* Decoder state is kept per thread: FUSE worker threads decode many clusters each, and creating
+ * a decoder per cluster costs more than decoding a small one. The number of threads is bounded,
+ * so is this memory. */
+static __thread struct libdeflate_decompressor *deflate_decoder;
+static __thread ZSTD_DCtx *zstd_decoder;
+
+/* QEMU's semantics (qcow2_zlib_decompress): success when the output buffer is full, whether or not
+ * the stream ends there. */
+static int inflate_with_zlib(const void *src, size_t src_len, void *dst, size_t dst_len) {
     z_stream strm;
     memset(&strm, 0, sizeof strm);
     if (inflateInit2(&strm, -12) != Z_OK) return -1;
@@ -12,27 +21,35 @@ int poolfs_inflate_raw(const void *src, size_t src_len, void *dst, size_t dst_le
     strm.next_out = (Bytef *)dst;
     strm.avail_out = (uInt)dst_len;
     int ret = inflate(&strm, Z_FINISH);
-    /* qcow2 compressed data may be followed by padding: a full output buffer is success. */
     int ok = (ret == Z_STREAM_END || ret == Z_BUF_ERROR) && strm.avail_out == 0;
     inflateEnd(&strm);
     return ok ? 0 : -1;
 }
 
+int poolfs_inflate_raw(const void *src, size_t src_len, void *dst, size_t dst_len) {
+    /* Fast path: libdeflate decodes a whole buffer at once, which is exactly a qcow2 cluster.
+     * A stream that does not decode to exactly dst_len bytes goes to zlib, which decides. */
+    if (!deflate_decoder) deflate_decoder = libdeflate_alloc_decompressor();
+    if (deflate_decoder &&
+        libdeflate_deflate_decompress(deflate_decoder, src, src_len, dst, dst_len, NULL) == LIBDEFLATE_SUCCESS)
+        return 0;
+    return inflate_with_zlib(src, src_len, dst, dst_len);
+}
+
 int poolfs_zstd_decompress(const void *src, size_t src_len, void *dst, size_t dst_len) {
-    ZSTD_DCtx *dctx = ZSTD_createDCtx();
-    if (!dctx) return -1;
+    if (!zstd_decoder) zstd_decoder = ZSTD_createDCtx();
+    if (!zstd_decoder) return -1;
+    ZSTD_DCtx_reset(zstd_decoder, ZSTD_reset_session_only);
     ZSTD_inBuffer in = { src, src_len, 0 };
     ZSTD_outBuffer out = { dst, dst_len, 0 };
-    int result = -1;
     /* Each call makes progress or fails; the loop is bounded by the input and output sizes. */
     while (out.pos < out.size) {
         size_t before_in = in.pos, before_out = out.pos;
-        size_t ret = ZSTD_decompressStream(dctx, &out, &in);
-        if (ZSTD_isError(ret)) break;
-        if (out.pos == out.size) { result = 0; break; }
-        if (ret == 0 && in.pos == in.size) break;          /* frame ended short of a cluster */
-        if (in.pos == before_in && out.pos == before_out) break; /* no progress: truncated */
+        size_t ret = ZSTD_decompressStream(zstd_decoder, &out, &in);
+        if (ZSTD_isError(ret)) return -1;
+        if (out.pos == out.size) return 0;
+        if (ret == 0 && in.pos == in.size) return -1;              /* frame ended short of a cluster */
+        if (in.pos == before_in && out.pos == before_out) return -1; /* no progress: truncated */
     }
-    ZSTD_freeDCtx(dctx);
-    return result;
+    return 0;
 }

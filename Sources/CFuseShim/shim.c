@@ -9,6 +9,9 @@ int poolfs_reply_segments(fuse_req_t req, const struct poolfs_segment *segments,
     struct fuse_bufvec *vec = calloc(1, bytes);
     if (!vec) return fuse_reply_err(req, ENOMEM);
     vec->count = count;
+    /* Splicing helps only where there is file data to move; memory (zeros, decompressed clusters)
+     * costs one copy with writev but two through a pipe. */
+    enum fuse_buf_copy_flags flags = FUSE_BUF_NO_SPLICE;
     for (size_t i = 0; i < count; i++) {
         struct fuse_buf *buf = &vec->buf[i];
         buf->size = segments[i].size;
@@ -16,11 +19,12 @@ int poolfs_reply_segments(fuse_req_t req, const struct poolfs_segment *segments,
             buf->flags = FUSE_BUF_IS_FD | FUSE_BUF_FD_SEEK | FUSE_BUF_FD_RETRY;
             buf->fd = segments[i].fd;
             buf->pos = (off_t)segments[i].pos;
+            flags = FUSE_BUF_SPLICE_MOVE;
         } else {
             buf->mem = (void *)segments[i].mem;
         }
     }
-    int ret = fuse_reply_data(req, vec, FUSE_BUF_SPLICE_MOVE);
+    int ret = fuse_reply_data(req, vec, flags);
     free(vec);
     return ret;
 }

@@ -65,7 +65,7 @@ public struct DirectoryPool: Pool {
     }
 
     public func volumePath(_ name: String) -> String? {
-        guard !Self.reserved.contains(name), !name.contains("/") else { return nil }
+        guard !Self.reserved.contains(name), !name.utf8.contains(UInt8(ascii: "/")) else { return nil }
         let full = path + "/" + name
         return isRegular(full) ? full : nil
     }

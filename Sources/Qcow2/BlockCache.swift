@@ -23,12 +23,20 @@ public final class BlockCache: Sendable {
 
     /// The cached block for `key`, or the one `load` produces (inserted when it fits a shard).
     /// `load` runs outside any lock; two threads that miss together both load, and one wins.
-    public func block(_ key: Key, load: () throws -> [UInt8]) throws -> CachedBlock {
-        let shard = shards[Int(truncatingIfNeeded: UInt(bitPattern: key.hashValue) % UInt(shards.count))]
-        if let hit = shard.mutex.withLock({ $0.lookup(key) }) { return hit }
-        let block = CachedBlock(try load())
-        shard.mutex.withLock { $0.insert(key, block) }
+    public func block(_ key: Key, load: () throws -> CachedBlock) throws -> CachedBlock {
+        if let hit = cached(key) { return hit }
+        let block = try load()
+        shard(key).mutex.withLock { $0.insert(key, block) }
         return block
+    }
+
+    /// The block for `key` if it is cached now.
+    public func cached(_ key: Key) -> CachedBlock? {
+        shard(key).mutex.withLock { $0.lookup(key) }
+    }
+
+    private func shard(_ key: Key) -> ShardLock {
+        shards[Int(truncatingIfNeeded: UInt(bitPattern: key.hashValue) % UInt(shards.count))]
     }
 
     /// Bytes held now, for tests and statistics.
@@ -99,10 +107,21 @@ public final class CachedBlock: @unchecked Sendable {
     // SAFETY: written once in init, never mutated, freed in deinit.
     public let bytes: UnsafeRawBufferPointer
 
-    init(_ contents: [UInt8]) {
-        let storage = UnsafeMutableRawBufferPointer.allocate(byteCount: max(contents.count, 1), alignment: 16)
-        contents.withUnsafeBytes { storage.copyMemory(from: $0) }
-        bytes = UnsafeRawBufferPointer(rebasing: storage[0..<contents.count])
+    /// `count` bytes that `fill` writes in place (a read, a decompression): no copy, no zeroing.
+    init(count: Int, fill: (UnsafeMutableRawBufferPointer) throws -> Void) rethrows {
+        let storage = UnsafeMutableRawBufferPointer.allocate(byteCount: max(count, 1), alignment: 64)
+        do {
+            try fill(UnsafeMutableRawBufferPointer(rebasing: storage[0..<count]))
+        } catch {
+            storage.deallocate()
+            throw error
+        }
+        bytes = UnsafeRawBufferPointer(rebasing: storage[0..<count])
+    }
+
+    /// `count` bytes of `file` at `offset`, all inside the file.
+    static func read(_ file: HostFile, at offset: UInt64, count: Int) throws -> CachedBlock {
+        try CachedBlock(count: count) { try file.read(into: $0, at: offset, fillsPastEOF: false) }
     }
 
     deinit { bytes.deallocate() }

@@ -1,3 +1,5 @@
+import Dispatch
+import Foundation
 import Synchronization
 
 /// An open qcow2 file: its checked header, extensions and snapshot table, its data file and its
@@ -84,7 +86,7 @@ public final class Qcow2Image: Sendable {
             throw Qcow2Error.corrupt("L2 table at \(offset) lies past the end of the file", offset: entryOffset)
         }
         return try cache.block(.init(file: file.id, offset: offset, kind: .l2)) {
-            try file.readBytes(at: offset, count: Int(size))
+            try CachedBlock.read(file, at: offset, count: Int(size))
         }
     }
 
@@ -94,13 +96,17 @@ public final class Qcow2Image: Sendable {
         let chunkStart = byte & ~(layout.clusterSize - 1)
         let chunkBytes = min(layout.clusterSize, UInt64(l1Size) * 8 - chunkStart)
         let chunk = try cache.block(.init(file: file.id, offset: l1Offset + chunkStart, kind: .l1)) {
-            try file.readBytes(at: l1Offset + chunkStart, count: Int(chunkBytes))
+            try CachedBlock.read(file, at: l1Offset + chunkStart, count: Int(chunkBytes))
         }
         let at = Int(byte - chunkStart)
         guard at + 8 <= chunk.bytes.count else {
             throw Qcow2Error.corrupt("L1 table chunk is shorter than expected", offset: l1Offset + chunkStart)
         }
         return chunk.withUnsafeBytes { $0.bigEndianU64(at: at) }
+    }
+
+    func decodedKey(_ entry: UInt64) -> BlockCache.Key {
+        .init(file: file.id, offset: layout.compressedExtent(entry).offset, kind: .decoded)
     }
 
     /// The decoded bytes of a compressed cluster, through the cache.
@@ -112,9 +118,11 @@ public final class Qcow2Image: Sendable {
         let stored = Int(min(length, file.size - offset))
         let clusterSize = Int(layout.clusterSize)
         let compression = header.compression
-        return try cache.block(.init(file: file.id, offset: offset, kind: .decoded)) {
+        return try cache.block(decodedKey(entry)) {
             let input = try file.readBytes(at: offset, count: stored)
-            return try Decompressor.decompress(input, kind: compression, clusterSize: clusterSize, offset: offset)
+            return try CachedBlock(count: clusterSize) { output in
+                try Decompressor.decompress(input, into: output, kind: compression, offset: offset)
+            }
         }
     }
 }
@@ -163,16 +171,23 @@ public struct Qcow2View: BlockDevice {
     }
 
     public func plan(at offset: UInt64, length: Int, into plan: inout ReadPlan) throws {
+        // Walk first, decode what is compressed (in parallel), then lay out the plan.
+        var runs: [(run: ClusterRun, guest: UInt64, length: UInt64, entryOffset: UInt64)] = []
+        try walk(from: offset, length: UInt64(length)) { runs.append(($0, $1, $2, $3)) }
+        let decoded = try decodeCompressed(runs.compactMap { r in
+            if case .compressed(let entry) = r.run { return (entry, r.entryOffset) }
+            return nil
+        })
         let backing = image.backing
         let dataFile = image.dataFile
         let clusterMask = image.layout.clusterSize - 1
         var pendingStart: UInt64 = 0
         var pendingLength: UInt64 = 0
-        try walk(from: offset, length: UInt64(length)) { run, guest, n, entryOffset in
+        for (run, guest, n, _) in runs {
             if case .unallocated = run {
                 if pendingLength == 0 { pendingStart = guest }
                 pendingLength += n
-                return
+                continue
             }
             if pendingLength > 0 {
                 try planBeneath(backing, at: pendingStart, length: Int(pendingLength), into: &plan)
@@ -186,14 +201,46 @@ public struct Qcow2View: BlockDevice {
             case .data(let host):
                 plan.appendHost(dataFile, offset: host, length: Int(n))
             case .compressed(let entry):
-                let cluster = try image.decompressedCluster(entry, entryOffset: entryOffset)
-                plan.appendBytes(cluster, start: Int(guest & clusterMask), length: Int(n))
+                plan.appendBytes(decoded[entry]!, start: Int(guest & clusterMask), length: Int(n))
             }
         }
         if pendingLength > 0 {
             try planBeneath(backing, at: pendingStart, length: Int(pendingLength), into: &plan)
         }
     }
+
+    /// The decoded clusters for these compressed entries. Clusters not cached yet are decoded on
+    /// up to `parallelDecoders` threads at once: one large read of a compressed image then uses
+    /// every core instead of one.
+    func decodeCompressed(_ entries: [(entry: UInt64, entryOffset: UInt64)]) throws -> [UInt64: CachedBlock] {
+        var decoded: [UInt64: CachedBlock] = [:]
+        var missing: [(entry: UInt64, entryOffset: UInt64)] = []
+        for e in entries where decoded[e.entry] == nil {
+            if let hit = image.cache.cached(image.decodedKey(e.entry)) {
+                decoded[e.entry] = hit
+            } else if !missing.contains(where: { $0.entry == e.entry }) {
+                missing.append(e)
+            }
+        }
+        if missing.count == 1 {
+            decoded[missing[0].entry] = try image.decompressedCluster(missing[0].entry, entryOffset: missing[0].entryOffset)
+        } else if missing.count > 1 {
+            let results = DecodeResults(count: missing.count)
+            let image = self.image
+            let work = missing
+            DispatchQueue.concurrentPerform(iterations: min(missing.count, Self.parallelDecoders)) { worker in
+                var i = worker
+                while i < work.count {
+                    results.store(i, Result { try image.decompressedCluster(work[i].entry, entryOffset: work[i].entryOffset) })
+                    i += Self.parallelDecoders
+                }
+            }
+            for (i, e) in missing.enumerated() { decoded[e.entry] = try results.get(i) }
+        }
+        return decoded
+    }
+
+    static let parallelDecoders = max(1, min(8, ProcessInfo.processInfo.activeProcessorCount))
 
     public func status(at offset: UInt64, length: UInt64, detection: HoleDetection, into extents: inout [MapExtent]) throws {
         let backing = image.backing
@@ -216,4 +263,12 @@ public struct Qcow2View: BlockDevice {
             }
         }
     }
+}
+
+/// One slot per cluster being decoded; each worker writes only its own slots.
+private final class DecodeResults: Sendable {
+    private let slots: Mutex<[Result<CachedBlock, any Error>?]>
+    init(count: Int) { slots = Mutex(Array(repeating: nil, count: count)) }
+    func store(_ i: Int, _ result: Result<CachedBlock, any Error>) { slots.withLock { $0[i] = result } }
+    func get(_ i: Int) throws -> CachedBlock { try slots.withLock { $0[i] }!.get() }
 }

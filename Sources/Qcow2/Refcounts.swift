@@ -13,7 +13,7 @@ extension Qcow2Image {
         let tableEntryOffset = header.refcountTableOffset + tableIndex * 8
         let tableChunk = tableEntryOffset & ~(clusterSize - 1)
         let table = try cache.block(.init(file: file.id, offset: tableChunk, kind: .refcountTable)) {
-            try file.readBytes(at: tableChunk, count: Int(clusterSize))
+            try CachedBlock.read(file, at: tableChunk, count: Int(clusterSize))
         }
         let blockOffset = table.withUnsafeBytes { $0.bigEndianU64(at: Int(tableEntryOffset - tableChunk)) }
             & ~UInt64(511)
@@ -22,7 +22,7 @@ extension Qcow2Image {
             throw Qcow2Error.corrupt("refcount block at \(blockOffset) is unaligned or past the end of the file", offset: tableEntryOffset)
         }
         let block = try cache.block(.init(file: file.id, offset: blockOffset, kind: .refcountBlock)) {
-            try file.readBytes(at: blockOffset, count: Int(clusterSize))
+            try CachedBlock.read(file, at: blockOffset, count: Int(clusterSize))
         }
         let entry = index % entriesPerBlock
         return block.withUnsafeBytes { bytes -> UInt64 in

@@ -1,0 +1,307 @@
+#!/usr/bin/env python3
+"""poolfs against qemu-storage-daemon's FUSE export and qcowmount, on the same images, in one run.
+
+Rounds are interleaved (poolfs, qsd, qcowmount, poolfs, ...); each figure is a median. Before each
+measurement the image files are read into the page cache and the mounted file's own cached pages
+are dropped (posix_fadvise DONTNEED), so the figure is the FUSE path and the qcow2 engine.
+Usage: bench/run.py POOLFS_BINARY [--rounds N] [--quick]
+"""
+import argparse, datetime, json, os, platform, shutil, signal, statistics, subprocess, sys, time
+
+WORK = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "bench-work"))
+MiB, GiB = 1 << 20, 1 << 30
+
+
+def sh(cmd, **kw):
+    return subprocess.run(cmd, shell=True, check=True, text=True, capture_output=True, **kw).stdout
+
+
+def mounted(path):
+    with open("/proc/self/mountinfo") as f:
+        return any(line.split()[4] == path for line in f)
+
+
+def wait_mounted(path, proc=None, timeout=30):
+    end = time.time() + timeout
+    while not mounted(path):
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"mount of {path} exited with {proc.returncode}")
+        if time.time() > end:
+            raise RuntimeError(f"{path} not mounted after {timeout}s")
+        time.sleep(0.01)
+
+
+def unmount(path):
+    if mounted(path):
+        subprocess.run(["fusermount3", "-u", path], check=False)
+
+
+def drop_file_cache(path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def warm(paths):
+    for p in paths:
+        with open(p, "rb") as f:
+            while f.read(8 * MiB):
+                pass
+
+
+def sequential(path, size):
+    """MB/s of reading `path` with 1 MiB reads."""
+    drop_file_cache(path)
+    buf = bytearray(MiB)
+    fd = os.open(path, os.O_RDONLY)
+    start = time.perf_counter()
+    total = 0
+    try:
+        while total < size:
+            n = os.readv(fd, [buf])
+            if n <= 0:
+                break
+            total += n
+    finally:
+        os.close(fd)
+    elapsed = time.perf_counter() - start
+    if total != size:
+        raise RuntimeError(f"{path}: read {total} of {size} bytes")
+    return total / elapsed / 1e6
+
+
+def random_iops(path, seconds):
+    drop_file_cache(path)
+    out = sh(f"fio --name=rand --filename='{path}' --readonly --rw=randread --bs=4k --numjobs=4 "
+             f"--ioengine=psync --direct=1 --time_based --runtime={seconds} --group_reporting "
+             f"--output-format=json")
+    return json.loads(out)["jobs"][0]["read"]["iops"]
+
+
+class System:
+    """A way to expose an image as a raw file: start(), path(image) -> file, stop(), pid."""
+    name = ""
+    def start(self, images): ...
+    def stop(self): ...
+
+
+class Poolfs(System):
+    name = "poolfs"
+    def __init__(self, binary):
+        self.binary, self.mnt = binary, os.path.join(WORK, "mnt-poolfs")
+    def start(self, images):
+        os.makedirs(self.mnt, exist_ok=True)
+        self.proc = subprocess.Popen([self.binary, "mount", "--foreground", os.path.join(WORK, "images"), self.mnt],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_mounted(self.mnt, self.proc)
+        self.pid = self.proc.pid
+    def path(self, image, snapshot=None):
+        return os.path.join(self.mnt, ".snapshots", image, snapshot) if snapshot else os.path.join(self.mnt, image)
+    def stop(self):
+        unmount(self.mnt)
+        self.proc.wait(timeout=30)
+
+
+class QemuStorageDaemon(System):
+    name = "qemu-storage-daemon"
+    def start(self, images):
+        args = ["qemu-storage-daemon"]
+        self.files = {}
+        for i, image in enumerate(images):
+            target = os.path.join(WORK, f"qsd-{i}.raw")
+            open(target, "a").close()
+            src = os.path.join(WORK, "images", image)
+            args += ["--blockdev", f"driver=file,node-name=f{i},filename={src},read-only=on",
+                     "--blockdev", f"driver=qcow2,node-name=q{i},file=f{i},read-only=on",
+                     "--export", f"type=fuse,id=e{i},node-name=q{i},mountpoint={target},writable=off"]
+            self.files[image] = target
+        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        for target in self.files.values():
+            wait_mounted(target, self.proc)
+        self.pid = self.proc.pid
+    def path(self, image, snapshot=None):
+        return None if snapshot else self.files.get(image)
+    def stop(self):
+        self.proc.send_signal(signal.SIGTERM)
+        self.proc.wait(timeout=30)
+        for target in self.files.values():
+            unmount(target)
+
+
+class Qcowmount(System):
+    """libqcow's qcowmount: one image per mount, no backing files, no internal snapshots."""
+    name = "qcowmount"
+    def start(self, images):
+        self.procs, self.files = [], {}
+        for i, image in enumerate(images):
+            mnt = os.path.join(WORK, f"qcm-{i}")
+            os.makedirs(mnt, exist_ok=True)
+            proc = subprocess.Popen(["qcowmount", "-X", "allow_root", os.path.join(WORK, "images", image), mnt],
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            try:
+                wait_mounted(mnt, proc, timeout=10)
+                self.files[image] = os.path.join(mnt, "qcow1")
+                self.procs.append((proc, mnt))
+            except RuntimeError:
+                pass  # an image qcowmount cannot open (a backing chain): reported as n/a
+        self.pid = self.procs[0][0].pid if self.procs else None
+    def path(self, image, snapshot=None):
+        return None if snapshot else self.files.get(image)
+    def stop(self):
+        for proc, mnt in self.procs:
+            unmount(mnt)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+def make_images(quick):
+    images = os.path.join(WORK, "images")
+    stamp = os.path.join(images, ".made")
+    size = 256 * MiB if quick else 1 * GiB
+    if os.path.exists(stamp) and open(stamp).read() == str(size):
+        return size
+    shutil.rmtree(images, ignore_errors=True)
+    os.makedirs(images)
+    print(f"making {size >> 20} MiB images in {images} ...", flush=True)
+    # Compressible but not trivial data: base64 of random bytes (about 4:3 with deflate).
+    sh(f"head -c {size * 3 // 4} /dev/urandom | base64 -w 0 | head -c {size} > {WORK}/data.raw")
+    sh(f"qemu-img convert -O qcow2 {WORK}/data.raw {images}/live.qcow2", cwd=images)
+    sh("qemu-img snapshot -c snap live.qcow2", cwd=images)
+    sh(f"qemu-io -c 'write -P 0x5a 0 {size // 4}' live.qcow2 >/dev/null", cwd=images)
+    sh(f"qemu-img convert -c -O qcow2 {WORK}/data.raw compressed.qcow2", cwd=images)
+    sh(f"qemu-img convert -O qcow2 {WORK}/data.raw base.qcow2", cwd=images)
+    sh("qemu-img create -q -f qcow2 -b base.qcow2 -F qcow2 mid.qcow2", cwd=images)
+    sh(f"qemu-io -c 'write -P 0x11 {size // 3} {size // 3}' mid.qcow2 >/dev/null", cwd=images)
+    sh("qemu-img create -q -f qcow2 -b mid.qcow2 -F qcow2 top.qcow2", cwd=images)
+    sh(f"qemu-io -c 'write -P 0x22 {2 * size // 3} {size // 3}' top.qcow2 >/dev/null", cwd=images)
+    os.remove(f"{WORK}/data.raw")
+    with open(stamp, "w") as f:
+        f.write(str(size))
+    return size
+
+
+def make_big_pool(count, snapshots):
+    pool = os.path.join(WORK, f"pool-{count}x{snapshots}")
+    if os.path.exists(os.path.join(pool, ".made")):
+        return pool
+    shutil.rmtree(pool, ignore_errors=True)
+    os.makedirs(pool)
+    template = os.path.join(WORK, "template.qcow2")
+    sh(f"qemu-img create -q -f qcow2 {template} 64M")
+    for s in range(snapshots):
+        sh(f"qemu-io -c 'write -P {s + 1} {s}M 64k' {template} >/dev/null && qemu-img snapshot -c snap{s} {template}")
+    for i in range(count):
+        shutil.copyfile(template, os.path.join(pool, f"vm{i:04}.qcow2"))
+    open(os.path.join(pool, ".made"), "w").close()
+    return pool
+
+
+def peak_rss_kib(pid):
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    return 0
+
+
+def pool_metadata(binary, pool, rounds):
+    """Mount time, and cold and warm `ls -l` + stat of every file, for a big pool (poolfs only)."""
+    mnt = os.path.join(WORK, "mnt-pool")
+    os.makedirs(mnt, exist_ok=True)
+    results = {"mount": [], "ls_cold": [], "ls_warm": [], "stat_all": []}
+    for _ in range(rounds):
+        start = time.perf_counter()
+        subprocess.run([binary, "mount", pool, mnt], check=True)  # returns once mounted
+        results["mount"].append(time.perf_counter() - start)
+        try:
+            for key in ("ls_cold", "ls_warm"):
+                start = time.perf_counter()
+                sh(f"ls -l {mnt} > /dev/null")
+                results[key].append(time.perf_counter() - start)
+            start = time.perf_counter()
+            n = 0
+            for root, dirs, files in os.walk(mnt):
+                for name in files:
+                    os.stat(os.path.join(root, name))
+                    n += 1
+            results["stat_all"].append(time.perf_counter() - start)
+        finally:
+            unmount(mnt)
+            time.sleep(0.2)
+    return {k: statistics.median(v) for k, v in results.items()}, n
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("binary")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--quick", action="store_true", help="256 MiB images, 100-volume pool: a smoke run")
+    args = parser.parse_args()
+    os.makedirs(WORK, exist_ok=True)
+    size = make_images(args.quick)
+    image_files = [os.path.join(WORK, "images", n) for n in os.listdir(os.path.join(WORK, "images")) if n.endswith(".qcow2")]
+    cases = [("sequential MB/s: live", "live.qcow2", None), ("sequential MB/s: snapshot", "live.qcow2", "snap"),
+             ("sequential MB/s: compressed", "compressed.qcow2", None), ("sequential MB/s: top of 3-level chain", "top.qcow2", None)]
+    systems = [Poolfs(os.path.abspath(args.binary)), QemuStorageDaemon(), Qcowmount()]
+    images = ["live.qcow2", "compressed.qcow2", "top.qcow2"]
+    results = {(c[0], s.name): [] for c in cases for s in systems}
+    results.update({("4 KiB random read IOPS, 4 jobs: live", s.name): [] for s in systems})
+    rss = {s.name: 0 for s in systems}
+    for r in range(args.rounds):
+        for system in systems:
+            system.start(images)
+            try:
+                for label, image, snapshot in cases:
+                    path = system.path(image, snapshot)
+                    if path is None:
+                        continue
+                    warm(image_files)
+                    results[(label, system.name)].append(sequential(path, os.path.getsize(path)))
+                path = system.path("live.qcow2")
+                if path:
+                    results[("4 KiB random read IOPS, 4 jobs: live", system.name)].append(random_iops(path, 3 if args.quick else 8))
+                if r == 0 and system.pid and path:
+                    streamed = 0
+                    while streamed < 4 * GiB:
+                        sequential(path, os.path.getsize(path))
+                        streamed += os.path.getsize(path)
+                    rss[system.name] = peak_rss_kib(system.pid)
+            finally:
+                system.stop()
+        print(f"round {r + 1}/{args.rounds} done", flush=True)
+
+    count = 100 if args.quick else 1000
+    meta, files = pool_metadata(os.path.abspath(args.binary), make_big_pool(count, 5), args.rounds)
+
+    def med(label, name):
+        values = results.get((label, name)) or []
+        return statistics.median(values) if values else None
+
+    lines = [f"Measured {datetime.date.today()} on {platform.node()}: {os.cpu_count()} cores, "
+             f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') >> 30} GiB, kernel {platform.release()}; "
+             f"{size >> 20} MiB images, {args.rounds} interleaved rounds, medians.", "",
+             "| measurement | poolfs | qemu-storage-daemon | qcowmount | poolfs / qsd | poolfs / qcowmount |",
+             "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    fmt = lambda v: "n/a" if v is None else f"{v:,.0f}"
+    ratio = lambda a, b: "n/a" if a is None or b is None or b == 0 else f"{a / b:.2f}×"
+    for label in [c[0] for c in cases] + ["4 KiB random read IOPS, 4 jobs: live"]:
+        p, q, c = med(label, "poolfs"), med(label, "qemu-storage-daemon"), med(label, "qcowmount")
+        lines.append(f"| {label} | {fmt(p)} | {fmt(q)} | {fmt(c)} | {ratio(p, q)} | {ratio(p, c)} |")
+    lines.append(f"| peak RSS streaming 4 GiB (MiB; poolfs cache_size 64M) | {rss['poolfs'] / 1024:.0f} | "
+                 f"{rss['qemu-storage-daemon'] / 1024:.0f} | {rss['qcowmount'] / 1024:.0f} | | |")
+    lines += ["", f"Pool of {count} volumes × 5 snapshots ({files} files), poolfs only (the peers mount one image each):", "",
+              "| measurement | seconds |", "| --- | ---: |",
+              f"| mount | {meta['mount']:.3f} |", f"| `ls -l` of the top, cold | {meta['ls_cold']:.3f} |",
+              f"| `ls -l` of the top, warm | {meta['ls_warm']:.3f} |", f"| stat of every file | {meta['stat_all']:.3f} |"]
+    report = "\n".join(lines)
+    print(report)
+    with open(os.path.join(WORK, "results.md"), "w") as f:
+        f.write(report + "\n")
+
+
+if __name__ == "__main__":
+    main()
