@@ -1,5 +1,6 @@
 #include "cfuseshim.h"
 #include <errno.h>
+#include <malloc.h>
 #include <stdlib.h>
 
 int poolfs_reply_segments(fuse_req_t req, const struct poolfs_segment *segments, size_t count) {
@@ -56,4 +57,8 @@ int poolfs_session_loop_mt(struct fuse_session *session, unsigned max_threads) {
 uint32_t poolfs_req_uid(fuse_req_t req) {
     const struct fuse_ctx *ctx = fuse_req_ctx(req);
     return ctx ? ctx->uid : 0;
+}
+
+void poolfs_tune_malloc(void) {
+    mallopt(M_ARENA_MAX, 2);
 }

@@ -69,6 +69,7 @@ public final class FuseServer: @unchecked Sendable {
         }
         defer { fuse_session_unmount(session) }
         fuse_daemonize(configuration.foreground ? 1 : 0)
+        poolfs_tune_malloc()
         onMounted()
         withExtendedLifetime(self) {
             _ = poolfs_session_loop_mt(session, configuration.threads)

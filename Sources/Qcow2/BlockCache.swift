@@ -109,14 +109,14 @@ public final class CachedBlock: @unchecked Sendable {
 
     /// `count` bytes that `fill` writes in place (a read, a decompression): no copy, no zeroing.
     init(count: Int, fill: (UnsafeMutableRawBufferPointer) throws -> Void) rethrows {
-        let storage = UnsafeMutableRawBufferPointer.allocate(byteCount: max(count, 1), alignment: 64)
+        let storage = BlockMemory.allocate(count)
         do {
-            try fill(UnsafeMutableRawBufferPointer(rebasing: storage[0..<count]))
+            try fill(UnsafeMutableRawBufferPointer(start: storage, count: count))
         } catch {
-            storage.deallocate()
+            BlockMemory.release(storage, count: count)
             throw error
         }
-        bytes = UnsafeRawBufferPointer(rebasing: storage[0..<count])
+        bytes = UnsafeRawBufferPointer(start: storage, count: count)
     }
 
     /// `count` bytes of `file` at `offset`, all inside the file.
@@ -124,7 +124,7 @@ public final class CachedBlock: @unchecked Sendable {
         try CachedBlock(count: count) { try file.read(into: $0, at: offset, fillsPastEOF: false) }
     }
 
-    deinit { bytes.deallocate() }
+    deinit { BlockMemory.release(UnsafeMutableRawPointer(mutating: bytes.baseAddress!), count: bytes.count) }
 
     func withUnsafeBytes<R>(_ body: (UnsafeRawBufferPointer) throws -> R) rethrows -> R { try body(bytes) }
 }

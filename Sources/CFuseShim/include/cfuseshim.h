@@ -26,6 +26,11 @@ void poolfs_configure_connection(struct fuse_conn_info *conn, unsigned max_reada
 /// fuse_session_loop_mt with a config of `max_threads` workers (libfuse 3.12 API).
 int poolfs_session_loop_mt(struct fuse_session *session, unsigned max_threads);
 
+/// Keeps the daemon's memory near its cache size: cached clusters (32 KiB and up) are mmap'd by
+/// malloc and so returned to the system when evicted, and worker threads share few arenas instead
+/// of each fragmenting its own.
+void poolfs_tune_malloc(void);
+
 /// The request's caller, for logs.
 uint32_t poolfs_req_uid(fuse_req_t req);
 
