@@ -115,7 +115,8 @@ class Poolfs(System):
         self.binary, self.mnt = binary, os.path.join(WORK, "mnt-poolfs")
     def start(self, images):
         os.makedirs(self.mnt, exist_ok=True)
-        self.proc = subprocess.Popen([self.binary, "mount", "--foreground", os.path.join(WORK, "images"), self.mnt],
+        self.proc = subprocess.Popen([self.binary, "mount", "--foreground", *getattr(self, "extra", []),
+                                      os.path.join(WORK, "images"), self.mnt],
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         wait_mounted(self.mnt, self.proc)
         self.pid = self.proc.pid

@@ -56,8 +56,9 @@ public final class OpenVolume: Sendable {
     /// chain changed, or it failed to open a while ago (a missing backing file may be back).
     func isStale(currentIdentity: FileIdentity?) -> Bool {
         guard let currentIdentity, currentIdentity == identity else { return true }
-        if let image { return image.changedOnDisk() }
-        return Self.now().tv_sec - openedAt.tv_sec >= 2
+        guard let image else { return Self.now().tv_sec - openedAt.tv_sec >= 2 }
+        // The top image was just compared; the rest of the chain and any data file remain.
+        return image.hostFiles.dropFirst().contains { $0.changedOnDisk() }
     }
 
     static func now() -> timespec {

@@ -70,6 +70,13 @@ public final class Image: Sendable {
         self.qcow2 = qcow2
         self.live = live
         self.backing = backing
+        let own: [HostFile]
+        if let q = qcow2 {
+            own = q.dataFile === q.file ? [q.file] : [q.file, q.dataFile]
+        } else {
+            own = [(live as! RawImage).file]
+        }
+        hostFiles = own + (backing?.hostFiles ?? [])
     }
 
     public var virtualSize: UInt64 { live.size }
@@ -90,12 +97,7 @@ public final class Image: Sendable {
 
     /// Every host file the volume reads from, top first (images and external data files), so a
     /// caller can tell when any of them changed.
-    public var hostFiles: [HostFile] {
-        chain.flatMap { image -> [HostFile] in
-            guard let q = image.qcow2 else { return [(image.live as! RawImage).file] }
-            return q.dataFile === q.file ? [q.file] : [q.file, q.dataFile]
-        }
-    }
+    public let hostFiles: [HostFile]
 
     /// Whether any file of the chain changed on disk since it was opened.
     public func changedOnDisk() -> Bool { hostFiles.contains { $0.changedOnDisk() } }
