@@ -20,8 +20,10 @@ let package = Package(
         .target(name: "Qcow2", dependencies: ["CCompress"]),
         // The only Swift module that imports libfuse.
         .target(name: "FuseKit", dependencies: ["CFuse3", "CFuseShim"]),
-        // The filesystem: pools, the tree of volumes and snapshots, FUSE operations.
-        .target(name: "PoolFS", dependencies: ["Qcow2", "FuseKit"]),
+        // Pool adapters: directories, LVM volume groups; external commands through one runner.
+        .target(name: "Pools", dependencies: ["Qcow2"]),
+        // The filesystem: the tree of volumes and snapshots, FUSE operations.
+        .target(name: "PoolFS", dependencies: ["Qcow2", "FuseKit", "Pools"]),
         .executableTarget(name: "poolfs", dependencies: [
             "PoolFS",
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
@@ -29,7 +31,8 @@ let package = Package(
 
         .target(name: "TestSupport", path: "Tests/TestSupport"),
         .testTarget(name: "Qcow2Tests", dependencies: ["Qcow2", "TestSupport"]),
-        .testTarget(name: "PoolFSTests", dependencies: ["PoolFS", "FuseKit", "Qcow2", "TestSupport"]),
+        .testTarget(name: "PoolFSTests", dependencies: ["PoolFS", "Pools", "FuseKit", "Qcow2", "TestSupport"]),
+        .testTarget(name: "PoolsTests", dependencies: ["Pools", "Qcow2", "TestSupport"], resources: [.copy("Fixtures")]),
         // Mounts the built `poolfs` binary through FUSE and compares with qemu-img.
         .testTarget(name: "MountTests", dependencies: ["Qcow2", "TestSupport"]),
     ]

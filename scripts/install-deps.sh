@@ -3,7 +3,7 @@
 # Usage: scripts/install-deps.sh [extra packages...]
 set -euo pipefail
 
-packages=(libfuse3-dev fuse3 zlib1g-dev libdeflate-dev libzstd-dev pkg-config qemu-utils fdisk e2fsprogs mount util-linux kmod attr "$@")
+packages=(libfuse3-dev fuse3 zlib1g-dev libdeflate-dev libzstd-dev pkg-config qemu-utils fdisk e2fsprogs mount util-linux kmod attr lvm2 "$@")
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -3,6 +3,7 @@ import Glibc
 #endif
 import Foundation
 import FuseKit
+import Pools
 import Qcow2
 
 /// Checks everything that can be checked before mounting, so that each failure gets one clear

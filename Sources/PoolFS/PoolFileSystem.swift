@@ -2,6 +2,7 @@
 import Glibc
 #endif
 import FuseKit
+import Pools
 import Qcow2
 
 /// The tree: volumes at the top, `.snapshots/<volume>/<snapshot>` below, all read-only.

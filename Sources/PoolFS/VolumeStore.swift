@@ -1,6 +1,7 @@
 #if canImport(Glibc)
 import Glibc
 #endif
+import Pools
 import Qcow2
 import Synchronization
 

@@ -92,7 +92,7 @@ extension BlockDevice {
 
 /// Splits a stored-data range by the host file's holes: QEMU reports data over a hole as zero too
 /// (for raw, a hole is zero and not data).
-func appendHostStatus(_ file: HostFile, guest: UInt64, host: UInt64, length: UInt64, depth: Int,
+public func appendHostStatus(_ file: HostFile, guest: UInt64, host: UInt64, length: UInt64, depth: Int,
                       holeIsData: Bool, into extents: inout [MapExtent]) {
     var done: UInt64 = 0
     while done < length {

@@ -20,7 +20,7 @@ public struct ReadPlan: Sendable {
     public init() {}
 
     /// Host bytes; a run that crosses the end of the file reads zeros past it, as QEMU does.
-    mutating func appendHost(_ file: HostFile, offset: UInt64, length n: Int) {
+    public mutating func appendHost(_ file: HostFile, offset: UInt64, length n: Int) {
         guard n > 0 else { return }
         let inside = offset >= file.size ? 0 : Int(min(UInt64(n), file.size - offset))
         if inside > 0 {
@@ -34,7 +34,7 @@ public struct ReadPlan: Sendable {
         appendZero(n - inside)
     }
 
-    mutating func appendZero(_ n: Int) {
+    public mutating func appendZero(_ n: Int) {
         guard n > 0 else { return }
         if case .zero(let m)? = segments.last {
             segments[segments.count - 1] = .zero(length: m + n)
@@ -106,7 +106,7 @@ public struct MapExtent: Equatable, Sendable, CustomStringConvertible {
 }
 
 extension Array where Element == MapExtent {
-    mutating func appendMerging(_ extent: MapExtent) {
+    public mutating func appendMerging(_ extent: MapExtent) {
         guard extent.length > 0 else { return }
         if let last = last, last.continues(with: extent) {
             self[count - 1].length += extent.length

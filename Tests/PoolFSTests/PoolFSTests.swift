@@ -3,6 +3,7 @@ import PoolFS
 import TestSupport
 import Testing
 
+import Pools
 @testable import Qcow2
 
 @Suite struct SnapshotNameTests {
