@@ -5,6 +5,8 @@ public struct MountOptions: Sendable, Equatable {
     public var threads: UInt32 = 16
     public var readahead: UInt32 = 1 << 20
     public var splice = true
+    /// LVM: never use device-mapper; read LVs from their PVs.
+    public var noactivate = false
     public var type: String?
     public var fuseOptions: [String] = []
     public var warnings: [String] = []
@@ -34,6 +36,8 @@ public struct MountOptions: Sendable, Equatable {
                     o.threads = n
                 case "nosplice":
                     o.splice = false
+                case "noactivate":
+                    o.noactivate = true
                 case "type":
                     o.type = value
                 case "ro":

@@ -12,7 +12,8 @@ public enum Mounter {
     public static func mount(source: String, mountpoint: String, options: MountOptions, foreground: Bool) throws {
         if !foreground { closeInheritedDescriptors() }
         guard access("/dev/fuse", R_OK | W_OK) == 0 else { throw MountError.noFuseDevice }
-        let pool = try PoolSource.open(source, type: options.type)
+        let pool = try PoolSource.open(source, type: options.type,
+                                       lvmMode: LogicalPool.Mode.forThisHost(noactivate: options.noactivate))
         let target = try checkMountpoint(mountpoint)
         Log.configure(foreground: foreground)
         for warning in options.warnings { Log.warning(warning) }
@@ -102,8 +103,8 @@ public enum Mounter {
     }
 
     /// Opens every volume of the pool, for `poolfs ls`.
-    public static func reports(source: String, type: String?) throws -> [VolumeReport] {
-        let pool = try PoolSource.open(source, type: type)
+    public static func reports(source: String, type: String?, noactivate: Bool = false) throws -> [VolumeReport] {
+        let pool = try PoolSource.open(source, type: type, lvmMode: LogicalPool.Mode.forThisHost(noactivate: noactivate))
         let store = VolumeStore(pool: pool, cache: BlockCache(capacityBytes: 16 << 20), logsFailures: false)
         return store.volumeNames().compactMap { store.volume($0) }.map(VolumeReport.make)
     }

@@ -38,6 +38,7 @@ public final class PoolFileSystem: FileSystemOperations {
         case directory(Attributes)
         case volume(OpenVolume)
         case snapshot(OpenVolume, Snapshot)
+        case poolSnapshot(OpenVolume, Result<any BlockDevice, PoolSnapshotError>)
     }
 
     func resolve(_ node: Node) -> Result<Resolved, Errno> {
@@ -57,10 +58,12 @@ public final class PoolFileSystem: FileSystemOperations {
             a.mode = S_IFDIR | 0o555
             return .success(.directory(a))
         case .snapshot(let name, let file):
-            guard let volume = store.volume(name), let snapshot = volume.snapshot(file: file) else {
-                return .failure(.noEntry)
+            guard let volume = store.volume(name) else { return .failure(.noEntry) }
+            if let snapshot = volume.snapshot(file: file) { return .success(.snapshot(volume, snapshot)) }
+            if let pooled = volume.poolSnapshots.first(where: { $0.file == file }) {
+                return .success(.poolSnapshot(volume, pooled.device))
             }
-            return .success(.snapshot(volume, snapshot))
+            return .failure(.noEntry)
         }
     }
 
@@ -100,6 +103,15 @@ public final class PoolFileSystem: FileSystemOperations {
             a.size = v.image?.device(of: s)?.size ?? 0
             a.blocks = (v.allocatedBytes(snapshot: s) + 511) / 512
             return a
+        case .poolSnapshot(let v, let device):
+            var a = Attributes(mode: S_IFREG | (v.fileStat.st_mode & 0o7555))
+            a.uid = v.fileStat.st_uid
+            a.gid = v.fileStat.st_gid
+            a.atime = v.fileStat.st_atim
+            a.mtime = v.fileStat.st_mtim
+            a.ctime = v.fileStat.st_ctim
+            a.size = (try? device.get().size) ?? 0
+            return a
         }
     }
 
@@ -114,6 +126,13 @@ public final class PoolFileSystem: FileSystemOperations {
         case .success(.snapshot(let v, let s)):
             guard let device = v.image?.device(of: s) else { return .failure(.io) }
             return .success(device)
+        case .success(.poolSnapshot(_, let device)):
+            switch device {
+            case .success(let d): return .success(d)
+            case .failure(let why):
+                Log.error("\(node): \(why)")
+                return .failure(.io)
+            }
         }
     }
 
@@ -197,6 +216,7 @@ public final class PoolFileSystem: FileSystemOperations {
         case .snapshotDirectory(let volume):
             guard let open = store.volume(volume) else { return .failure(.noEntry) }
             for (file, _) in open.snapshotFiles { add(file, .snapshot(volume: volume, file: file), S_IFREG) }
+            for (file, _) in open.poolSnapshots { add(file, .snapshot(volume: volume, file: file), S_IFREG) }
         case .volume, .snapshot:
             return .failure(.notDirectory)
         }
@@ -265,6 +285,11 @@ public final class PoolFileSystem: FileSystemOperations {
                     ("user.poolfs.vm_state_size", "\(s.vmStateSize)"),
                     ("user.poolfs.vm_clock_ns", "\(s.vmClockNanoseconds)"),
                 ]
+            case .poolSnapshot(_, let device):
+                switch device {
+                case .success(let d): return [("user.poolfs.format", "raw"), ("user.poolfs.virtual_size", "\(d.size)")]
+                case .failure(let why): return [("user.poolfs.error", why.message)]
+                }
             }
         }
     }

@@ -15,10 +15,14 @@ public final class OpenVolume: Sendable {
     public let image: Image?
     public let error: String?
     public let snapshotFiles: [(file: String, snapshot: Snapshot)]
+    /// Snapshots the pool keeps as volumes (LVM): opened now, or why they cannot be read.
+    public let poolSnapshots: [(file: String, device: Result<any BlockDevice, PoolSnapshotError>)]
+    /// The pool's layout token when opened (see `Pool.generation`).
+    let generation: String?
     let openedAt: timespec
     private let allocation = Mutex<[String: UInt64]>([:])
 
-    init(name: String, path: String, cache: BlockCache) {
+    init(name: String, path: String, pool: any Pool, cache: BlockCache) {
         self.name = name
         self.path = path
         var st = Glibc.stat()
@@ -26,8 +30,12 @@ public final class OpenVolume: Sendable {
         self.fileStat = st
         self.identity = FileIdentity(st)
         self.openedAt = Self.now()
+        self.generation = pool.generation(of: name)
+        self.poolSnapshots = pool.snapshots(of: name).map { snapshot in
+            (SnapshotNames.escape(snapshot.name), Result { try snapshot.open() }.mapError { PoolSnapshotError(message: "\($0)") })
+        }
         do {
-            let image = try Image.open(path: path, cache: cache)
+            let image = try pool.openImage(name, path: path, cache: cache)
             self.image = image
             self.error = nil
             self.snapshotFiles = SnapshotNames.files(for: image.snapshots)
@@ -55,8 +63,8 @@ public final class OpenVolume: Sendable {
 
     /// Whether this volume must be reopened: its file changed (or went away), a file of its
     /// chain changed, or it failed to open a while ago (a missing backing file may be back).
-    func isStale(currentIdentity: FileIdentity?) -> Bool {
-        guard let currentIdentity, currentIdentity == identity else { return true }
+    func isStale(currentIdentity: FileIdentity?, generation current: String?) -> Bool {
+        guard let currentIdentity, currentIdentity == identity, current == generation else { return true }
         guard let image else { return Self.now().tv_sec - openedAt.tv_sec >= 2 }
         // The top image was just compared; the rest of the chain and any data file remain.
         return image.hostFiles.dropFirst().contains { $0.changedOnDisk() }
@@ -91,11 +99,11 @@ public final class VolumeStore: Sendable {
             return nil
         }
         if let known = volumes.withLock({ $0[name] }), known.path == path,
-           !known.isStale(currentIdentity: FileIdentity(path: path)) {
+           !known.isStale(currentIdentity: FileIdentity(path: path), generation: pool.generation(of: name)) {
             return known
         }
         // Opening reads the header and snapshot table: done outside the lock.
-        let fresh = OpenVolume(name: name, path: path, cache: cache)
+        let fresh = OpenVolume(name: name, path: path, pool: pool, cache: cache)
         if logsFailures, let error = fresh.error { Log.warning("volume \(name): \(error)") }
         volumes.withLock { $0[name] = fresh }
         return fresh
@@ -110,4 +118,10 @@ public final class VolumeStore: Sendable {
         }
         return names
     }
+}
+
+/// Why a pool snapshot cannot be read, as its open said.
+public struct PoolSnapshotError: Error, CustomStringConvertible {
+    public var message: String
+    public var description: String { message }
 }

@@ -2,6 +2,7 @@
 import Glibc
 #endif
 import Foundation
+import Qcow2
 
 /// A storage pool: where its volumes are and how to list them.
 public protocol Pool: Sendable {
@@ -11,8 +12,36 @@ public protocol Pool: Sendable {
     var statisticsPath: String { get }
     /// The names of the pool's volumes now, sorted.
     func volumeNames() throws -> [String]
-    /// The file or device of a volume, or nil if the pool has no such volume now.
+    /// The file or device of a volume (stat'ed for its mode, owner and times), or nil if the pool
+    /// has no such volume now.
     func volumePath(_ name: String) -> String?
+    /// Opens a volume. Directory pools probe the file's format; LVM pools read raw devices.
+    func openImage(_ name: String, path: String, cache: BlockCache) throws -> Image
+    /// Changes whenever the volume's layout changes in ways a stat of its path cannot show (an
+    /// LV extended or moved); nil when the stat says it all.
+    func generation(of name: String) -> String?
+    /// Snapshots the pool keeps as volumes of their own (LVM, ZFS), shown beside qcow2's.
+    func snapshots(of name: String) -> [PoolSnapshot]
+}
+
+extension Pool {
+    public func openImage(_ name: String, path: String, cache: BlockCache) throws -> Image {
+        try Image.open(path: path, cache: cache)
+    }
+    public func generation(of name: String) -> String? { nil }
+    public func snapshots(of name: String) -> [PoolSnapshot] { [] }
+}
+
+/// A snapshot that is a volume of the pool (an LVM snapshot LV, a ZFS snapshot).
+public struct PoolSnapshot: Sendable {
+    public var name: String
+    /// Opens the snapshot's device; throws with a message a user can act on when it cannot be read.
+    public var open: @Sendable () throws -> any BlockDevice
+
+    public init(name: String, open: @escaping @Sendable () throws -> any BlockDevice) {
+        self.name = name
+        self.open = open
+    }
 }
 
 public enum PoolError: Error, CustomStringConvertible, Equatable {
@@ -25,7 +54,7 @@ public enum PoolError: Error, CustomStringConvertible, Equatable {
         switch self {
         case .notFound(let what): return "pool \(what) does not exist"
         case .notADirectory(let path): return "pool \(path) is not a directory"
-        case .unsupportedType(let type): return "pool type '\(type)' is not supported yet (supported: dir)"
+        case .unsupportedType(let type): return "pool type '\(type)' is not supported yet (supported: dir, logical)"
         case .libvirt(let why): return why
         }
     }
@@ -82,10 +111,12 @@ public enum PoolSource {
     public static let libvirtStorageDirectory = "/etc/libvirt/storage"
 
     public static func open(_ source: String, type: String?,
-                            libvirtDirectory: String = libvirtStorageDirectory) throws -> any Pool {
+                            libvirtDirectory: String = libvirtStorageDirectory,
+                            runner: any CommandRunner = SystemCommandRunner(),
+                            lvmMode: LogicalPool.Mode = LogicalPool.Mode.forThisHost(noactivate: false)) throws -> any Pool {
         var path = source
         var resolvedType = type
-        if !source.contains("/"), !FileManager.default.fileExists(atPath: source) {
+        if type != "logical", !source.contains("/"), !FileManager.default.fileExists(atPath: source) {
             let definition = libvirtDirectory + "/" + source + ".xml"
             guard let xml = try? String(contentsOfFile: definition, encoding: .utf8) else {
                 throw PoolError.notFound("\(source) (no such directory, and no libvirt pool definition \(definition))")
@@ -100,6 +131,10 @@ public enum PoolSource {
         switch resolvedType ?? "dir" {
         case "dir", "fs", "netfs":
             return try DirectoryPool(path: path)
+        case "logical":
+            // libvirt's target path of a logical pool is /dev/VGNAME.
+            let vg = path.split(separator: "/").last.map(String.init) ?? path
+            return try LogicalPool(volumeGroup: vg, runner: runner, mode: lvmMode)
         case let other:
             throw PoolError.unsupportedType(other)
         }

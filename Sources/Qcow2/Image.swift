@@ -64,19 +64,26 @@ public final class Image: Sendable {
         }
     }
 
-    private init(path: String, format: Format, qcow2: Qcow2Image?, live: any BlockDevice, backing: Image?) {
+    private init(path: String, format: Format, qcow2: Qcow2Image?, live: any BlockDevice, backing: Image?,
+                 hostFiles: [HostFile]? = nil) {
         self.path = path
         self.format = format
         self.qcow2 = qcow2
         self.live = live
         self.backing = backing
-        let own: [HostFile]
-        if let q = qcow2 {
-            own = q.dataFile === q.file ? [q.file] : [q.file, q.dataFile]
+        if let hostFiles {
+            self.hostFiles = hostFiles
+        } else if let q = qcow2 {
+            self.hostFiles = (q.dataFile === q.file ? [q.file] : [q.file, q.dataFile]) + (backing?.hostFiles ?? [])
         } else {
-            own = [(live as! RawImage).file]
+            self.hostFiles = [(live as! RawImage).file]
         }
-        hostFiles = own + (backing?.hostFiles ?? [])
+    }
+
+    /// A raw volume that is not a plain file (an LV read through its extent map): `hostFiles` is
+    /// empty, so whoever made the device tells when it changed.
+    public static func wrapping(_ device: any BlockDevice, path: String) -> Image {
+        Image(path: path, format: .raw, qcow2: nil, live: device, backing: nil, hostFiles: [])
     }
 
     public var virtualSize: UInt64 { live.size }

@@ -7,11 +7,12 @@ struct MountCommand: ParsableCommand {
         abstract: "Mount a pool (a directory of images, or a libvirt pool name).",
         discussion: """
         Options (-o, comma-separated, repeatable): cache_size=SIZE (default 64M), threads=N (16), \
-        readahead=SIZE (1M), nosplice, type=dir; anything else goes to FUSE (allow_other, \
+        readahead=SIZE (1M), nosplice, type=dir|logical, noactivate (LVM: read LVs from their PVs); \
+        anything else goes to FUSE (allow_other, \
         default_permissions, noatime, ...). The mount is read-only.
         """)
 
-    @Option(name: .long, help: "Pool type: dir (a directory of qcow2/raw images).")
+    @Option(name: .long, help: "Pool type: dir (a directory of qcow2/raw images) or logical (an LVM volume group).")
     var type: String?
 
     @Option(name: .customShort("o"), help: "Mount options.")
@@ -53,18 +54,21 @@ struct ListCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "ls", abstract: "List a pool's volumes: format, sizes, backing chain, snapshots, errors.")
 
-    @Option(name: .long, help: "Pool type: dir.")
+    @Option(name: .long, help: "Pool type: dir or logical.")
     var type: String?
 
     @Flag(name: .long, help: "Print JSON.")
     var json = false
+
+    @Flag(name: .long, help: "LVM: read LVs from their PVs, never through device-mapper.")
+    var noactivate = false
 
     @Argument(help: "A pool directory or libvirt pool name.")
     var source: String
 
     func run() throws {
         do {
-            let reports = try Mounter.reports(source: source, type: type)
+            let reports = try Mounter.reports(source: source, type: type, noactivate: noactivate)
             print(json ? VolumeReport.json(reports) : VolumeReport.table(reports))
         } catch {
             throw fail(error)

@@ -179,3 +179,44 @@ struct RealLVMTests {
         }
     }
 }
+
+@Suite("logical pools")
+struct LogicalPoolTests {
+    /// The recorded report plus one classic snapshot of `lin`. lvm2 cannot make snapshots without
+    /// device-mapper, so this row is constructed from lvs's documented fields (lv_attr 's', origin).
+    static func runner() throws -> FakeRunner {
+        let snapshotRow = #"{"lv_name":"lin-snap", "vg_name":"testvg", "lv_size":"12582912", "lv_attr":"swi-a-s---", "origin":"lin", "pool_lv":"", "segtype":"linear", "seg_start":"0", "seg_size":"4194304", "stripes":"1", "stripe_size":"0", "seg_pe_ranges":"/dev/loop1:15-15", "lv_path":"/dev/testvg/lin-snap"},"#
+        let lvs = try Recorded.fixture("lvs").replacingOccurrences(of: #""lv": ["#, with: #""lv": ["# + snapshotRow)
+        return FakeRunner(["lvs": .success(lvs), "vgs": .success(try Recorded.fixture("vgs")), "pvs": .success(try Recorded.fixture("pvs"))])
+    }
+
+    @Test func snapshotsAppearUnderTheirOriginAndExplainThemselves() throws {
+        let pool = try LogicalPool(volumeGroup: "testvg", runner: Self.runner(), mode: .extents)
+        #expect(try pool.volumeNames() == ["lin", "span", "striped"])
+        #expect(pool.volumePath("lin") == "/dev/loop0", "extents mode stats the first PV")
+        #expect(pool.volumePath("lin-snap") == nil, "a snapshot is not a volume")
+        let snapshots = pool.snapshots(of: "lin")
+        #expect(snapshots.map(\.name) == ["lin-snap"])
+        #expect(throws: LogicalPoolError.snapshotNeedsDeviceMapper("testvg/lin-snap")) { try snapshots[0].open() }
+        #expect(pool.snapshots(of: "span").isEmpty)
+    }
+
+    @Test func devicesModeReadsOnlyActiveVolumes() throws {
+        let pool = try LogicalPool(volumeGroup: "testvg", runner: Self.runner(), mode: .devices)
+        #expect(pool.volumePath("lin") == "/dev/testvg/lin")
+        // The recorded LVs were made with -an: inactive ("-wi-XX----" has no 'a' in position 4).
+        #expect(throws: LogicalPoolError.inactive("testvg/lin")) {
+            try pool.openImage("lin", path: "/dev/testvg/lin", cache: BlockCache(capacityBytes: 0))
+        }
+    }
+
+    @Test func theReportIsAskedForAgainOnlyWhenOld() throws {
+        let runner = try Self.runner()
+        let pool = try LogicalPool(volumeGroup: "testvg", runner: runner, mode: .extents, reportLifetime: 3600)
+        for _ in 0..<10 { _ = try pool.volumeNames() }
+        #expect(runner.calls.withLock { $0.count } == 3, "one lvs, vgs and pvs at open, none after")
+        let eager = try LogicalPool(volumeGroup: "testvg", runner: runner, mode: .extents, reportLifetime: 0)
+        _ = try eager.volumeNames()
+        #expect(runner.calls.withLock { $0.count } == 9)
+    }
+}

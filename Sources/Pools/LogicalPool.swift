@@ -1,0 +1,132 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import Qcow2
+import Synchronization
+
+/// A libvirt `logical` pool: an LVM volume group. Regular LVs are volumes; classic and thin
+/// snapshots appear under their origin; thin pools and internal LVs are hidden.
+///
+/// With device-mapper, volumes are read from their devices (/dev/VG/LV) while active. Without it
+/// (no kernel support, or `-o noactivate`), linear and striped LVs are read straight from their
+/// PVs through the extent map, and snapshots say why they cannot be read.
+public final class LogicalPool: Pool {
+    public enum Mode: Sendable, Equatable {
+        case devices
+        case extents
+
+        /// Extents when asked, or when this kernel has no device-mapper.
+        public static func forThisHost(noactivate: Bool) -> Mode {
+            noactivate || access("/dev/mapper/control", F_OK) != 0 ? .extents : .devices
+        }
+    }
+
+    public let volumeGroup: String
+    public let mode: Mode
+    let runner: any CommandRunner
+    /// How long a report is trusted before lvs runs again: new snapshots show within this.
+    let reportLifetime: Double
+    private let cached: Mutex<(report: VolumeGroupReport, at: Double)>
+
+    public var displayName: String { volumeGroup }
+    public var statisticsPath: String { "/" }
+
+    public init(volumeGroup: String, runner: any CommandRunner, mode: Mode, reportLifetime: Double = 1) throws {
+        self.volumeGroup = volumeGroup
+        self.runner = runner
+        self.mode = mode
+        self.reportLifetime = reportLifetime
+        cached = Mutex((try VolumeGroupReport.query(volumeGroup, runner: runner), Self.now()))
+    }
+
+    /// The volume group as lvs last said, asking again once the report is older than its lifetime.
+    /// A failing lvs keeps the last report (and says so in the log of whoever asked).
+    public func report() -> VolumeGroupReport {
+        let (report, at) = cached.withLock { $0 }
+        guard Self.now() - at >= reportLifetime else { return report }
+        guard let fresh = try? VolumeGroupReport.query(volumeGroup, runner: runner) else { return report }
+        cached.withLock { $0 = (fresh, Self.now()) }
+        return fresh
+    }
+
+    func volume(_ name: String) -> VolumeGroupReport.LogicalVolume? {
+        report().volumes.first { $0.name == name && !$0.isInternal && !$0.isSnapshot }
+    }
+
+    public func volumeNames() throws -> [String] {
+        report().volumes.filter { !$0.isInternal && !$0.isSnapshot }.map(\.name).sorted()
+    }
+
+    public func volumePath(_ name: String) -> String? {
+        guard let lv = volume(name) else { return nil }
+        switch mode {
+        case .devices: return lv.path
+        case .extents: return lv.segments.first?.ranges.first?.device ?? lv.path
+        }
+    }
+
+    public func openImage(_ name: String, path: String, cache: BlockCache) throws -> Image {
+        let report = report()
+        guard let lv = report.volumes.first(where: { $0.name == name }) else {
+            throw PoolError.notFound("\(volumeGroup)/\(name)")
+        }
+        return try open(lv, in: report)
+    }
+
+    func open(_ lv: VolumeGroupReport.LogicalVolume, in report: VolumeGroupReport) throws -> Image {
+        switch mode {
+        case .devices:
+            guard lv.attributes.count > 4, Array(lv.attributes)[4] == "a" else {
+                throw LogicalPoolError.inactive("\(volumeGroup)/\(lv.name)")
+            }
+            return try Image.open(path: lv.path, format: .raw, cache: BlockCache(capacityBytes: 0))
+        case .extents:
+            var files: [String: HostFile] = [:]
+            let device = try ExtentMappedDevice(volume: lv, in: report) { path in
+                if let file = files[path] { return file }
+                let file = try HostFile(path: path)
+                files[path] = file
+                return file
+            }
+            return Image.wrapping(device, path: lv.path)
+        }
+    }
+
+    public func generation(of name: String) -> String? {
+        guard let lv = report().volumes.first(where: { $0.name == name }) else { return nil }
+        return "\(lv.size) \(lv.attributes) \(lv.segments.map { "\($0.start)+\($0.size):\($0.ranges)" })"
+    }
+
+    public func snapshots(of name: String) -> [PoolSnapshot] {
+        let report = report()
+        return report.volumes.filter { $0.isSnapshot && $0.origin == name }.map { lv in
+            let mode = self.mode
+            let group = volumeGroup
+            let pool = self
+            return PoolSnapshot(name: lv.name) {
+                guard mode == .devices else { throw LogicalPoolError.snapshotNeedsDeviceMapper("\(group)/\(lv.name)") }
+                return try pool.open(lv, in: report).live
+            }
+        }
+    }
+
+    static func now() -> Double {
+        var ts = timespec()
+        clock_gettime(CLOCK_MONOTONIC, &ts)
+        return Double(ts.tv_sec) + Double(ts.tv_nsec) / 1e9
+    }
+}
+
+public enum LogicalPoolError: Error, Equatable, CustomStringConvertible {
+    case inactive(String)
+    case snapshotNeedsDeviceMapper(String)
+
+    public var description: String {
+        switch self {
+        case .inactive(let lv):
+            return "\(lv) is not active; activate it (lvchange -ay) or mount with -o noactivate to read it from its PVs"
+        case .snapshotNeedsDeviceMapper(let lv):
+            return "\(lv) is an LVM snapshot: reading it needs device-mapper, which this host lacks or -o noactivate turned off"
+        }
+    }
+}
