@@ -1,6 +1,7 @@
 import FuseKit
 import PoolFS
 import TestSupport
+import Synchronization
 import Testing
 
 import Pools
@@ -63,11 +64,17 @@ import Pools
               </target>
             </pool>
             """.utf8))
-        try scratch.write("storage/vg.xml", Array("<pool type=\"logical\"><name>vg</name><target><path>/dev/vg</path></target></pool>".utf8))
+        try scratch.write("storage/vg.xml", Array("<pool type=\"logical\"><name>vgpool</name><source><name>vg</name></source><target><path>/dev/vg</path></target></pool>".utf8))
+        try scratch.write("storage/tank.xml", Array("<pool type='zfs'><name>tank</name><target><path>/dev/zvol/tank</path></target></pool>".utf8))
         let pool = try PoolSource.open("default", type: nil, libvirtDirectory: scratch.path("storage"))
         #expect(pool.displayName == scratch.path("images"))
-        #expect(throws: PoolError.unsupportedType("logical")) {
-            try PoolSource.open("vg", type: nil, libvirtDirectory: scratch.path("storage"))
+        let runner = RefusingRunner()
+        #expect(throws: CommandError.self) {
+            try PoolSource.open("vg", type: nil, libvirtDirectory: scratch.path("storage"), runner: runner)
+        }
+        #expect(runner.asked.withLock { $0 }?.last == "vg", "the VG name comes from the target path /dev/vg")
+        #expect(throws: PoolError.unsupportedType("zfs")) {
+            try PoolSource.open("tank", type: nil, libvirtDirectory: scratch.path("storage"))
         }
         #expect(throws: PoolError.libvirt("libvirt pool default has type 'dir', not 'zfs'")) {
             try PoolSource.open("default", type: "zfs", libvirtDirectory: scratch.path("storage"))
@@ -98,5 +105,14 @@ import Pools
         #expect(table.reference("a") != a, "a forgotten key gets a new number")
         table.forget(1, count: 100)
         #expect(table.key(of: 1) == "/", "the root is never forgotten")
+    }
+}
+
+/// Records the command it was asked to run and fails it.
+final class RefusingRunner: CommandRunner {
+    let asked = Mutex<[String]?>(nil)
+    func run(_ arguments: [String]) throws -> String {
+        asked.withLock { $0 = arguments }
+        throw CommandError(commandLine: arguments.joined(separator: " "), status: 5, stderr: "refused")
     }
 }
