@@ -16,6 +16,9 @@ public enum Mounter {
                                        lvmMode: LogicalPool.Mode.forThisHost(noactivate: options.noactivate))
         let target = try checkMountpoint(mountpoint)
         Log.configure(foreground: foreground)
+        try pool.prepare()
+        // Runs in the process that served the mount (the daemon), or here when mounting failed.
+        defer { for failure in pool.release() { Log.error(failure) } }
         for warning in options.warnings { Log.warning(warning) }
 
         let store = VolumeStore(pool: pool, cache: BlockCache(capacityBytes: options.cacheSize))

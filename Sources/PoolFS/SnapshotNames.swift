@@ -1,3 +1,4 @@
+import Pools
 import Qcow2
 
 /// File names for snapshots under `.snapshots/<volume>/`.
@@ -9,20 +10,7 @@ import Qcow2
 ///   called `daily` with ids 3 and 7 appear as `daily@3` and `daily@7`.
 /// So every snapshot has exactly one file name and every file name one snapshot.
 public enum SnapshotNames {
-    public static func escape(_ name: String) -> String {
-        if name == "." { return "%2E" }
-        if name == ".." { return "%2E%2E" }
-        var out = ""
-        for ch in name {
-            switch ch {
-            case "%": out += "%25"
-            case "/": out += "%2F"
-            case "@": out += "%40"
-            default: out.append(ch)
-            }
-        }
-        return out
-    }
+    public static func escape(_ name: String) -> String { FileNames.escape(name) }
 
     /// File name → snapshot, for a volume's snapshot table.
     public static func files(for snapshots: [Snapshot]) -> [(file: String, snapshot: Snapshot)] {

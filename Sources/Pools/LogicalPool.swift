@@ -26,16 +26,22 @@ public final class LogicalPool: Pool {
     let runner: any CommandRunner
     /// How long a report is trusted before lvs runs again: new snapshots show within this.
     let reportLifetime: Double
+    /// Prepended to device paths: tests point it at a directory of regular files.
+    let deviceRoot: String
     private let cached: Mutex<(report: VolumeGroupReport, at: Double)>
+    /// LVs this mount activated, deactivated again by `release`.
+    private let activated = Mutex<[String]>([])
 
     public var displayName: String { volumeGroup }
     public var statisticsPath: String { "/" }
 
-    public init(volumeGroup: String, runner: any CommandRunner, mode: Mode, reportLifetime: Double = 1) throws {
+    public init(volumeGroup: String, runner: any CommandRunner, mode: Mode, reportLifetime: Double = 1,
+                deviceRoot: String = "") throws {
         self.volumeGroup = volumeGroup
         self.runner = runner
         self.mode = mode
         self.reportLifetime = reportLifetime
+        self.deviceRoot = deviceRoot
         cached = Mutex((try VolumeGroupReport.query(volumeGroup, runner: runner), Self.now()))
     }
 
@@ -60,8 +66,8 @@ public final class LogicalPool: Pool {
     public func volumePath(_ name: String) -> String? {
         guard let lv = volume(name) else { return nil }
         switch mode {
-        case .devices: return lv.path
-        case .extents: return lv.segments.first?.ranges.first?.device ?? lv.path
+        case .devices: return deviceRoot + lv.path
+        case .extents: return deviceRoot + (lv.segments.first?.ranges.first?.device ?? lv.path)
         }
     }
 
@@ -76,20 +82,44 @@ public final class LogicalPool: Pool {
     func open(_ lv: VolumeGroupReport.LogicalVolume, in report: VolumeGroupReport) throws -> Image {
         switch mode {
         case .devices:
-            guard lv.attributes.count > 4, Array(lv.attributes)[4] == "a" else {
-                throw LogicalPoolError.inactive("\(volumeGroup)/\(lv.name)")
-            }
-            return try Image.open(path: lv.path, format: .raw, cache: BlockCache(capacityBytes: 0))
+            if lv.attributes.count > 4, Array(lv.attributes)[4] != "a" { try activate(lv) }
+            return try Image.open(path: deviceRoot + lv.path, format: .raw, cache: BlockCache(capacityBytes: 0))
         case .extents:
             var files: [String: HostFile] = [:]
+            let root = deviceRoot
             let device = try ExtentMappedDevice(volume: lv, in: report) { path in
                 if let file = files[path] { return file }
-                let file = try HostFile(path: path)
+                let file = try HostFile(path: root + path)
                 files[path] = file
                 return file
             }
             return Image.wrapping(device, path: lv.path)
         }
+    }
+
+    /// Activates an LV read-only for the time of the mount: `read_only_volume_list` makes the
+    /// device read-only without changing the LV's permission in the metadata; `-K` also activates
+    /// thin snapshots, which LVM flags to skip activation.
+    func activate(_ lv: VolumeGroupReport.LogicalVolume) throws {
+        let full = "\(volumeGroup)/\(lv.name)"
+        let already = activated.withLock { $0.contains(full) }
+        guard !already else { return }
+        do {
+            _ = try runner.run(["lvchange", "-ay", "-K", "--config",
+                                "activation { read_only_volume_list = [ \"\(full)\" ] }", full])
+        } catch {
+            throw LogicalPoolError.activation(full, "\(error)")
+        }
+        activated.withLock { $0.append(full) }
+    }
+
+    public func release() -> [String] {
+        let lvs = activated.withLock { list in defer { list.removeAll() }; return list }
+        var failures: [String] = []
+        for lv in lvs.reversed() {
+            do { _ = try runner.run(["lvchange", "-an", lv]) } catch { failures.append("deactivating \(lv): \(error)") }
+        }
+        return failures
     }
 
     public func generation(of name: String) -> String? {
@@ -118,13 +148,13 @@ public final class LogicalPool: Pool {
 }
 
 public enum LogicalPoolError: Error, Equatable, CustomStringConvertible {
-    case inactive(String)
+    case activation(String, String)
     case snapshotNeedsDeviceMapper(String)
 
     public var description: String {
         switch self {
-        case .inactive(let lv):
-            return "\(lv) is not active; activate it (lvchange -ay) or mount with -o noactivate to read it from its PVs"
+        case .activation(let lv, let why):
+            return "cannot activate \(lv) read-only (\(why)); mount with -o noactivate to read it from its PVs"
         case .snapshotNeedsDeviceMapper(let lv):
             return "\(lv) is an LVM snapshot: reading it needs device-mapper, which this host lacks or -o noactivate turned off"
         }

@@ -22,6 +22,12 @@ public protocol Pool: Sendable {
     func generation(of name: String) -> String?
     /// Snapshots the pool keeps as volumes of their own (LVM, ZFS), shown beside qcow2's.
     func snapshots(of name: String) -> [PoolSnapshot]
+    /// Runs before mounting: changes the pool needs for the time of the mount (ZFS snapshot
+    /// devices made visible). A failure leaves nothing changed.
+    func prepare() throws
+    /// Runs after unmounting (and when mounting fails): undoes what `prepare` and reading did
+    /// (LVs activated, properties changed), logging rather than throwing what cannot be undone.
+    func release() -> [String]
 }
 
 extension Pool {
@@ -30,6 +36,8 @@ extension Pool {
     }
     public func generation(of name: String) -> String? { nil }
     public func snapshots(of name: String) -> [PoolSnapshot] { [] }
+    public func prepare() throws {}
+    public func release() -> [String] { [] }
 }
 
 /// A snapshot that is a volume of the pool (an LVM snapshot LV, a ZFS snapshot).
@@ -54,7 +62,7 @@ public enum PoolError: Error, CustomStringConvertible, Equatable {
         switch self {
         case .notFound(let what): return "pool \(what) does not exist"
         case .notADirectory(let path): return "pool \(path) is not a directory"
-        case .unsupportedType(let type): return "pool type '\(type)' is not supported yet (supported: dir, logical)"
+        case .unsupportedType(let type): return "pool type '\(type)' is not supported yet (supported: dir, logical, zfs)"
         case .libvirt(let why): return why
         }
     }
@@ -116,7 +124,7 @@ public enum PoolSource {
                             lvmMode: LogicalPool.Mode = LogicalPool.Mode.forThisHost(noactivate: false)) throws -> any Pool {
         var path = source
         var resolvedType = type
-        if type != "logical", !source.contains("/"), !FileManager.default.fileExists(atPath: source) {
+        if type != "logical", type != "zfs", !source.contains("/"), !FileManager.default.fileExists(atPath: source) {
             let definition = libvirtDirectory + "/" + source + ".xml"
             guard let xml = try? String(contentsOfFile: definition, encoding: .utf8) else {
                 throw PoolError.notFound("\(source) (no such directory, and no libvirt pool definition \(definition))")
@@ -135,6 +143,10 @@ public enum PoolSource {
             // libvirt's target path of a logical pool is /dev/VGNAME.
             let vg = path.split(separator: "/").last.map(String.init) ?? path
             return try LogicalPool(volumeGroup: vg, runner: runner, mode: lvmMode)
+        case "zfs":
+            // libvirt's target path of a zfs pool is /dev/zvol/POOL[/DATASET].
+            let dataset = path.hasPrefix("/dev/zvol/") ? String(path.dropFirst("/dev/zvol/".count)) : path
+            return try ZfsPool(dataset: dataset, runner: runner)
         case let other:
             throw PoolError.unsupportedType(other)
         }

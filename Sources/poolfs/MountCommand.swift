@@ -4,15 +4,15 @@ import PoolFS
 struct MountCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "mount",
-        abstract: "Mount a pool (a directory of images, or a libvirt pool name).",
+        abstract: "Mount a pool: a directory of images, an LVM volume group, a ZFS dataset, or a libvirt pool name.",
         discussion: """
         Options (-o, comma-separated, repeatable): cache_size=SIZE (default 64M), threads=N (16), \
-        readahead=SIZE (1M), nosplice, type=dir|logical, noactivate (LVM: read LVs from their PVs); \
+        readahead=SIZE (1M), nosplice, type=dir|logical|zfs, noactivate (LVM: read LVs from their PVs); \
         anything else goes to FUSE (allow_other, \
         default_permissions, noatime, ...). The mount is read-only.
         """)
 
-    @Option(name: .long, help: "Pool type: dir (a directory of qcow2/raw images) or logical (an LVM volume group).")
+    @Option(name: .long, help: "Pool type: dir (a directory of qcow2/raw images), logical (an LVM volume group) or zfs (a dataset's zvols).")
     var type: String?
 
     @Option(name: .customShort("o"), help: "Mount options.")
@@ -54,7 +54,7 @@ struct ListCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "ls", abstract: "List a pool's volumes: format, sizes, backing chain, snapshots, errors.")
 
-    @Option(name: .long, help: "Pool type: dir or logical.")
+    @Option(name: .long, help: "Pool type: dir, logical or zfs.")
     var type: String?
 
     @Flag(name: .long, help: "Print JSON.")

@@ -65,7 +65,8 @@ import Pools
             </pool>
             """.utf8))
         try scratch.write("storage/vg.xml", Array("<pool type=\"logical\"><name>vgpool</name><source><name>vg</name></source><target><path>/dev/vg</path></target></pool>".utf8))
-        try scratch.write("storage/tank.xml", Array("<pool type='zfs'><name>tank</name><target><path>/dev/zvol/tank</path></target></pool>".utf8))
+        try scratch.write("storage/tank.xml", Array("<pool type='zfs'><name>tank</name><target><path>/dev/zvol/tank/vms</path></target></pool>".utf8))
+        try scratch.write("storage/san.xml", Array("<pool type='iscsi'><name>san</name><target><path>/dev/disk/by-path</path></target></pool>".utf8))
         let pool = try PoolSource.open("default", type: nil, libvirtDirectory: scratch.path("storage"))
         #expect(pool.displayName == scratch.path("images"))
         let runner = RefusingRunner()
@@ -73,11 +74,15 @@ import Pools
             try PoolSource.open("vg", type: nil, libvirtDirectory: scratch.path("storage"), runner: runner)
         }
         #expect(runner.asked.withLock { $0 }?.last == "vg", "the VG name comes from the target path /dev/vg")
-        #expect(throws: PoolError.unsupportedType("zfs")) {
-            try PoolSource.open("tank", type: nil, libvirtDirectory: scratch.path("storage"))
+        #expect(throws: CommandError.self) {
+            try PoolSource.open("tank", type: nil, libvirtDirectory: scratch.path("storage"), runner: runner)
         }
-        #expect(throws: PoolError.libvirt("libvirt pool default has type 'dir', not 'zfs'")) {
-            try PoolSource.open("default", type: "zfs", libvirtDirectory: scratch.path("storage"))
+        #expect(runner.asked.withLock { $0 }?.last == "tank/vms", "the dataset comes from the target path /dev/zvol/tank/vms")
+        #expect(throws: PoolError.unsupportedType("iscsi")) {
+            try PoolSource.open("san", type: nil, libvirtDirectory: scratch.path("storage"))
+        }
+        #expect(throws: PoolError.libvirt("libvirt pool vg has type 'logical', not 'dir'")) {
+            try PoolSource.open("vg", type: "dir", libvirtDirectory: scratch.path("storage"))
         }
     }
 
@@ -115,4 +120,49 @@ final class RefusingRunner: CommandRunner {
         asked.withLock { $0 = arguments }
         throw CommandError(commandLine: arguments.joined(separator: " "), status: 5, stderr: "refused")
     }
+}
+
+/// Replays `zfs` output by subcommand.
+final class ZfsRunner: CommandRunner {
+    let outputs: [String: String]
+    init(_ outputs: [String: String]) { self.outputs = outputs }
+    func run(_ arguments: [String]) throws -> String {
+        guard let out = outputs[arguments.prefix(2).joined(separator: " ")] else {
+            throw CommandError(commandLine: arguments.joined(separator: " "), status: 127, stderr: "not recorded")
+        }
+        return out
+    }
+}
+
+/// The tree over a pool whose snapshots are volumes of their own (ZFS, played by a fake runner
+/// with regular files standing in for /dev/zvol devices), through the FUSE operations.
+@Suite struct PoolSnapshotTreeTests {
+    @Test func zvolSnapshotsAppearUnderTheirVolume() throws {
+        let scratch = try Scratch()
+        try scratch.sh("mkdir -p dev/zvol/tank/vms && head -c 4194304 /dev/urandom > dev/zvol/tank/vms/web && head -c 2097152 /dev/urandom > 'dev/zvol/tank/vms/web@monday'")
+        let runner = ZfsRunner([
+            "zfs list": "tank/vms/web\tvolume\t4194304\t1763800000\ntank/vms/web@monday\tsnapshot\t2097152\t1763810000\ntank/vms/web@gone\tsnapshot\t2097152\t1763820000\n",
+        ])
+        let pool = try ZfsPool(dataset: "tank/vms", runner: runner, deviceRoot: scratch.dir)
+        let fs = PoolFileSystem(store: VolumeStore(pool: pool, cache: BlockCache(capacityBytes: 1 << 20)))
+        let web = try fs.lookup(parent: 1, name: "web").get()
+        #expect(web.attributes.size == 4 << 20)
+        let data = try fs.read(inode: web.attributes.inode, offset: 0, size: 4096).get()
+        #expect(data.segments.count == 1)
+        let snapshots = try fs.lookup(parent: 1, name: ".snapshots").get()
+        let webSnapshots = try fs.lookup(parent: snapshots.attributes.inode, name: "web").get()
+        #expect(try fs.list(directory: webSnapshots.attributes.inode).get().map(\.name) == [".", "..", "monday", "gone"], "in the pool's order: creation")
+        let monday = try fs.lookup(parent: webSnapshots.attributes.inode, name: "monday").get()
+        #expect(monday.attributes.size == 2 << 20 && monday.attributes.mode & 0o222 == 0)
+        #expect(fs.open(inode: monday.attributes.inode).isSuccess)
+        let gone = try fs.lookup(parent: webSnapshots.attributes.inode, name: "gone").get()
+        #expect(fs.open(inode: gone.attributes.inode).failure == .io, "a snapshot without a device fails alone")
+        #expect(String(decoding: try fs.extendedAttribute(of: gone.attributes.inode, name: "user.poolfs.error").get(), as: UTF8.self)
+                .contains("no device for tank/vms/web@gone"))
+    }
+}
+
+extension Result {
+    var isSuccess: Bool { if case .success = self { return true } else { return false } }
+    var failure: Failure? { if case .failure(let e) = self { return e } else { return nil } }
 }

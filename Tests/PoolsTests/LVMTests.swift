@@ -14,7 +14,8 @@ final class FakeRunner: CommandRunner {
 
     func run(_ arguments: [String]) throws -> String {
         calls.withLock { $0.append(arguments) }
-        guard let result = outputs[arguments[0]] else {
+        // Recorded by program and subcommand ("zfs get"), or by program alone ("lvs").
+        guard let result = outputs[arguments.prefix(2).joined(separator: " ")] ?? outputs[arguments[0]] else {
             throw CommandError(commandLine: arguments.joined(separator: " "), status: 127, stderr: "not recorded")
         }
         return try result.get()
@@ -201,15 +202,6 @@ struct LogicalPoolTests {
         #expect(pool.snapshots(of: "span").isEmpty)
     }
 
-    @Test func devicesModeReadsOnlyActiveVolumes() throws {
-        let pool = try LogicalPool(volumeGroup: "testvg", runner: Self.runner(), mode: .devices)
-        #expect(pool.volumePath("lin") == "/dev/testvg/lin")
-        // The recorded LVs were made with -an: inactive ("-wi-XX----" has no 'a' in position 4).
-        #expect(throws: LogicalPoolError.inactive("testvg/lin")) {
-            try pool.openImage("lin", path: "/dev/testvg/lin", cache: BlockCache(capacityBytes: 0))
-        }
-    }
-
     @Test func theReportIsAskedForAgainOnlyWhenOld() throws {
         let runner = try Self.runner()
         let pool = try LogicalPool(volumeGroup: "testvg", runner: runner, mode: .extents, reportLifetime: 3600)
@@ -218,5 +210,98 @@ struct LogicalPoolTests {
         let eager = try LogicalPool(volumeGroup: "testvg", runner: runner, mode: .extents, reportLifetime: 0)
         _ = try eager.volumeNames()
         #expect(runner.calls.withLock { $0.count } == 9)
+    }
+}
+
+@Suite("logical pool activation")
+struct LogicalPoolActivationTests {
+    /// Devices mode on a host with device-mapper, played by a fake runner and regular files under
+    /// a scratch directory standing in for /dev/testvg/*.
+    @Test func inactiveVolumesAreActivatedForTheMountAndDeactivatedAfter() throws {
+        let scratch = try Scratch()
+        try scratch.sh("mkdir -p dev/testvg && head -c 12582912 /dev/urandom > dev/testvg/lin")
+        let base = try LogicalPoolTests.runner()
+        let runner = FakeRunner(base.outputs.merging(["lvchange": .success("")]) { a, _ in a })
+        let pool = try LogicalPool(volumeGroup: "testvg", runner: runner, mode: .devices, deviceRoot: scratch.dir)
+        let image = try pool.openImage("lin", path: pool.volumePath("lin")!, cache: BlockCache(capacityBytes: 0))
+        #expect(try Data(image.live.read(at: 0, count: 12 << 20)) == Data(contentsOf: URL(fileURLWithPath: scratch.path("dev/testvg/lin"))))
+        _ = try pool.openImage("lin", path: pool.volumePath("lin")!, cache: BlockCache(capacityBytes: 0))
+        let activations = runner.calls.withLock { $0.filter { $0[0] == "lvchange" } }
+        #expect(activations == [["lvchange", "-ay", "-K", "--config", "activation { read_only_volume_list = [ \"testvg/lin\" ] }", "testvg/lin"]],
+                "activated once, read-only, without touching the LV's permission")
+        #expect(pool.release().isEmpty)
+        #expect(runner.calls.withLock { $0.last } == ["lvchange", "-an", "testvg/lin"])
+        #expect(pool.release().isEmpty && runner.calls.withLock { $0.last } == ["lvchange", "-an", "testvg/lin"], "deactivated once")
+    }
+
+    @Test func aFailedActivationSaysWhy() throws {
+        let base = try LogicalPoolTests.runner()
+        let refusal = CommandError(commandLine: "lvchange -ay", status: 5, stderr: "  /dev/mapper/control: open failed: No such device")
+        let runner = FakeRunner(base.outputs.merging(["lvchange": .failure(refusal)]) { a, _ in a })
+        let pool = try LogicalPool(volumeGroup: "testvg", runner: runner, mode: .devices)
+        #expect(throws: LogicalPoolError.activation("testvg/lin", "\(refusal)")) {
+            try pool.openImage("lin", path: "/dev/testvg/lin", cache: BlockCache(capacityBytes: 0))
+        }
+        #expect(pool.release().isEmpty, "nothing to deactivate")
+    }
+}
+
+@Suite("zfs pools")
+struct ZfsPoolTests {
+    /// `zfs list -H -p -t volume,snapshot -r -o name,type,volsize,creation tank/vms` and
+    /// `zfs get -H -p -r -t volume -o name,value,source snapdev tank/vms`, in the format zfs(8)
+    /// documents for -H -p (tab-separated, exact numbers, "-" for none). This machine has no zfs
+    /// module, so these lines are constructed, not recorded; names with spaces are included.
+    static let list = [
+        "tank/vms/web\tvolume\t8388608\t1763800000",
+        "tank/vms/web@monday\tsnapshot\t8388608\t1763810000",
+        "tank/vms/sub/db\tvolume\t4194304\t1763800100",
+        "tank/vms/sub/db@nightly 1\tsnapshot\t4194304\t1763820000",
+        "tank/vms@daily\tsnapshot\t-\t1763830000",
+    ].joined(separator: "\n") + "\n"
+    static let snapdev = "tank/vms/web\thidden\tdefault\ntank/vms/sub/db\thidden\tlocal\n"
+
+    static func runner(list: String = list) -> FakeRunner {
+        FakeRunner(["zfs list": .success(list), "zfs get": .success(snapdev), "zfs set": .success(""), "zfs inherit": .success("")])
+    }
+
+    @Test func zvolsAndSnapshotsBecomeVolumesAndSnapshotFiles() throws {
+        let scratch = try Scratch()
+        try scratch.sh("mkdir -p dev/zvol/tank/vms/sub && head -c 8388608 /dev/urandom > dev/zvol/tank/vms/web && head -c 8388608 /dev/urandom > 'dev/zvol/tank/vms/web@monday'")
+        let pool = try ZfsPool(dataset: "tank/vms", runner: Self.runner(), deviceRoot: scratch.dir)
+        #expect(try pool.volumeNames() == ["sub%2Fdb", "web"])
+        #expect(pool.volumePath("web") == scratch.dir + "/dev/zvol/tank/vms/web")
+        #expect(pool.snapshots(of: "web").map(\.name) == ["monday"])
+        #expect(pool.snapshots(of: "sub%2Fdb").map(\.name) == ["nightly 1"])
+        let monday = try pool.snapshots(of: "web")[0].open()
+        #expect(try Data(monday.read(at: 0, count: 8 << 20)) == Data(contentsOf: URL(fileURLWithPath: scratch.path("dev/zvol/tank/vms/web@monday"))))
+        #expect(throws: ZfsPoolError.snapshotDeviceMissing("tank/vms/sub/db@nightly 1")) { try pool.snapshots(of: "sub%2Fdb")[0].open() }
+        #expect(pool.generation(of: "web") == "8388608")
+    }
+
+    @Test func snapdevIsMadeVisibleForTheMountAndRestoredAfter() throws {
+        let runner = Self.runner()
+        let pool = try ZfsPool(dataset: "tank/vms", runner: runner)
+        try pool.prepare()
+        #expect(pool.release().isEmpty)
+        let changes = runner.calls.withLock { $0.filter { $0[1] == "set" || $0[1] == "inherit" } }
+        #expect(changes == [
+            ["zfs", "set", "snapdev=visible", "tank/vms/web"],
+            ["zfs", "set", "snapdev=visible", "tank/vms/sub/db"],
+            ["zfs", "set", "snapdev=hidden", "tank/vms/sub/db"],   // it was set locally: set it back
+            ["zfs", "inherit", "snapdev", "tank/vms/web"],         // it was the default: inherit again
+        ])
+    }
+
+    @Test func aMissingDatasetSaysWhatZfsSaid() throws {
+        let missing = CommandError(commandLine: "zfs list -H -p -t volume,snapshot -r -o name,type,volsize,creation tank/nope",
+                                   status: 1, stderr: "cannot open 'tank/nope': dataset does not exist\n")
+        #expect(throws: missing) { try ZfsPool(dataset: "tank/nope", runner: FakeRunner(["zfs list": .failure(missing)])) }
+        #expect(missing.description.hasSuffix("exited with status 1: cannot open 'tank/nope': dataset does not exist"))
+    }
+
+    @Test(arguments: ["tank/vms/web volume 8388608 1", "tank/vms/web\tvolume\t8388608", "\tvolume\t1\t1"])
+    func linesThatAreNotTabSeparatedAreErrors(_ line: String) {
+        #expect(throws: VolumeGroupReport.ParseError.self) { try ZfsPool.parse(line) }
     }
 }
