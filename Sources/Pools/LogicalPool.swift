@@ -122,9 +122,12 @@ public final class LogicalPool: Pool {
         return failures
     }
 
+    /// The LV's layout and the names of its snapshots: either changing reopens the volume.
     public func generation(of name: String) -> String? {
-        guard let lv = report().volumes.first(where: { $0.name == name }) else { return nil }
-        return "\(lv.size) \(lv.attributes) \(lv.segments.map { "\($0.start)+\($0.size):\($0.ranges)" })"
+        let volumes = report().volumes
+        guard let lv = volumes.first(where: { $0.name == name }) else { return nil }
+        let snapshots = volumes.filter { $0.isSnapshot && $0.origin == name }.map(\.name)
+        return "\(lv.size) \(lv.attributes) \(lv.segments.map { "\($0.start)+\($0.size):\($0.ranges)" }) \(snapshots)"
     }
 
     public func snapshots(of name: String) -> [PoolSnapshot] {

@@ -85,8 +85,12 @@ public final class ZfsPool: Pool {
         try Image.open(path: path, format: .raw, cache: cache)
     }
 
+    /// The zvol's size and its snapshots: either changing reopens the volume.
     public func generation(of name: String) -> String? {
-        entries().first { $0.type == "volume" && self.name(of: $0.name) == name }.map { "\($0.volumeSize ?? 0)" }
+        let all = entries()
+        guard let zvol = all.first(where: { $0.type == "volume" && self.name(of: $0.name) == name }) else { return nil }
+        let snapshots = all.filter { $0.type == "snapshot" && $0.name.hasPrefix(zvol.name + "@") }.map(\.name)
+        return "\(zvol.volumeSize ?? 0) \(snapshots)"
     }
 
     public func snapshots(of volume: String) -> [PoolSnapshot] {

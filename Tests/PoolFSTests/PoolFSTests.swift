@@ -122,12 +122,12 @@ final class RefusingRunner: CommandRunner {
     }
 }
 
-/// Replays `zfs` output by subcommand.
+/// Replays `zfs` output by subcommand; tests may change it to play a pool that changes.
 final class ZfsRunner: CommandRunner {
-    let outputs: [String: String]
-    init(_ outputs: [String: String]) { self.outputs = outputs }
+    let outputs: Mutex<[String: String]>
+    init(_ outputs: [String: String]) { self.outputs = Mutex(outputs) }
     func run(_ arguments: [String]) throws -> String {
-        guard let out = outputs[arguments.prefix(2).joined(separator: " ")] else {
+        guard let out = outputs.withLock({ $0[arguments.prefix(2).joined(separator: " ")] }) else {
             throw CommandError(commandLine: arguments.joined(separator: " "), status: 127, stderr: "not recorded")
         }
         return out
@@ -143,7 +143,7 @@ final class ZfsRunner: CommandRunner {
         let runner = ZfsRunner([
             "zfs list": "tank/vms/web\tvolume\t4194304\t1763800000\ntank/vms/web@monday\tsnapshot\t2097152\t1763810000\ntank/vms/web@gone\tsnapshot\t2097152\t1763820000\n",
         ])
-        let pool = try ZfsPool(dataset: "tank/vms", runner: runner, deviceRoot: scratch.dir)
+        let pool = try ZfsPool(dataset: "tank/vms", runner: runner, reportLifetime: 0, deviceRoot: scratch.dir)
         let fs = PoolFileSystem(store: VolumeStore(pool: pool, cache: BlockCache(capacityBytes: 1 << 20)))
         let web = try fs.lookup(parent: 1, name: "web").get()
         #expect(web.attributes.size == 4 << 20)
@@ -159,6 +159,11 @@ final class ZfsRunner: CommandRunner {
         #expect(fs.open(inode: gone.attributes.inode).failure == .io, "a snapshot without a device fails alone")
         #expect(String(decoding: try fs.extendedAttribute(of: gone.attributes.inode, name: "user.poolfs.error").get(), as: UTF8.self)
                 .contains("no device for tank/vms/web@gone"))
+
+        // A snapshot taken while mounted shows without a remount; one destroyed goes away.
+        try scratch.sh("head -c 4194304 /dev/urandom > 'dev/zvol/tank/vms/web@tuesday'")
+        runner.outputs.withLock { $0["zfs list"] = "tank/vms/web\tvolume\t4194304\t1763800000\ntank/vms/web@monday\tsnapshot\t2097152\t1763810000\ntank/vms/web@tuesday\tsnapshot\t4194304\t1763890000\n" }
+        #expect(try fs.list(directory: webSnapshots.attributes.inode).get().map(\.name) == [".", "..", "monday", "tuesday"])
     }
 }
 
