@@ -67,9 +67,9 @@ public final class PoolFileSystem: FileSystemOperations {
         }
     }
 
-    func directoryAttributes(from st: stat) -> Attributes {
-        var a = Attributes(mode: S_IFDIR | (st.st_mode & 0o7777))
-        a.links = 2
+    /// Owner, permissions (within `permissions`) and times of `st`, as a node of type `type`.
+    func attributes(type: UInt32, from st: stat, permissions: UInt32 = 0o7777) -> Attributes {
+        var a = Attributes(mode: type | (st.st_mode & permissions))
         a.uid = st.st_uid
         a.gid = st.st_gid
         a.atime = st.st_atim
@@ -78,24 +78,24 @@ public final class PoolFileSystem: FileSystemOperations {
         return a
     }
 
+    func directoryAttributes(from st: stat) -> Attributes {
+        var a = attributes(type: S_IFDIR, from: st)
+        a.links = 2
+        return a
+    }
+
     func attributes(_ resolved: Resolved) -> Attributes {
         switch resolved {
         case .directory(let a):
             return a
         case .volume(let v):
-            var a = Attributes(mode: S_IFREG | (v.fileStat.st_mode & 0o7777))
-            a.uid = v.fileStat.st_uid
-            a.gid = v.fileStat.st_gid
-            a.atime = v.fileStat.st_atim
-            a.mtime = v.fileStat.st_mtim
-            a.ctime = v.fileStat.st_ctim
+            var a = attributes(type: S_IFREG, from: v.fileStat)
             a.size = v.image?.virtualSize ?? 0
             a.blocks = (v.allocatedBytes(snapshot: nil) + 511) / 512
             return a
         case .snapshot(let v, let s):
-            var a = Attributes(mode: S_IFREG | (v.fileStat.st_mode & 0o7555))
-            a.uid = v.fileStat.st_uid
-            a.gid = v.fileStat.st_gid
+            // Read-only, dated when the snapshot was taken.
+            var a = attributes(type: S_IFREG, from: v.fileStat, permissions: 0o7555)
             let date = timespec(tv_sec: Int(s.dateSeconds), tv_nsec: Int(s.dateNanoseconds))
             a.atime = date
             a.mtime = date
@@ -104,12 +104,7 @@ public final class PoolFileSystem: FileSystemOperations {
             a.blocks = (v.allocatedBytes(snapshot: s) + 511) / 512
             return a
         case .poolSnapshot(let v, let device):
-            var a = Attributes(mode: S_IFREG | (v.fileStat.st_mode & 0o7555))
-            a.uid = v.fileStat.st_uid
-            a.gid = v.fileStat.st_gid
-            a.atime = v.fileStat.st_atim
-            a.mtime = v.fileStat.st_mtim
-            a.ctime = v.fileStat.st_ctim
+            var a = attributes(type: S_IFREG, from: v.fileStat, permissions: 0o7555)
             a.size = (try? device.get().size) ?? 0
             return a
         }
