@@ -166,9 +166,23 @@ extension FuseServer {
             case .failure(let error): FuseServer.reply(req, error)
             }
         }
-        ops.setattr = { req, _, _, _, _ in FuseServer.reply(req, .readOnly) }
+        ops.setattr = { req, ino, attr, toSet, _ in
+            // Files are disks of a fixed size: a writable mount takes every other change as done.
+            let fs = FuseServer.server(req).filesystem
+            guard fs.writable else { return FuseServer.reply(req, .readOnly) }
+            switch fs.attributes(of: ino) {
+            case .success(let (attributes, timeout)):
+                if toSet & FUSE_SET_ATTR_SIZE != 0, UInt64(max(attr!.pointee.st_size, 0)) != attributes.size {
+                    return FuseServer.reply(req, .notPermitted)
+                }
+                var st = attributes.stat
+                fuse_reply_attr(req, &st, timeout)
+            case .failure(let error): FuseServer.reply(req, error)
+            }
+        }
         ops.open = { req, ino, fi in
-            if (fi!.pointee.flags & O_ACCMODE) != O_RDONLY || (fi!.pointee.flags & O_TRUNC) != 0 {
+            let writing = (fi!.pointee.flags & O_ACCMODE) != O_RDONLY || (fi!.pointee.flags & O_TRUNC) != 0
+            if writing, !FuseServer.server(req).filesystem.writable {
                 return FuseServer.reply(req, .readOnly)
             }
             switch FuseServer.server(req).filesystem.open(inode: ino) {
@@ -215,7 +229,7 @@ extension FuseServer {
             st.f_bavail = fsblkcnt_t(s.freeBlocks)
             st.f_files = fsfilcnt_t(s.files)
             st.f_namemax = 255
-            st.f_flag = UInt(ST_RDONLY)
+            st.f_flag = FuseServer.server(req).filesystem.writable ? 0 : UInt(ST_RDONLY)
             fuse_reply_statfs(req, &st)
         }
         ops.getxattr = { req, ino, name, size in
@@ -231,8 +245,10 @@ extension FuseServer {
             }
         }
         ops.access = { req, _, mask in
-            FuseServer.reply(req, Errno(mask & W_OK != 0 ? EROFS : 0))
+            FuseServer.reply(req, Errno(mask & W_OK != 0 && !FuseServer.server(req).filesystem.writable ? EROFS : 0))
         }
+        ops.flush = { req, _, _ in fuse_reply_err(req, 0) }
+        ops.fsync = { req, _, _, _ in fuse_reply_err(req, 0) }
         ops.lseek = { req, ino, offset, whence, _ in
             guard whence == 3 || whence == 4 else { return FuseServer.reply(req, .invalid) }  // SEEK_DATA, SEEK_HOLE
             switch FuseServer.server(req).filesystem.seek(inode: ino, offset: UInt64(max(offset, 0)), data: whence == 3) {
@@ -241,7 +257,13 @@ extension FuseServer {
             }
         }
         // Everything that would modify the tree or a file.
-        ops.write = { req, _, _, _, _, _ in FuseServer.reply(req, .readOnly) }
+        ops.write = { req, ino, buffer, size, offset, _ in
+            let data = UnsafeRawBufferPointer(start: buffer, count: size)
+            switch FuseServer.server(req).filesystem.write(inode: ino, offset: UInt64(max(offset, 0)), data: data) {
+            case .success(let n): fuse_reply_write(req, n)
+            case .failure(let error): FuseServer.reply(req, error)
+            }
+        }
         ops.mknod = { req, _, _, _, _ in FuseServer.reply(req, .readOnly) }
         ops.mkdir = { req, _, _, _ in FuseServer.reply(req, .readOnly) }
         ops.unlink = { req, _, _ in FuseServer.reply(req, .readOnly) }

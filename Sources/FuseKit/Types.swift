@@ -15,6 +15,8 @@ public struct Errno: Error, Equatable, Sendable {
     public static let notDirectory = Errno(ENOTDIR)
     public static let isDirectory = Errno(EISDIR)
     public static let noDevice = Errno(ENXIO)
+    public static let notPermitted = Errno(EPERM)
+    public static let noSpace = Errno(ENOSPC)
 }
 
 /// The attributes of an inode, as `stat` reports them.
@@ -101,9 +103,14 @@ public struct FileSystemStatistics: Sendable {
 }
 
 /// What a filesystem implements. Every method runs on a libfuse worker thread, many at once; each
-/// returns its result and FuseKit sends exactly one reply. The mount is read-only, so every
-/// modifying operation is answered EROFS by FuseKit itself.
+/// returns its result and FuseKit sends exactly one reply. Operations on the tree (create, rename,
+/// unlink...) are answered EROFS by FuseKit itself; writes to files go to `write` when the
+/// filesystem is `writable`.
 public protocol FileSystemOperations: AnyObject, Sendable {
+    /// Whether files may be opened for writing.
+    var writable: Bool { get }
+    /// Writes into a file of fixed size; returns the bytes written.
+    func write(inode: UInt64, offset: UInt64, data: UnsafeRawBufferPointer) -> Result<Int, Errno>
     func lookup(parent: UInt64, name: String) -> Result<Entry, Errno>
     func forget(inode: UInt64, count: UInt64)
     func attributes(of inode: UInt64) -> Result<(Attributes, timeout: Double), Errno>
@@ -114,4 +121,11 @@ public protocol FileSystemOperations: AnyObject, Sendable {
     func extendedAttribute(of inode: UInt64, name: String) -> Result<[UInt8], Errno>
     func extendedAttributeNames(of inode: UInt64) -> Result<[String], Errno>
     func statistics() -> FileSystemStatistics
+}
+
+extension FileSystemOperations {
+    public var writable: Bool { false }
+    public func write(inode: UInt64, offset: UInt64, data: UnsafeRawBufferPointer) -> Result<Int, Errno> {
+        .failure(.readOnly)
+    }
 }

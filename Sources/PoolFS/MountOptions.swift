@@ -7,6 +7,10 @@ public struct MountOptions: Sendable, Equatable {
     public var splice = true
     /// LVM: never use device-mapper; read LVs from their PVs.
     public var noactivate = false
+    /// Writable files whose writes go to a copy-on-write block cache, never to the images.
+    public var cow = false
+    public var cacheDirectory = "/var/tmp"
+    public var cowMemory = 256 << 20
     public var type: String?
     public var fuseOptions: [String] = []
     public var warnings: [String] = []
@@ -38,12 +42,19 @@ public struct MountOptions: Sendable, Equatable {
                     o.splice = false
                 case "noactivate":
                     o.noactivate = true
+                case "cow":
+                    o.cow = true
+                case "cache_dir":
+                    guard let value, !value.isEmpty else { throw MountError.badOption("\(option): needs a directory") }
+                    o.cacheDirectory = value
+                case "cow_memory":
+                    o.cowMemory = Int(try size(value, option: option))
                 case "type":
                     o.type = value
                 case "ro":
                     break  // always read-only
                 case "rw":
-                    o.warnings.append("rw: writable mounts are not available yet; mounting read-only")
+                    o.warnings.append("rw: writes into images are not available yet; use -o cow for writable views that leave the images alone")
                 case _ where mountOnly.contains(key) || key.hasPrefix("x-") || key == "comment":
                     break
                 default:

@@ -21,20 +21,34 @@ public enum Mounter {
         defer { for failure in pool.release() { Log.error(failure) } }
         for warning in options.warnings { Log.warning(warning) }
 
+        if options.cow {
+            var st = stat()
+            guard stat(options.cacheDirectory, &st) == 0, st.st_mode & S_IFMT == S_IFDIR, access(options.cacheDirectory, W_OK) == 0 else {
+                throw MountError.badOption("cache_dir=\(options.cacheDirectory): not a writable directory")
+            }
+        }
         let store = VolumeStore(pool: pool, cache: BlockCache(capacityBytes: options.cacheSize))
-        let filesystem = PoolFileSystem(store: store)
+        // Spill files are made in cache_dir, which must be absolute once the daemon is in /.
+        let cow = options.cow ? CowStore(memoryLimit: options.cowMemory, spillDirectory: absolute(options.cacheDirectory)) : nil
+        let filesystem = PoolFileSystem(store: store, cow: cow)
         var configuration = FuseServer.Configuration()
         configuration.foreground = foreground
         configuration.threads = options.threads
         configuration.maxReadahead = options.readahead
         configuration.splice = options.splice
         let fsname = ("poolfs:" + pool.displayName).replacingOccurrences(of: ",", with: "\\,")
-        configuration.options = ["ro", "fsname=\(fsname)", "subtype=poolfs"] + options.fuseOptions
+        configuration.options = (options.cow ? [] : ["ro"]) + ["fsname=\(fsname)", "subtype=poolfs"] + options.fuseOptions
         let server = FuseServer(filesystem: filesystem, configuration: configuration)
         try server.run(mountpoint: target) {
             Log.info("mounted \(pool.displayName) at \(target)")
         }
         Log.info("unmounted \(target)")
+    }
+
+    static func absolute(_ path: String) -> String {
+        guard let resolved = realpath(path, nil) else { return path }
+        defer { free(resolved) }
+        return String(cString: resolved)
     }
 
     /// A daemon keeps no descriptor it inherited beyond stdin, stdout and stderr (which

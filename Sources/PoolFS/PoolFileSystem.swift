@@ -23,9 +23,13 @@ public final class PoolFileSystem: FileSystemOperations {
     let store: VolumeStore
     let inodes = InodeTable<Node>(root: .root)
     let rootStat: stat
+    /// With `-o cow`, where writes go.
+    let cow: CowStore?
+    public var writable: Bool { cow != nil }
 
-    public init(store: VolumeStore) {
+    public init(store: VolumeStore, cow: CowStore? = nil) {
         self.store = store
+        self.cow = cow
         var st = stat()
         _ = stat(store.pool.statisticsPath, &st)
         rootStat = st
@@ -95,7 +99,7 @@ public final class PoolFileSystem: FileSystemOperations {
             return a
         case .snapshot(let v, let s):
             // Read-only, dated when the snapshot was taken.
-            var a = attributes(type: S_IFREG, from: v.fileStat, permissions: 0o7555)
+            var a = attributes(type: S_IFREG, from: v.fileStat, permissions: writable ? 0o7777 : 0o7555)
             let date = timespec(tv_sec: Int(s.dateSeconds), tv_nsec: Int(s.dateNanoseconds))
             a.atime = date
             a.mtime = date
@@ -104,7 +108,7 @@ public final class PoolFileSystem: FileSystemOperations {
             a.blocks = (v.allocatedBytes(snapshot: s) + 511) / 512
             return a
         case .poolSnapshot(let v, let device):
-            var a = attributes(type: S_IFREG, from: v.fileStat, permissions: 0o7555)
+            var a = attributes(type: S_IFREG, from: v.fileStat, permissions: writable ? 0o7777 : 0o7555)
             a.size = (try? device.get().size) ?? 0
             return a
         }
@@ -178,20 +182,34 @@ public final class PoolFileSystem: FileSystemOperations {
             guard offset < device.size else { return .success(ReadData(segments: [], owner: nil)) }
             let n = Int(min(UInt64(size), device.size - offset))
             do {
-                let plan = try device.plan(at: offset, length: n)
-                let segments = plan.segments.map { segment -> ReadData.Segment in
-                    switch segment {
-                    case .host(let file, let at, let length): return .file(fd: file.fd, offset: at, length: length)
-                    case .zero(let length): return .zero(length: length)
-                    case .bytes(let block, let start, let length):
-                        return .memory(UnsafeRawBufferPointer(rebasing: block.bytes[start..<start + length]))
-                    }
+                if let node = inodes.key(of: inode), let overlay = cow?.overlay(for: node, create: false) {
+                    return .success(try overlay.read(at: offset, length: n, base: device))
                 }
+                let plan = try device.plan(at: offset, length: n)
                 // The plan holds the files and cached blocks that the segments point into.
-                return .success(ReadData(segments: segments, owner: plan))
+                return .success(ReadData(segments: Self.replySegments(plan), owner: plan))
             } catch {
                 return .failure(fail(error, inode: inode))
             }
+        }
+    }
+
+    /// A plan's segments as reply segments, pointing into what the plan holds.
+    static func replySegments(_ plan: ReadPlan) -> [ReadData.Segment] {
+        plan.segments.map { segment in
+            switch segment {
+            case .host(let file, let at, let length): return .file(fd: file.fd, offset: at, length: length)
+            case .zero(let length): return .zero(length: length)
+            case .bytes(let block, let start, let length):
+                return .memory(UnsafeRawBufferPointer(rebasing: block.bytes[start..<start + length]))
+            }
+        }
+    }
+
+    public func write(inode: UInt64, offset: UInt64, data: UnsafeRawBufferPointer) -> Result<Int, Errno> {
+        guard let cow, let node = inodes.key(of: inode) else { return .failure(.readOnly) }
+        return device(inode).flatMap { device in
+            cow.overlay(for: node, create: true)!.write(data, at: offset, base: device)
         }
     }
 

@@ -40,9 +40,11 @@ import Pools
         #expect(o.fuseOptions == ["allow_other", "default_permissions", "noatime"])
         #expect(try MountOptions.parse(["type=dir"]).type == "dir")
         #expect(try MountOptions.parse(["rw"]).warnings.count == 1)
+        let cow = try MountOptions.parse(["cow,cache_dir=/srv/spill,cow_memory=1G"])
+        #expect(cow.cow && cow.cacheDirectory == "/srv/spill" && cow.cowMemory == 1 << 30 && cow.fuseOptions.isEmpty)
     }
 
-    @Test(arguments: ["cache_size=", "cache_size=12Q", "cache_size=-1", "threads=0", "threads=1000", "threads=many"])
+    @Test(arguments: ["cache_size=", "cache_size=12Q", "cache_size=-1", "threads=0", "threads=1000", "threads=many", "cache_dir=", "cow_memory=lots"])
     func badValuesAreRefused(_ option: String) {
         #expect(throws: MountError.self) { try MountOptions.parse([option]) }
     }
