@@ -20,6 +20,8 @@ public final class OpenVolume: Sendable {
     /// The pool's layout token when opened (see `Pool.generation`).
     let generation: String?
     let openedAt: timespec
+    /// When the volume's path was last checked (monotonic nanoseconds).
+    let pathCheckedAt = Atomic<Int64>(0)
     private let allocation = Mutex<[String: UInt64]>([:])
 
     init(name: String, path: String, pool: any Pool, cache: BlockCache) {
@@ -70,6 +72,21 @@ public final class OpenVolume: Sendable {
         return image.hostFiles.dropFirst().contains { $0.changedOnDisk() }
     }
 
+    /// Valid without a path lookup: checked by path recently, and no file of the chain modified
+    /// in place since (fstat of each open descriptor).
+    func isFreshByDescriptors(generation current: String?, now: Int64, pathCheckInterval: Int64) -> Bool {
+        guard let image, now - pathCheckedAt.load(ordering: .relaxed) < pathCheckInterval, current == generation else {
+            return false
+        }
+        return !image.hostFiles.contains { $0.modifiedInPlace() }
+    }
+
+    static func monotonicNanoseconds() -> Int64 {
+        var ts = timespec()
+        clock_gettime(CLOCK_MONOTONIC_COARSE, &ts)
+        return Int64(ts.tv_sec) * 1_000_000_000 + Int64(ts.tv_nsec)
+    }
+
     static func now() -> timespec {
         var ts = timespec()
         clock_gettime(CLOCK_MONOTONIC, &ts)
@@ -92,18 +109,29 @@ public final class VolumeStore: Sendable {
         self.logsFailures = logsFailures
     }
 
+    /// How often a volume's path is looked up again: an image modified in place is seen at once
+    /// (fstat of its descriptors on every call); one replaced or renamed in the pool within this.
+    static let pathCheckInterval: Int64 = 100_000_000
+
     /// The current state of volume `name`, or nil when the pool has no such volume.
     public func volume(_ name: String) -> OpenVolume? {
+        let now = OpenVolume.monotonicNanoseconds()
+        if let known = volumes.withLock({ $0[name] }),
+           known.isFreshByDescriptors(generation: pool.generation(of: name), now: now, pathCheckInterval: Self.pathCheckInterval) {
+            return known
+        }
         guard let path = pool.volumePath(name) else {
             volumes.withLock { $0[name] = nil }
             return nil
         }
         if let known = volumes.withLock({ $0[name] }), known.path == path,
            !known.isStale(currentIdentity: FileIdentity(path: path), generation: pool.generation(of: name)) {
+            known.pathCheckedAt.store(now, ordering: .relaxed)
             return known
         }
         // Opening reads the header and snapshot table: done outside the lock.
         let fresh = OpenVolume(name: name, path: path, pool: pool, cache: cache)
+        fresh.pathCheckedAt.store(now, ordering: .relaxed)
         if logsFailures, let error = fresh.error { Log.warning("volume \(name): \(error)") }
         volumes.withLock { $0[name] = fresh }
         return fresh

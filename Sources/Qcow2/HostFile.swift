@@ -92,9 +92,18 @@ public final class HostFile: Sendable {
         return r < 0 ? size : UInt64(r)
     }
 
-    /// Whether the file changed since it was opened, by stat(2) of its path.
+    /// Whether the file changed since it was opened, by stat(2) of its path: also sees the path
+    /// now naming another file.
     public func changedOnDisk() -> Bool {
         FileIdentity(path: path) != identity
+    }
+
+    /// Whether the open file was modified since it was opened, by fstat(2) of its descriptor:
+    /// cheaper than a path lookup, blind to the path being replaced.
+    public func modifiedInPlace() -> Bool {
+        var st = stat()
+        guard fstat(fd, &st) == 0 else { return true }
+        return FileIdentity(st) != identity
     }
 
     private static func blockDeviceSize(_ fd: Int32) -> UInt64 {
