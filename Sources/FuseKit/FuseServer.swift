@@ -63,6 +63,7 @@ public final class FuseServer: @unchecked Sendable {
         self.session = session
         defer { fuse_session_destroy(session) }
         guard fuse_set_signal_handlers(session) == 0 else { throw Failure.session("fuse: cannot set signal handlers") }
+        Self.unblockTerminationSignals()
         defer { fuse_remove_signal_handlers(session) }
         guard fuse_session_mount(session, mountpoint) == 0 else {
             throw Failure.mount("cannot mount at \(mountpoint) (see the message above)")
@@ -74,6 +75,16 @@ public final class FuseServer: @unchecked Sendable {
         withExtendedLifetime(self) {
             _ = poolfs_session_loop_mt(session, configuration.threads)
         }
+    }
+
+    /// A parent may have started us with signals blocked (a thread of a thread pool, some
+    /// supervisors): the mask is inherited, and SIGTERM would then never unmount. Unblocked before
+    /// libfuse starts its workers, which inherit the mask.
+    static func unblockTerminationSignals() {
+        var set = sigset_t()
+        sigemptyset(&set)
+        for signal in [SIGINT, SIGTERM, SIGHUP] { sigaddset(&set, signal) }
+        pthread_sigmask(SIG_UNBLOCK, &set, nil)
     }
 
     static func server(_ req: fuse_req_t?) -> FuseServer {
