@@ -15,9 +15,14 @@ public final class LogicalPool: Pool {
         case devices
         case extents
 
-        /// Extents when asked, or when this kernel has no device-mapper.
+        /// Extents when asked, or when this kernel has no device-mapper: the control node can
+        /// exist (lvm2 makes it) while opening it fails with ENODEV.
         public static func forThisHost(noactivate: Bool) -> Mode {
-            noactivate || access("/dev/mapper/control", F_OK) != 0 ? .extents : .devices
+            if noactivate { return .extents }
+            let control = Glibc.open("/dev/mapper/control", O_RDWR | O_CLOEXEC)
+            guard control >= 0 else { return .extents }
+            close(control)
+            return .devices
         }
     }
 
