@@ -158,7 +158,6 @@ final class CowOverlay: @unchecked Sendable {
     /// The reply for a read: overlay blocks where written, the image's plan elsewhere.
     func read(at offset: UInt64, length: Int, base: any BlockDevice) throws -> ReadData {
         let blockSize = UInt64(CowStore.blockSize)
-        let written = lock.withLock { $0 }
         var segments: [ReadData.Segment] = []
         var plans: [ReadPlan] = []
         var pos = offset
@@ -177,7 +176,7 @@ final class CowOverlay: @unchecked Sendable {
             let blockEnd = min(end, (index + 1) * blockSize)
             let within = pos - index * blockSize
             let count = Int(blockEnd - pos)
-            switch written[index] {
+            switch lock.withLock({ $0[index] }) {
             case nil:
                 if pendingStart == nil { pendingStart = pos }
             case .memory(let memory)?:
