@@ -215,10 +215,12 @@ public struct Qcow2View: BlockDevice {
     func decodeCompressed(_ entries: [(entry: UInt64, entryOffset: UInt64)]) throws -> [UInt64: CachedBlock] {
         var decoded: [UInt64: CachedBlock] = [:]
         var missing: [(entry: UInt64, entryOffset: UInt64)] = []
-        for e in entries where decoded[e.entry] == nil {
+        var queued = Set<UInt64>()  // two L2 entries may share a compressed cluster
+        for e in entries where decoded[e.entry] == nil && !queued.contains(e.entry) {
             if let hit = image.cache.cached(image.decodedKey(e.entry)) {
                 decoded[e.entry] = hit
-            } else if !missing.contains(where: { $0.entry == e.entry }) {
+            } else {
+                queued.insert(e.entry)
                 missing.append(e)
             }
         }
