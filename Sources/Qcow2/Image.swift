@@ -106,9 +106,6 @@ public final class Image: Sendable {
     /// caller can tell when any of them changed.
     public let hostFiles: [HostFile]
 
-    /// Whether any file of the chain changed on disk since it was opened.
-    public func changedOnDisk() -> Bool { hostFiles.contains { $0.changedOnDisk() } }
-
     static func probe(_ file: HostFile) throws -> Format {
         guard file.size >= 4 else { return .raw }
         let magic = BigEndianReader(bytes: try file.readBytes(at: 0, count: 4)).u32(0)
