@@ -19,7 +19,8 @@ public final class OpenVolume: Sendable {
     public let poolSnapshots: [(file: String, device: Result<any BlockDevice, PoolSnapshotError>)]
     /// The pool's layout token when opened (see `Pool.generation`).
     let generation: String?
-    let openedAt: timespec
+    /// When it was opened (monotonic nanoseconds).
+    let openedAt: Int64
     /// When the volume's path was last checked (monotonic nanoseconds).
     let pathCheckedAt = Atomic<Int64>(0)
     private let allocation = Mutex<[String: UInt64]>([:])
@@ -31,7 +32,7 @@ public final class OpenVolume: Sendable {
         _ = stat(path, &st)
         self.fileStat = st
         self.identity = FileIdentity(st)
-        self.openedAt = Self.now()
+        self.openedAt = Self.monotonicNanoseconds()
         self.generation = pool.generation(of: name)
         self.poolSnapshots = pool.snapshots(of: name).map { snapshot in
             (SnapshotNames.escape(snapshot.name), Result { try snapshot.open() }.mapError { PoolSnapshotError(message: "\($0)") })
@@ -65,9 +66,9 @@ public final class OpenVolume: Sendable {
 
     /// Whether this volume must be reopened: its file changed (or went away), a file of its
     /// chain changed, or it failed to open a while ago (a missing backing file may be back).
-    func isStale(currentIdentity: FileIdentity?, generation current: String?) -> Bool {
+    func isStale(currentIdentity: FileIdentity?, generation current: String?, now: Int64) -> Bool {
         guard let currentIdentity, currentIdentity == identity, current == generation else { return true }
-        guard let image else { return Self.now().tv_sec - openedAt.tv_sec >= 2 }
+        guard let image else { return now - openedAt >= Self.retryFailedOpenAfter }
         // The top image was just compared; the rest of the chain and any data file remain.
         return image.hostFiles.dropFirst().contains { $0.changedOnDisk() }
     }
@@ -81,16 +82,13 @@ public final class OpenVolume: Sendable {
         return !image.hostFiles.contains { $0.modifiedInPlace() }
     }
 
+    /// How long a volume that failed to open is left alone before the next try (nanoseconds).
+    static let retryFailedOpenAfter: Int64 = 2_000_000_000
+
     static func monotonicNanoseconds() -> Int64 {
         var ts = timespec()
         clock_gettime(CLOCK_MONOTONIC_COARSE, &ts)
         return Int64(ts.tv_sec) * 1_000_000_000 + Int64(ts.tv_nsec)
-    }
-
-    static func now() -> timespec {
-        var ts = timespec()
-        clock_gettime(CLOCK_MONOTONIC, &ts)
-        return ts
     }
 }
 
@@ -125,7 +123,7 @@ public final class VolumeStore: Sendable {
             return nil
         }
         if let known = volumes.withLock({ $0[name] }), known.path == path,
-           !known.isStale(currentIdentity: FileIdentity(path: path), generation: pool.generation(of: name)) {
+           !known.isStale(currentIdentity: FileIdentity(path: path), generation: pool.generation(of: name), now: now) {
             known.pathCheckedAt.store(now, ordering: .relaxed)
             return known
         }
