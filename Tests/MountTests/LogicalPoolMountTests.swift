@@ -9,19 +9,13 @@ import Testing
 struct LogicalPoolMountTests {
     @Test func linearVolumesReadThroughTheMount() throws {
         let scratch = try Scratch()
-        let vg = "poolfsmnt\(getpid())"
-        let lvm = "LVM_SUPPRESS_FD_WARNINGS=1"
-        try scratch.sh("truncate -s 64M pv0 pv1 && losetup --show -f pv0 > loop0 && losetup --show -f pv1 > loop1")
-        let loops = try ["loop0", "loop1"].map { try String(contentsOfFile: scratch.path($0), encoding: .utf8).trimmingCharacters(in: .whitespacesAndNewlines) }
-        defer {
-            _ = try? scratch.sh("vgremove -f --driverloaded n \(vg); pvremove -f --driverloaded n \(loops.joined(separator: " ")); losetup -d \(loops.joined(separator: " "))")
-        }
-        try scratch.sh("""
-            \(lvm) pvcreate -q --driverloaded n \(loops[0]) \(loops[1]) &&
-            \(lvm) vgcreate -q --driverloaded n \(vg) \(loops[0]) \(loops[1]) &&
-            \(lvm) lvcreate -q --driverloaded n -an -Zn -L 12M -n data \(vg) &&
-            \(lvm) lvcreate -q --driverloaded n -an -Zn -L 8M -i 2 -I 64k -n striped \(vg)
-            """)
+        let group = try LoopVolumeGroup("poolfsmnt\(getpid())", in: scratch)
+        defer { group.remove() }
+        let vg = group.name
+        let loops = group.loops
+        let lvm = LoopVolumeGroup.lvm
+        try group.createVolume("-L 12M -n data")
+        try group.createVolume("-L 8M -i 2 -I 64k -n striped")
         // `data` is one linear segment on the first PV, from extent 0: write 12 MiB there.
         let pvs = try scratch.sh("\(lvm) pvs --noheadings -o pe_start --units b --nosuffix \(loops[0])").trimmingCharacters(in: .whitespacesAndNewlines)
         let ranges = try scratch.sh("\(lvm) lvs --noheadings -o seg_pe_ranges \(vg)/data").trimmingCharacters(in: .whitespacesAndNewlines)

@@ -110,26 +110,19 @@ struct LVMReportTests {
 struct RealLVMTests {
     @Test func linearSpanningAndStripedVolumesReadBack() throws {
         let scratch = try Scratch()
-        let vg = "poolfstest\(getpid())"
-        try scratch.sh("truncate -s 64M pv0 pv1 && losetup --show -f pv0 > loop0 && losetup --show -f pv1 > loop1")
-        let loops = try ["loop0", "loop1"].map { try String(contentsOfFile: scratch.path($0), encoding: .utf8).trimmingCharacters(in: .whitespacesAndNewlines) }
-        defer {
-            _ = try? scratch.sh("vgremove -f --driverloaded n \(vg); pvremove -f --driverloaded n \(loops.joined(separator: " ")); losetup -d \(loops.joined(separator: " "))")
-        }
-        let lvm = "LVM_SUPPRESS_FD_WARNINGS=1"
-        try scratch.sh("""
-            \(lvm) pvcreate -q --driverloaded n \(loops[0]) \(loops[1]) &&
-            \(lvm) vgcreate -q --driverloaded n \(vg) \(loops[0]) \(loops[1]) &&
-            \(lvm) lvcreate -q --driverloaded n -an -Zn -L 12M -n lin \(vg) &&
-            \(lvm) lvcreate -q --driverloaded n -an -Zn -L 8M -i 2 -I 64k -n striped \(vg) &&
-            \(lvm) lvcreate -q --driverloaded n -an -Zn -L 80M -n span \(vg)
-            """)
+        let group = try LoopVolumeGroup("poolfstest\(getpid())", in: scratch)
+        defer { group.remove() }
+        let vg = group.name
+        let loops = group.loops
+        try group.createVolume("-L 12M -n lin")
+        try group.createVolume("-L 8M -i 2 -I 64k -n striped")
+        try group.createVolume("-L 80M -n span")
         let report = try VolumeGroupReport.query(vg, runner: SystemCommandRunner())
         #expect(report.volumes.map(\.name).sorted() == ["lin", "span", "striped"])
         #expect(report.volumes.first { $0.name == "span" }?.segments.count == 2, "span crosses both PVs")
 
         // The writer: PV offset of each LV byte from the report, the straightforward way.
-        let pvFiles = Dictionary(uniqueKeysWithValues: zip(loops, ["pv0", "pv1"]))
+        let pvFiles = Dictionary(uniqueKeysWithValues: zip(loops, LoopVolumeGroup.backingFiles))
         var handles: [String: FileHandle] = [:]
         for (loop, file) in pvFiles { handles[loop] = try FileHandle(forUpdating: URL(fileURLWithPath: scratch.path(file))) }
         func sector(_ lv: String, _ offset: UInt64) -> Data {
