@@ -29,11 +29,10 @@ public final class LogicalPool: Pool {
     public let volumeGroup: String
     public let mode: Mode
     let runner: any CommandRunner
-    /// How long a report is trusted before lvs runs again: new snapshots show within this.
-    let reportLifetime: Double
     /// Prepended to device paths: tests point it at a directory of regular files.
     let deviceRoot: String
-    private let cached: Mutex<(report: VolumeGroupReport, at: Double)>
+    /// The last lvs report, asked again after `reportLifetime`: new snapshots show within it.
+    private let cached: RefreshedValue<VolumeGroupReport>
     /// LVs this mount activated, deactivated again by `release`.
     private let activated = Mutex<[String]>([])
 
@@ -45,20 +44,12 @@ public final class LogicalPool: Pool {
         self.volumeGroup = volumeGroup
         self.runner = runner
         self.mode = mode
-        self.reportLifetime = reportLifetime
         self.deviceRoot = deviceRoot
-        cached = Mutex((try VolumeGroupReport.query(volumeGroup, runner: runner), Self.now()))
+        cached = try RefreshedValue(lifetime: reportLifetime) { try VolumeGroupReport.query(volumeGroup, runner: runner) }
     }
 
-    /// The volume group as lvs last said, asking again once the report is older than its lifetime.
-    /// A failing lvs keeps the last report (and says so in the log of whoever asked).
-    public func report() -> VolumeGroupReport {
-        let (report, at) = cached.withLock { $0 }
-        guard Self.now() - at >= reportLifetime else { return report }
-        guard let fresh = try? VolumeGroupReport.query(volumeGroup, runner: runner) else { return report }
-        cached.withLock { $0 = (fresh, Self.now()) }
-        return fresh
-    }
+    /// The volume group as lvs last said.
+    public func report() -> VolumeGroupReport { cached.value }
 
     func volume(_ name: String) -> VolumeGroupReport.LogicalVolume? {
         report().volumes.first { $0.name == name && !$0.isInternal && !$0.isSnapshot }
@@ -146,12 +137,6 @@ public final class LogicalPool: Pool {
                 return try pool.open(lv, in: report).live
             }
         }
-    }
-
-    static func now() -> Double {
-        var ts = timespec()
-        clock_gettime(CLOCK_MONOTONIC, &ts)
-        return Double(ts.tv_sec) + Double(ts.tv_nsec) / 1e9
     }
 }
 

@@ -21,10 +21,10 @@ public final class ZfsPool: Pool {
 
     public let dataset: String
     let runner: any CommandRunner
-    let reportLifetime: Double
     /// Prepended to /dev/zvol paths: tests point it at a directory of regular files.
     let deviceRoot: String
-    private let cached: Mutex<(entries: [Entry], at: Double)>
+    /// The last `zfs list`, asked again after `reportLifetime`.
+    private let cached: RefreshedValue<[Entry]>
     /// snapdev values changed by `prepare`: zvol, previous value, and whether it was set locally.
     private let changed = Mutex<[(zvol: String, value: String, local: Bool)]>([])
 
@@ -34,9 +34,8 @@ public final class ZfsPool: Pool {
     public init(dataset: String, runner: any CommandRunner, reportLifetime: Double = 1, deviceRoot: String = "") throws {
         self.dataset = dataset
         self.runner = runner
-        self.reportLifetime = reportLifetime
         self.deviceRoot = deviceRoot
-        cached = Mutex((try Self.list(dataset, runner: runner), LogicalPool.now()))
+        cached = try RefreshedValue(lifetime: reportLifetime) { try Self.list(dataset, runner: runner) }
     }
 
     static func list(_ dataset: String, runner: any CommandRunner) throws -> [Entry] {
@@ -56,12 +55,7 @@ public final class ZfsPool: Pool {
         }
     }
 
-    func entries() -> [Entry] {
-        let (entries, at) = cached.withLock { $0 }
-        guard LogicalPool.now() - at >= reportLifetime, let fresh = try? Self.list(dataset, runner: runner) else { return entries }
-        cached.withLock { $0 = (fresh, LogicalPool.now()) }
-        return fresh
-    }
+    func entries() -> [Entry] { cached.value }
 
     /// The zvol's full name for a volume name, and back.
     func zvol(_ volume: String) -> String? {
