@@ -11,13 +11,14 @@ let package = Package(
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0"),
     ],
     targets: [
-        // C libraries. Nothing but these three targets touches C headers directly.
+        // C libraries. Nothing but these four targets touches C headers directly.
         .systemLibrary(name: "CFuse3", pkgConfig: "fuse3", providers: [.apt(["libfuse3-dev"])]),
         .target(name: "CFuseShim", dependencies: ["CFuse3"]),
         .target(name: "CCompress", linkerSettings: [.linkedLibrary("deflate"), .linkedLibrary("z"), .linkedLibrary("zstd")]),
+        .target(name: "CHostIO"),
 
         // The qcow2/raw engine: no FUSE, no processes.
-        .target(name: "Qcow2", dependencies: ["CCompress"]),
+        .target(name: "Qcow2", dependencies: ["CCompress", "CHostIO"]),
         // The only Swift module that imports libfuse.
         .target(name: "FuseKit", dependencies: ["CFuse3", "CFuseShim"]),
         // Pool adapters: directories, LVM volume groups; external commands through one runner.

@@ -30,6 +30,14 @@ public final class BlockCache: Sendable {
         return block
     }
 
+    /// Puts `block` in place of whatever is cached for `key` (a writer wrote a new version).
+    public func replace(_ key: Key, with block: CachedBlock) {
+        shard(key).mutex.withLock { shard in
+            shard.remove(key)
+            shard.insert(key, block)
+        }
+    }
+
     /// The block for `key` if it is cached now.
     public func cached(_ key: Key) -> CachedBlock? {
         shard(key).mutex.withLock { $0.lookup(key) }
@@ -80,6 +88,13 @@ public final class BlockCache: Sendable {
             used += size
         }
 
+        mutating func remove(_ key: Key) {
+            guard let i = index.removeValue(forKey: key) else { return }
+            used -= slots[i]!.block.bytes.count
+            slots[i] = nil
+            free.append(i)
+        }
+
         /// Terminates: each pass clears reference bits, so the second pass finds a victim.
         private mutating func evictOne() {
             while true {
@@ -117,6 +132,11 @@ public final class CachedBlock: @unchecked Sendable {
             throw error
         }
         bytes = UnsafeRawBufferPointer(start: storage, count: count)
+    }
+
+    /// A copy of `bytes`.
+    convenience init(copying bytes: UnsafeRawBufferPointer) {
+        self.init(count: bytes.count) { $0.copyMemory(from: bytes) }
     }
 
     /// `count` bytes of `file` at `offset`, all inside the file.

@@ -1,6 +1,7 @@
 #if canImport(Glibc)
 import Glibc
 #endif
+import CHostIO
 import Synchronization
 
 /// An open image file. Every libc call the engine makes lives in this file; EINTR is retried here
@@ -11,17 +12,21 @@ public final class HostFile: Sendable {
     /// Unique for the life of the process: cache keys use it, so a reopened file never sees
     /// entries cached from its previous incarnation.
     public let id: UInt64
-    /// The file's size when it was opened. The engine is reopened when the file changes.
-    public let size: UInt64
+    /// The file's size: as opened, then grown by this process's own writes. The engine is
+    /// reopened when anyone else changes the file.
+    public var size: UInt64 { currentSize.load(ordering: .acquiring) }
+    private let currentSize: Atomic<UInt64>
+    /// Opened for writing as well as reading.
+    public let writable: Bool
     public let identity: FileIdentity
     /// Bytes the file really occupies on disk (st_blocks × 512) when it was opened.
     public let allocatedBytes: UInt64
 
     private static let nextID = Atomic<UInt64>(1)
 
-    /// Wraps open(2) with O_RDONLY | O_CLOEXEC, then fstat(2).
-    public init(path: String) throws(Qcow2Error) {
-        let fd = retryingEINTR { open(path, O_RDONLY | O_CLOEXEC) }
+    /// Wraps open(2) with O_RDONLY (or O_RDWR) | O_CLOEXEC, then fstat(2).
+    public init(path: String, writable: Bool = false) throws(Qcow2Error) {
+        let fd = retryingEINTR { open(path, (writable ? O_RDWR : O_RDONLY) | O_CLOEXEC) }
         guard fd >= 0 else { throw .io(errno: Glibc.errno, operation: "open", path: path) }
         var st = stat()
         guard fstat(fd, &st) == 0 else {
@@ -38,7 +43,8 @@ public final class HostFile: Sendable {
         self.id = Self.nextID.add(1, ordering: .relaxed).oldValue
         self.identity = FileIdentity(st)
         self.allocatedBytes = UInt64(st.st_blocks) * 512
-        self.size = (st.st_mode & S_IFMT) == S_IFBLK ? Self.blockDeviceSize(fd) : UInt64(st.st_size)
+        self.currentSize = Atomic((st.st_mode & S_IFMT) == S_IFBLK ? Self.blockDeviceSize(fd) : UInt64(st.st_size))
+        self.writable = writable
     }
 
     deinit { close(fd) }
@@ -76,6 +82,57 @@ public final class HostFile: Sendable {
         }
         if let failure { throw failure }
         return bytes
+    }
+
+    /// Writes all of `buffer` at `offset` with pwrite(2); the file grows as needed.
+    public func write(_ buffer: UnsafeRawBufferPointer, at offset: UInt64) throws(Qcow2Error) {
+        var done = 0
+        while done < buffer.count {
+            let n = retryingEINTR {
+                pwrite(fd, buffer.baseAddress! + done, buffer.count - done, off_t(offset) + off_t(done))
+            }
+            if n < 0 { throw .io(errno: Glibc.errno, operation: "pwrite", path: path) }
+            done += n
+        }
+        let end = offset + UInt64(buffer.count)
+        var seen = currentSize.load(ordering: .relaxed)
+        while seen < end {
+            let (exchanged, original) = currentSize.compareExchange(expected: seen, desired: end, ordering: .acquiringAndReleasing)
+            if exchanged { break }
+            seen = original
+        }
+    }
+
+    public func write(_ bytes: [UInt8], at offset: UInt64) throws(Qcow2Error) {
+        var failure: Qcow2Error?
+        bytes.withUnsafeBytes { buffer in
+            do throws(Qcow2Error) { try write(buffer, at: offset) } catch { failure = error }
+        }
+        if let failure { throw failure }
+    }
+
+    /// fdatasync(2): everything written so far is on stable storage.
+    public func syncData() throws(Qcow2Error) {
+        guard retryingEINTR({ fdatasync(fd) }) == 0 else { throw .io(errno: Glibc.errno, operation: "fdatasync", path: path) }
+    }
+
+    /// Frees the bytes' storage; they read as zeros afterwards. False where the filesystem cannot.
+    @discardableResult
+    public func punchHole(at offset: UInt64, length: UInt64) -> Bool {
+        poolfs_punch_hole(fd, offset, length) == 0
+    }
+
+    /// Makes the bytes read as zeros, cheaply where the filesystem can (fallocate ZERO_RANGE),
+    /// otherwise by writing zeros.
+    public func zero(at offset: UInt64, length: UInt64) throws(Qcow2Error) {
+        if poolfs_zero_range(fd, offset, length) == 0 { return }
+        let chunk = [UInt8](repeating: 0, count: Int(min(length, 1 << 20)))
+        var at = offset
+        while at < offset + length {
+            let n = Int(min(UInt64(chunk.count), offset + length - at))
+            try write(n == chunk.count ? chunk : Array(chunk[0..<n]), at: at)
+            at += UInt64(n)
+        }
     }
 
     /// The next offset at or after `offset` holding data (lseek SEEK_DATA), or nil when only a

@@ -20,16 +20,17 @@ public final class Image: Sendable {
     public let backing: Image?
 
     /// Opens `path`, probing the format from the content (qcow2 by magic, otherwise raw) unless
-    /// `format` is given.
+    /// `format` is given. `writable` opens the top file (not its backing files) for writing too;
+    /// `makeWriter` then writes into it.
     public static func open(path: String, format: Format? = nil, cache: BlockCache,
-                            options: Options = Options()) throws -> Image {
+                            options: Options = Options(), writable: Bool = false) throws -> Image {
         var seen: [FileIdentity] = []
-        return try open(path: path, format: format, cache: cache, options: options, seen: &seen)
+        return try open(path: path, format: format, cache: cache, options: options, writable: writable, seen: &seen)
     }
 
     private static func open(path: String, format: Format?, cache: BlockCache, options: Options,
-                             seen: inout [FileIdentity]) throws -> Image {
-        let file = try HostFile(path: path)
+                             writable: Bool = false, seen: inout [FileIdentity]) throws -> Image {
+        let file = try HostFile(path: path, writable: writable)
         let identity = file.identity
         if seen.contains(where: { $0.device == identity.device && $0.inode == identity.inode }) {
             throw Qcow2Error.backing("\(path) appears twice in its own backing chain (a loop)")
@@ -57,7 +58,7 @@ public final class Image: Sendable {
                     return opened.live
                 },
                 openDataFile: { name in
-                    try HostFile(path: name.hasPrefix("/") ? name : directory + "/" + name)
+                    try HostFile(path: name.hasPrefix("/") ? name : directory + "/" + name, writable: writable)
                 })
             seen = visited
             return Image(path: path, format: .qcow2, qcow2: image, live: image.live, backing: backingImage)

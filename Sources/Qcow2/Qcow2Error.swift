@@ -18,6 +18,10 @@ public enum Qcow2Error: Error, Equatable, CustomStringConvertible {
     case corrupt(String, offset: UInt64)
     case backing(String)
     case io(errno: Int32, operation: String, path: String)
+    /// Another program holds the image in a way that excludes this use (QEMU's image locks).
+    case inUse(String)
+    /// A write this engine will not do, and why; nothing was changed.
+    case writeRefused(String)
 
     public var description: String {
         switch self {
@@ -36,12 +40,19 @@ public enum Qcow2Error: Error, Equatable, CustomStringConvertible {
             return "backing chain: \(what)"
         case .io(let errno, let operation, let path):
             return "\(operation) \(path): \(String(cString: strerror(errno)))"
+        case .inUse(let why):
+            return "image in use: \(why)"
+        case .writeRefused(let why):
+            return "write refused: \(why)"
         }
     }
 
     /// The errno a filesystem reports for this error: I/O errors keep theirs, everything else is EIO.
     public var errno: Int32 {
-        if case .io(let code, _, _) = self { return code }
-        return EIO
+        switch self {
+        case .io(let code, _, _): return code
+        case .inUse: return EBUSY
+        default: return EIO
+        }
     }
 }

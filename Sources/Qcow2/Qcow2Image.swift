@@ -18,6 +18,10 @@ public final class Qcow2Image: Sendable {
     let layout: ClusterLayout
     let cache: BlockCache
     let metadataPreallocation = Mutex<Bool?>(nil)
+    /// Metadata a writer changed but has not written back yet (L1 chunks, L2 tables): readers
+    /// look here before the cache, so they see every acknowledged write. Empty unless writing.
+    let unwritten = Mutex<[BlockCache.Key: CachedBlock]>([:])
+    let hasUnwritten = Atomic<Bool>(false)
 
     init(file: HostFile, cache: BlockCache, openBacking: (String, String?) throws -> (any BlockDevice)?,
          openDataFile: (String) throws -> HostFile) throws {
@@ -85,9 +89,15 @@ public final class Qcow2Image: Sendable {
         guard offset <= file.size, size <= file.size - offset else {
             throw Qcow2Error.corrupt("L2 table at \(offset) lies past the end of the file", offset: entryOffset)
         }
-        return try cache.block(.init(file: file.id, offset: offset, kind: .l2)) {
+        return try metadataBlock(.init(file: file.id, offset: offset, kind: .l2)) {
             try CachedBlock.read(file, at: offset, count: Int(size))
         }
+    }
+
+    /// A metadata block as the image stands now: a writer's unwritten version, or the cache's.
+    func metadataBlock(_ key: BlockCache.Key, load: () throws -> CachedBlock) throws -> CachedBlock {
+        if hasUnwritten.load(ordering: .acquiring), let pending = unwritten.withLock({ $0[key] }) { return pending }
+        return try cache.block(key, load: load)
     }
 
     /// L1 entry `index` of the table at `l1Offset`, read through the cache one cluster at a time.
@@ -95,7 +105,7 @@ public final class Qcow2Image: Sendable {
         let byte = index * 8
         let chunkStart = byte & ~(layout.clusterSize - 1)
         let chunkBytes = min(layout.clusterSize, UInt64(l1Size) * 8 - chunkStart)
-        let chunk = try cache.block(.init(file: file.id, offset: l1Offset + chunkStart, kind: .l1)) {
+        let chunk = try metadataBlock(.init(file: file.id, offset: l1Offset + chunkStart, kind: .l1)) {
             try CachedBlock.read(file, at: l1Offset + chunkStart, count: Int(chunkBytes))
         }
         let at = Int(byte - chunkStart)

@@ -8,17 +8,6 @@ import Testing
 /// cache past its bound. A crash found here becomes a named case in MalformedImageTests.
 @Suite("mutated images")
 struct MutationTests {
-    struct SplitMix: RandomNumberGenerator {
-        var state: UInt64
-        mutating func next() -> UInt64 {
-            state &+= 0x9E37_79B9_7F4A_7C15
-            var z = state
-            z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
-            z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
-            return z ^ (z >> 31)
-        }
-    }
-
     static let fixtures = [
         "qemu-img create -q -f qcow2 -o cluster_size=4k img.qcow2 1M && qemu-io -c 'write -P 1 0 300k' -c 'write -z 400k 8k' img.qcow2 >/dev/null && qemu-img snapshot -c s img.qcow2 && qemu-io -c 'write -P 2 100k 8k' img.qcow2 >/dev/null",
         "qemu-img create -q -f qcow2 -o cluster_size=4k src.qcow2 1M && qemu-io -c 'write -P 3 0 1M' src.qcow2 >/dev/null && qemu-img convert -c -O qcow2 -o cluster_size=4k src.qcow2 img.qcow2",
@@ -30,7 +19,7 @@ struct MutationTests {
         let scratch = try Scratch()
         try scratch.sh(Self.fixtures[fixture])
         let original = try scratch.bytes("img.qcow2")
-        var rng = SplitMix(state: UInt64(fixture) &* 7919 &+ 1)
+        var rng = SplitMix(seed: UInt64(fixture) &* 7919 &+ 1)
         // Mutate where metadata lives: the header cluster and the first tables after it.
         let metadataEnd = min(original.count, 8 * 16384)
         var readWhole = 0, refused = 0
@@ -76,7 +65,7 @@ struct MutationTests {
         let live = image.live
         let mismatches = Atomic<Int>(0)
         DispatchQueue.concurrentPerform(iterations: 8) { worker in
-            var rng = SplitMix(state: UInt64(worker + 1))
+            var rng = SplitMix(seed: UInt64(worker + 1))
             for _ in 0..<200 {
                 let offset = Int.random(in: 0..<expected.count, using: &rng)
                 let count = min(Int.random(in: 1...70_000, using: &rng), expected.count - offset)

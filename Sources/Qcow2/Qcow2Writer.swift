@@ -1,0 +1,499 @@
+import Foundation
+
+/// Writes into the live state of a qcow2 image, as QEMU would leave it: `qemu-img check` finds
+/// nothing wrong afterwards, and at worst leaked clusters after a crash.
+///
+/// Allocation moves forward from the end of the file. Refcount increments are written through
+/// at once; L2 tables and L1 entries stay in memory (where readers see them) until `flush`, which
+/// writes them after a barrier; decrements wait for the next barrier after the L2 change that
+/// dropped the reference. So no L2 entry on disk ever points at a cluster whose refcount on disk
+/// is 0, and no refcount on disk drops while a reference on disk remains, whatever the moment of
+/// a crash or power loss.
+public final class Qcow2Writer: VolumeWriter, @unchecked Sendable {
+    let image: Qcow2Image
+    // SAFETY: `state` is only touched while `lock` is held.
+    private let lock = NSLock()
+    private let state: Qcow2WriteState
+
+    init(image: Qcow2Image) throws {
+        self.image = image
+        try image.file.lockForWriting()
+        do {
+            state = try Qcow2WriteState(image: image)
+        } catch {
+            image.file.unlockWriting()
+            throw error
+        }
+    }
+
+    public func write(_ data: UnsafeRawBufferPointer, at offset: UInt64) throws {
+        try locked { try $0.write(.bytes(data), at: offset, length: UInt64(data.count)) }
+    }
+
+    public func zero(at offset: UInt64, length: UInt64) throws {
+        try locked { try $0.write(.zeros, at: offset, length: length) }
+    }
+
+    public func flush() throws {
+        try locked { try $0.flush() }
+    }
+
+    public func close() throws {
+        lock.lock()
+        defer { lock.unlock() }
+        guard !state.closed else { return }
+        defer {
+            state.closed = true
+            image.file.unlockWriting()
+        }
+        try state.guarded { try $0.flush() }
+        try state.markClean()
+    }
+
+    private func locked<R>(_ body: (Qcow2WriteState) throws -> R) throws -> R {
+        lock.lock()
+        defer { lock.unlock() }
+        return try state.guarded(body)
+    }
+}
+
+/// What a write puts in its range.
+enum WriteSource {
+    case bytes(UnsafeRawBufferPointer)
+    case zeros
+}
+
+/// Everything a writer changes, behind its lock.
+final class Qcow2WriteState {
+    let image: Qcow2Image
+    let file: HostFile
+    let dataFile: HostFile
+    let layout: ClusterLayout
+    let clusterSize: UInt64
+    let size: UInt64
+    let version: UInt32
+    /// External data file with data_file_raw: guest offset = host offset, no refcounts.
+    let rawDataFile: Bool
+    let lazyRefcounts: Bool
+    var incompatible: UInt64
+    var refcounts: RefcountWriter
+    let l1Offset: UInt64
+    var l1: [UInt64]
+    /// Byte offsets (from the start of the L1 table) of chunks changed since the last flush.
+    var dirtyL1Chunks: Set<UInt64> = []
+    /// L2 tables changed since the last flush, by offset.
+    var tables: [UInt64: [UInt8]] = [:]
+    /// Of those, the ones allocated since the last flush: nothing on disk points at them yet.
+    var newTables: Set<UInt64> = []
+    /// Host clusters whose refcount drops once the L2 and L1 changes are on disk.
+    var pendingFrees: [UInt64] = []
+    /// L2 tables the live L1 points at, for the overlap check.
+    var liveTables: Set<UInt64>
+    /// Why writing stopped: the image was found corrupt.
+    var failure: Qcow2Error?
+    var closed = false
+    /// Dirty L2 tables allowed before a write flushes them (bounds memory, not durability).
+    static let maxDirtyTables = 512
+
+    init(image: Qcow2Image) throws {
+        let header = image.header
+        guard !header.isMarkedCorrupt else {
+            throw Qcow2Error.writeRefused("\(image.file.path) is marked corrupt; 'qemu-img check -r all' can repair it")
+        }
+        guard !header.isDirty else {
+            throw Qcow2Error.writeRefused("\(image.file.path) was not closed cleanly (dirty bit, lazy refcounts); run 'qemu-img check -r all' first")
+        }
+        if header.hasExternalDataFile, !header.dataFileRaw {
+            throw Qcow2Error.writeRefused("\(image.file.path) has an external data file without data_file_raw; only raw data files are writable")
+        }
+        self.image = image
+        file = image.file
+        dataFile = image.dataFile
+        layout = image.layout
+        clusterSize = layout.clusterSize
+        size = header.size
+        version = header.version
+        rawDataFile = header.hasExternalDataFile
+        lazyRefcounts = header.version >= 3 && header.compatibleFeatures & 1 != 0
+        incompatible = header.incompatibleFeatures
+        refcounts = try RefcountWriter(file: file, header: header)
+        l1Offset = header.l1TableOffset
+        let l1Bytes = try file.readBytes(at: header.l1TableOffset, count: Int(header.l1Size) * 8)
+        let reader = BigEndianReader(bytes: l1Bytes)
+        l1 = (0..<Int(header.l1Size)).map { reader.u64($0 * 8) }
+        liveTables = Set(l1.map { $0 & ClusterLayout.offsetMask }.filter { $0 != 0 })
+        if header.version >= 3 {
+            // Autoclear bits we do not maintain (bitmaps) must be cleared by whoever writes.
+            let autoclear = header.autoclearFeatures & 2
+            if autoclear != header.autoclearFeatures {
+                try file.write(RefcountWriter.bigEndian(autoclear), at: 88)
+            }
+            if lazyRefcounts {
+                // Refcounts may lag until close; a crash leaves the image marked for repair.
+                try setIncompatible(incompatible | Header.Incompatible.dirty)
+            }
+        }
+    }
+
+    // MARK: Errors
+
+    /// Runs `body`; corruption found on the way marks the image corrupt and stops all writing.
+    func guarded<R>(_ body: (Qcow2WriteState) throws -> R) throws -> R {
+        if closed { throw Qcow2Error.writeRefused("\(file.path) is closed for writing") }
+        if let failure { throw failure }
+        do {
+            return try body(self)
+        } catch let error as Qcow2Error {
+            if case .corrupt = error {
+                failure = error
+                markCorrupt()
+            }
+            throw error
+        }
+    }
+
+    func markCorrupt() {
+        guard version >= 3 else { return }
+        try? setIncompatible(incompatible | Header.Incompatible.corrupt)
+    }
+
+    func setIncompatible(_ bits: UInt64) throws {
+        try file.write(RefcountWriter.bigEndian(bits), at: 72)
+        try file.syncData()
+        incompatible = bits
+    }
+
+    func markClean() throws {
+        if incompatible & Header.Incompatible.dirty != 0, failure == nil {
+            try setIncompatible(incompatible & ~Header.Incompatible.dirty)
+        }
+    }
+
+    // MARK: Writing
+
+    func write(_ source: WriteSource, at offset: UInt64, length: UInt64) throws {
+        guard offset <= size, length <= size - offset else {
+            throw Qcow2Error.writeRefused("\(length) bytes at \(offset) run past the end of the disk (\(size) bytes)")
+        }
+        var touched: Set<UInt64> = []
+        var l1Touched = false
+        defer { publish(tables: touched, l1: l1Touched) }
+        var pos = offset
+        let end = offset + length
+        while pos < end {
+            let clusterStart = pos & ~(clusterSize - 1)
+            let n = min(end, clusterStart + clusterSize) - pos
+            var piece = source
+            if case .bytes(let data) = source {
+                let from = Int(pos - offset)
+                piece = .bytes(UnsafeRawBufferPointer(rebasing: data[from..<from + Int(n)]))
+            }
+            try writeCluster(piece, at: pos, length: n, touched: &touched, l1Touched: &l1Touched)
+            pos += n
+        }
+        if tables.count > Self.maxDirtyTables { try flush() }
+    }
+
+    /// One piece of a write, inside one cluster.
+    func writeCluster(_ source: WriteSource, at pos: UInt64, length n: UInt64,
+                               touched: inout Set<UInt64>, l1Touched: inout Bool) throws {
+        let clusterStart = pos & ~(clusterSize - 1)
+        let inCluster = pos - clusterStart
+        // The last cluster may extend past the end of the disk: covering up to the end is whole.
+        let whole = inCluster == 0 && (n == clusterSize || pos + n == size)
+        let l1Index = Int(pos >> (layout.clusterBits + layout.l2Bits))
+        let tableOffset = try liveTable(l1Index, l1Touched: &l1Touched)
+        touched.insert(tableOffset)
+        let at = Int((pos >> layout.clusterBits) & ((1 << layout.l2Bits) - 1)) * layout.l2EntryBytes
+        let entryOffset = tableOffset + UInt64(at)
+        let entry = readU64(tables[tableOffset]!, at)
+        let bitmap = layout.extendedL2 ? readU64(tables[tableOffset]!, at + 8) : 0
+
+        if whole, canZeroClusters, isZero(source) {
+            // A whole cluster of zeros: a zero cluster, its storage freed.
+            try release(entry, entryOffset: entryOffset)
+            if layout.extendedL2 {
+                setEntry(tableOffset, at, 0, bitmap: 0xffff_ffff_0000_0000)
+            } else {
+                setEntry(tableOffset, at, version >= 3 ? ClusterLayout.zeroFlag : 0, bitmap: 0)
+            }
+            return
+        }
+
+        let compressed = entry & ClusterLayout.compressedFlag != 0
+        let host = entry & ClusterLayout.offsetMask
+        let allocated = !compressed && (host != 0 || (rawDataFile && entry & ClusterLayout.copiedFlag != 0))
+        if allocated, entry & ClusterLayout.copiedFlag != 0 {
+            try checkInPlace(host: host, entryOffset: entryOffset)
+            // Subclusters (or a preallocated zero cluster) that do not hold data yet must be
+            // filled whole: the rest of each comes from what the disk reads there now.
+            var fillStart = inCluster
+            var fillEnd = inCluster + n
+            var newEntry = entry
+            var newBitmap = bitmap
+            if layout.extendedL2 {
+                let sc = layout.subclusterBits
+                let first = inCluster >> sc
+                let last = (inCluster + n - 1) >> sc
+                let mask = (UInt64(1) << (last + 1)) - (UInt64(1) << first)
+                if bitmap & mask != mask {
+                    fillStart = first << sc
+                    fillEnd = (last + 1) << sc
+                }
+                newBitmap = (bitmap | mask) & ~(mask << 32)
+            } else if entry & ClusterLayout.zeroFlag != 0 {
+                fillStart = 0
+                fillEnd = clusterSize
+                newEntry = entry & ~ClusterLayout.zeroFlag
+            }
+            if fillStart == inCluster, fillEnd == inCluster + n {
+                try put(source, at: host + inCluster, length: n)
+            } else {
+                var buffer = try currentContent(clusterStart + fillStart, length: fillEnd - fillStart)
+                overlay(source, into: &buffer, at: Int(inCluster - fillStart), length: Int(n))
+                try dataFile.write(buffer, at: host + fillStart)
+            }
+            if newEntry != entry || newBitmap != bitmap { setEntry(tableOffset, at, newEntry, bitmap: newBitmap) }
+            return
+        }
+
+        // Copy on write: a new cluster holding what the disk reads there now, with the write on top.
+        var buffer = whole && !isZero(source) ? [UInt8](repeating: 0, count: Int(clusterSize))
+            : try currentContent(clusterStart, length: clusterSize)
+        overlay(source, into: &buffer, at: Int(inCluster), length: Int(n))
+        let newHost = try allocateData(guestCluster: clusterStart)
+        try dataFile.write(buffer, at: newHost)
+        try release(entry, entryOffset: entryOffset)
+        setEntry(tableOffset, at, newHost | ClusterLayout.copiedFlag, bitmap: layout.extendedL2 ? 0x0000_0000_ffff_ffff : 0)
+    }
+
+    /// Whether whole clusters can be made to read as zeros from metadata alone.
+    var canZeroClusters: Bool {
+        // A raw data file must read as the disk does, so its zeros are written there.
+        !rawDataFile && (version >= 3 || image.backing == nil)
+    }
+
+    func isZero(_ source: WriteSource) -> Bool {
+        switch source {
+        case .zeros: return true
+        case .bytes(let data):
+            // Word-wise scan; most writes fail on the first word.
+            var i = 0
+            let count = data.count
+            while i + 8 <= count {
+                if data.loadUnaligned(fromByteOffset: i, as: UInt64.self) != 0 { return false }
+                i += 8
+            }
+            while i < count {
+                if data[i] != 0 { return false }
+                i += 1
+            }
+            return true
+        }
+    }
+
+    func put(_ source: WriteSource, at host: UInt64, length: UInt64) throws {
+        switch source {
+        case .bytes(let data): try dataFile.write(data, at: host)
+        case .zeros: try dataFile.zero(at: host, length: length)
+        }
+    }
+
+    func overlay(_ source: WriteSource, into buffer: inout [UInt8], at start: Int, length: Int) {
+        buffer.withUnsafeMutableBytes { b in
+            switch source {
+            case .bytes(let data): UnsafeMutableRawBufferPointer(rebasing: b[start..<start + length]).copyMemory(from: data)
+            case .zeros: UnsafeMutableRawBufferPointer(rebasing: b[start..<start + length]).initializeMemory(as: UInt8.self, repeating: 0)
+            }
+        }
+    }
+
+    /// What the live disk reads at `offset` now (zeros past its end), through the image's own
+    /// read path: backing files, compressed clusters, shared clusters, and this writer's changes.
+    func currentContent(_ offset: UInt64, length: UInt64) throws -> [UInt8] {
+        var buffer = [UInt8](repeating: 0, count: Int(length))
+        guard offset < size else { return buffer }
+        try buffer.withUnsafeMutableBytes { b in _ = try image.live.read(into: b, at: offset) }
+        return buffer
+    }
+
+    // MARK: Clusters
+
+    func allocateData(guestCluster: UInt64) throws -> UInt64 {
+        if rawDataFile { return guestCluster }
+        return try refcounts.allocate()
+    }
+
+    /// Schedules the host storage an L2 entry refers to for release once the entry that replaces
+    /// it is on disk.
+    func release(_ entry: UInt64, entryOffset: UInt64) throws {
+        if entry & ClusterLayout.compressedFlag != 0 {
+            // QEMU counts whole 512-byte sectors from the sector holding the first byte.
+            let (offset, length) = layout.compressedExtent(entry)
+            let start = offset & ~511
+            let end = start + length + (offset & 511)
+            guard start < file.size else {
+                throw Qcow2Error.corrupt("compressed cluster at \(offset) lies past the end of the file", offset: entryOffset)
+            }
+            let first = start / clusterSize
+            let last = (end - 1) / clusterSize
+            pendingFrees += Array(first...last)
+            return
+        }
+        let host = entry & ClusterLayout.offsetMask
+        guard host != 0, !rawDataFile else { return }
+        guard host & (clusterSize - 1) == 0 else {
+            throw Qcow2Error.corrupt("L2 entry points to unaligned cluster offset \(host)", offset: entryOffset)
+        }
+        pendingFrees.append(host / clusterSize)
+    }
+
+    /// Before writing into a cluster in place: its refcount must be exactly 1 and it must not
+    /// overlap metadata, or the image is corrupt (QEMU's overlap check, the cached parts).
+    func checkInPlace(host: UInt64, entryOffset: UInt64) throws {
+        guard host & (clusterSize - 1) == 0 else {
+            throw Qcow2Error.corrupt("L2 entry points to unaligned cluster offset \(host)", offset: entryOffset)
+        }
+        if rawDataFile { return }
+        let refcount = try refcounts.refcount(ofCluster: host / clusterSize)
+        guard refcount == 1 else {
+            throw Qcow2Error.corrupt("data cluster at \(host) is marked COPIED but its refcount is \(refcount)", offset: entryOffset)
+        }
+        let header = image.header
+        let l1Bytes = UInt64(l1.count) * 8
+        let overlaps = host < clusterSize
+            || (host + clusterSize > l1Offset && host < l1Offset + l1Bytes)
+            || (host + clusterSize > refcounts.tableOffset && host < refcounts.tableOffset + UInt64(refcounts.table.count) * 8)
+            || (header.nbSnapshots > 0 && host + clusterSize > header.snapshotsOffset && host <= header.snapshotsOffset)
+            || liveTables.contains(host)
+            || refcounts.table.contains(host)
+        guard !overlaps else {
+            throw Qcow2Error.corrupt("data cluster at \(host) overlaps the image's metadata", offset: entryOffset)
+        }
+    }
+
+    // MARK: L1 and L2
+
+    /// The offset of the live L2 table for L1 index `i`, loaded into `tables`, owned by the live
+    /// state alone: allocated when missing, copied when a snapshot shares it.
+    func liveTable(_ i: Int, l1Touched: inout Bool) throws -> UInt64 {
+        let entry = l1[i]
+        let offset = entry & ClusterLayout.offsetMask
+        let entryOffset = l1Offset + UInt64(i) * 8
+        if offset != 0, entry & ClusterLayout.copiedFlag != 0 {
+            if tables[offset] == nil {
+                let refcount = try refcounts.refcount(ofCluster: offset / clusterSize)
+                guard refcount == 1 else {
+                    throw Qcow2Error.corrupt("L2 table at \(offset) is marked COPIED but its refcount is \(refcount)", offset: entryOffset)
+                }
+                tables[offset] = try tableBytes(offset, entryOffset: entryOffset)
+            }
+            return offset
+        }
+        let content = offset == 0 ? [UInt8](repeating: 0, count: Int(clusterSize)) : try tableBytes(offset, entryOffset: entryOffset)
+        let fresh = try refcounts.allocate()
+        tables[fresh] = content
+        newTables.insert(fresh)
+        if offset != 0 {
+            // A snapshot keeps the old table; the live state stops counting it.
+            pendingFrees.append(offset / clusterSize)
+            liveTables.remove(offset)
+        }
+        liveTables.insert(fresh)
+        l1[i] = fresh | ClusterLayout.copiedFlag
+        dirtyL1Chunks.insert(UInt64(i * 8) & ~(clusterSize - 1))
+        l1Touched = true
+        return fresh
+    }
+
+    func tableBytes(_ offset: UInt64, entryOffset: UInt64) throws -> [UInt8] {
+        if let t = tables[offset] { return t }
+        let block = try image.l2Table(at: offset, entryOffset: entryOffset)
+        return Array(block.bytes)
+    }
+
+    func setEntry(_ table: UInt64, _ at: Int, _ entry: UInt64, bitmap: UInt64) {
+        Self.writeU64(&tables[table]!, at, entry)
+        if layout.extendedL2 { Self.writeU64(&tables[table]!, at + 8, bitmap) }
+    }
+
+    func readU64(_ bytes: [UInt8], _ at: Int) -> UInt64 {
+        bytes.withUnsafeBytes { $0.bigEndianU64(at: at) }
+    }
+
+    static func writeU64(_ bytes: inout [UInt8], _ at: Int, _ value: UInt64) {
+        for i in 0..<8 { bytes[at + i] = UInt8(truncatingIfNeeded: value >> UInt64(56 - 8 * i)) }
+    }
+
+    /// Shows readers the tables and L1 chunks this write changed.
+    func publish(tables changed: Set<UInt64>, l1 l1Changed: Bool) {
+        var blocks: [(BlockCache.Key, CachedBlock)] = []
+        for offset in changed {
+            guard let t = tables[offset] else { continue }
+            blocks.append((.init(file: file.id, offset: offset, kind: .l2), t.withUnsafeBytes { CachedBlock(copying: $0) }))
+        }
+        if l1Changed {
+            for chunk in dirtyL1Chunks { blocks.append((l1Key(chunk), l1ChunkBlock(chunk))) }
+        }
+        guard !blocks.isEmpty else { return }
+        image.unwritten.withLock { pending in
+            for (key, block) in blocks { pending[key] = block }
+        }
+        image.hasUnwritten.store(true, ordering: .releasing)
+    }
+
+    func l1Key(_ chunk: UInt64) -> BlockCache.Key {
+        .init(file: file.id, offset: l1Offset + chunk, kind: .l1)
+    }
+
+    func l1ChunkBytes(_ chunk: UInt64) -> [UInt8] {
+        let first = Int(chunk / 8)
+        let last = min(l1.count, first + Int(clusterSize / 8))
+        var bytes = [UInt8](repeating: 0, count: (last - first) * 8)
+        for i in first..<last { Self.writeU64(&bytes, (i - first) * 8, l1[i]) }
+        return bytes
+    }
+
+    func l1ChunkBlock(_ chunk: UInt64) -> CachedBlock {
+        l1ChunkBytes(chunk).withUnsafeBytes { CachedBlock(copying: $0) }
+    }
+
+    // MARK: Flushing
+
+    /// Data and refcount increments, then (barrier) the L2 tables and L1 entries that refer to
+    /// them, then (barrier) the refcount decrements those changes allowed.
+    func flush() throws {
+        if tables.isEmpty, dirtyL1Chunks.isEmpty, pendingFrees.isEmpty {
+            try syncFiles()
+            return
+        }
+        // New tables first: nothing on disk refers to them yet.
+        for offset in newTables { try file.write(tables[offset]!, at: offset) }
+        if !lazyRefcounts { try syncFiles() }
+        for (offset, table) in tables where !newTables.contains(offset) { try file.write(table, at: offset) }
+        for chunk in dirtyL1Chunks { try file.write(l1ChunkBytes(chunk), at: l1Offset + chunk) }
+        try syncFiles()
+        // On disk now: readers can go back to the cache.
+        let written = tables.map { (BlockCache.Key(file: file.id, offset: $0.key, kind: .l2), $0.value) }
+            + dirtyL1Chunks.map { (l1Key($0), l1ChunkBytes($0)) }
+        for (key, bytes) in written {
+            image.cache.replace(key, with: bytes.withUnsafeBytes { CachedBlock(copying: $0) })
+        }
+        image.unwritten.withLock { pending in
+            for (key, _) in written { pending[key] = nil }
+        }
+        tables.removeAll()
+        newTables.removeAll()
+        dirtyL1Chunks.removeAll()
+        let frees = pendingFrees
+        pendingFrees.removeAll()
+        for cluster in frees where try refcounts.decrement(cluster) == 0 {
+            file.punchHole(at: cluster * clusterSize, length: clusterSize)
+        }
+    }
+
+    func syncFiles() throws {
+        if dataFile !== file { try dataFile.syncData() }
+        try file.syncData()
+    }
+}

@@ -1,0 +1,198 @@
+/// The refcount structure of an image being written (docs/interop/qcow2.txt, "Host cluster
+/// management"): the table in memory, blocks read on demand, and every change written through at
+/// once. Callers order their writes so that a refcount on disk is never lower than the number of
+/// references on disk: increments before the references, decrements after them.
+/// Not thread-safe: the `Qcow2Writer` that owns it serializes every call.
+final class RefcountWriter {
+    let file: HostFile
+    let clusterSize: UInt64
+    /// Bits per refcount: 1, 2, 4, ... 64.
+    let bits: UInt64
+    let entriesPerBlock: UInt64
+    let maxRefcount: UInt64
+    private(set) var tableOffset: UInt64
+    private(set) var table: [UInt64]
+    /// Refcount blocks read so far, by table index; always equal to the disk (write-through).
+    private var blocks: [UInt64: [UInt8]] = [:]
+    /// No cluster below this is handed out again in this session: allocation only moves forward.
+    private var nextFree: UInt64
+    /// Blocks kept in memory at most (they are clean: dropping them costs a reread).
+    static let blockCacheLimit = 1024
+
+    init(file: HostFile, header: Header) throws(Qcow2Error) {
+        self.file = file
+        clusterSize = header.clusterSize
+        bits = UInt64(1) << UInt64(header.refcountOrder)
+        entriesPerBlock = clusterSize * 8 / bits
+        maxRefcount = bits == 64 ? .max : (1 << bits) - 1
+        tableOffset = header.refcountTableOffset
+        let bytes = try file.readBytes(at: header.refcountTableOffset, count: Int(UInt64(header.refcountTableClusters) * clusterSize))
+        table = stride(from: 0, to: bytes.count, by: 8).map { BigEndianReader(bytes: bytes).u64($0) }
+        nextFree = (file.size + clusterSize - 1) / clusterSize
+    }
+
+    // MARK: Reading and changing counts
+
+    func refcount(ofCluster index: UInt64) throws(Qcow2Error) -> UInt64 {
+        let b = index / entriesPerBlock
+        guard b < UInt64(table.count), table[Int(b)] != 0 else { return 0 }
+        let block = try loadBlock(b)
+        return Self.entry(block, index % entriesPerBlock, bits: bits)
+    }
+
+    func increment(_ index: UInt64) throws(Qcow2Error) {
+        let current = try refcount(ofCluster: index)
+        guard current < maxRefcount else {
+            throw .writeRefused("refcount of host cluster \(index) would exceed \(maxRefcount) (refcount_bits \(bits))")
+        }
+        try store(index, current + 1)
+    }
+
+    /// Lowers the count by one and returns the new value. A count already at 0 means the image
+    /// referenced a cluster it never counted: corruption.
+    @discardableResult
+    func decrement(_ index: UInt64) throws(Qcow2Error) -> UInt64 {
+        let current = try refcount(ofCluster: index)
+        guard current > 0 else {
+            throw .corrupt("host cluster \(index) is freed but its refcount is already 0", offset: index * clusterSize)
+        }
+        try store(index, current - 1)
+        return current - 1
+    }
+
+    /// Allocates `count` contiguous clusters with refcount 1 at the end of the file and returns
+    /// the byte offset of the first. The clusters are not written.
+    func allocate(_ count: UInt64 = 1) throws(Qcow2Error) -> UInt64 {
+        let start = try freeRun(count)
+        nextFree = start + count
+        for i in start..<start + count { try increment(i) }
+        return start * clusterSize
+    }
+
+    /// The first run of `count` clusters with refcount 0 at or after `nextFree`.
+    private func freeRun(_ count: UInt64) throws(Qcow2Error) -> UInt64 {
+        var start = nextFree
+        var i = start
+        while i < start + count {
+            if try refcount(ofCluster: i) != 0 {
+                start = i + 1
+            }
+            i += 1
+        }
+        return start
+    }
+
+    // MARK: Blocks and the table
+
+    private func store(_ index: UInt64, _ value: UInt64) throws(Qcow2Error) {
+        let b = index / entriesPerBlock
+        if b >= UInt64(table.count) { try growTable(covering: b) }
+        if table[Int(b)] == 0 { try addBlock(b) }
+        var block = try loadBlock(b)
+        let e = index % entriesPerBlock
+        let (byteStart, byteCount) = Self.set(&block, e, value, bits: bits)
+        blocks[b] = block
+        try file.write(Array(block[byteStart..<byteStart + byteCount]), at: table[Int(b)] + UInt64(byteStart))
+    }
+
+    private func loadBlock(_ b: UInt64) throws(Qcow2Error) -> [UInt8] {
+        if let block = blocks[b] { return block }
+        let entryOffset = tableOffset + b * 8
+        let offset = table[Int(b)]
+        guard offset & 511 == 0 else {
+            throw .corrupt("refcount table entry has reserved bits set (\(offset))", offset: entryOffset)
+        }
+        guard offset & (clusterSize - 1) == 0, offset <= file.size, clusterSize <= file.size - offset else {
+            throw .corrupt("refcount block at \(offset) is unaligned or past the end of the file", offset: entryOffset)
+        }
+        let block = try file.readBytes(at: offset, count: Int(clusterSize))
+        if blocks.count >= Self.blockCacheLimit { blocks.removeAll(keepingCapacity: true) }
+        blocks[b] = block
+        return block
+    }
+
+    /// A new, empty refcount block for table index `b`, placed at the end of the file and counted
+    /// (by itself when it falls in its own range). It is on disk before the table points at it.
+    private func addBlock(_ b: UInt64) throws(Qcow2Error) {
+        let at = try freeRun(1)
+        nextFree = at + 1
+        var block = [UInt8](repeating: 0, count: Int(clusterSize))
+        let selfCovered = at / entriesPerBlock == b
+        if selfCovered { _ = Self.set(&block, at % entriesPerBlock, 1, bits: bits) }
+        try file.write(block, at: at * clusterSize)
+        blocks[b] = block
+        if !selfCovered { try increment(at) }
+        try file.syncData()
+        table[Int(b)] = at * clusterSize
+        try file.write(Self.bigEndian(at * clusterSize), at: tableOffset + b * 8)
+    }
+
+    /// Moves the table to a larger one at the end of the file, able to index block `b`.
+    private func growTable(covering b: UInt64) throws(Qcow2Error) {
+        let oldOffset = tableOffset
+        let oldClusters = UInt64(table.count) * 8 / clusterSize
+        var entries = max(UInt64(table.count) * 2, b + 1)
+        var clusters: UInt64 = 0
+        var at: UInt64 = 0
+        while true {
+            clusters = (entries * 8 + clusterSize - 1) / clusterSize
+            at = try freeRun(clusters)
+            // The new table's clusters and the blocks that count them must be indexable too.
+            let last = at + clusters + clusters / entriesPerBlock + 2
+            if last / entriesPerBlock < entries && b < entries { break }
+            entries *= 2
+        }
+        guard clusters * clusterSize <= Header.maxRefcountTableBytes else {
+            throw .writeRefused("the refcount table would grow past \(Header.maxRefcountTableBytes) bytes")
+        }
+        nextFree = at + clusters
+        table += [UInt64](repeating: 0, count: Int(clusters * clusterSize / 8) - table.count)
+        // From here on, new blocks are linked in the new table, which nothing points at yet.
+        tableOffset = at * clusterSize
+        for i in at..<at + clusters { try increment(i) }
+        var bytes: [UInt8] = []
+        bytes.reserveCapacity(table.count * 8)
+        for entry in table { bytes += Self.bigEndian(entry) }
+        try file.write(bytes, at: tableOffset)
+        try file.syncData()
+        try file.write(Self.bigEndian(tableOffset) + Self.bigEndian32(UInt32(clusters)), at: 48)
+        try file.syncData()
+        for i in oldOffset / clusterSize..<oldOffset / clusterSize + oldClusters where try decrement(i) == 0 {
+            file.punchHole(at: i * clusterSize, length: clusterSize)
+        }
+    }
+
+    // MARK: Entry encoding
+
+    /// Entry `e` of a block: sub-byte widths are packed least significant bits first, as QEMU
+    /// stores them; wider ones are big-endian.
+    static func entry(_ block: [UInt8], _ e: UInt64, bits: UInt64) -> UInt64 {
+        if bits < 8 {
+            let bit = e * bits
+            return UInt64(block[Int(bit / 8)] >> UInt8(bit % 8)) & ((1 << bits) - 1)
+        }
+        let width = Int(bits / 8)
+        var value: UInt64 = 0
+        for i in 0..<width { value = value << 8 | UInt64(block[Int(e) * width + i]) }
+        return value
+    }
+
+    /// Sets entry `e`; returns the byte range that changed.
+    static func set(_ block: inout [UInt8], _ e: UInt64, _ value: UInt64, bits: UInt64) -> (start: Int, count: Int) {
+        if bits < 8 {
+            let bit = e * bits
+            let mask = UInt8((1 << bits) - 1) << UInt8(bit % 8)
+            let i = Int(bit / 8)
+            block[i] = (block[i] & ~mask) | (UInt8(truncatingIfNeeded: value) << UInt8(bit % 8) & mask)
+            return (i, 1)
+        }
+        let width = Int(bits / 8)
+        for i in 0..<width {
+            block[Int(e) * width + i] = UInt8(truncatingIfNeeded: value >> UInt64(8 * (width - 1 - i)))
+        }
+        return (Int(e) * width, width)
+    }
+
+    static func bigEndian(_ v: UInt64) -> [UInt8] { (0..<8).map { UInt8(truncatingIfNeeded: v >> UInt64(56 - 8 * $0)) } }
+    static func bigEndian32(_ v: UInt32) -> [UInt8] { (0..<4).map { UInt8(truncatingIfNeeded: v >> UInt32(24 - 8 * $0)) } }
+}
