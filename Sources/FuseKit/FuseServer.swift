@@ -196,7 +196,7 @@ extension FuseServer {
             if writing, !FuseServer.server(req).filesystem.writable {
                 return FuseServer.reply(req, .readOnly)
             }
-            switch FuseServer.server(req).filesystem.open(inode: ino) {
+            switch FuseServer.server(req).filesystem.open(inode: ino, writing: writing) {
             case .success:
                 fuse_reply_open(req, fi)
             case .failure(let error): FuseServer.reply(req, error)
@@ -208,7 +208,12 @@ extension FuseServer {
             case .failure(let error): FuseServer.reply(req, error)
             }
         }
-        ops.release = { req, _, _ in fuse_reply_err(req, 0) }
+        ops.release = { req, ino, fi in
+            let flags = fi!.pointee.flags
+            let writing = (flags & O_ACCMODE) != O_RDONLY || (flags & O_TRUNC) != 0
+            FuseServer.server(req).filesystem.release(inode: ino, writing: writing)
+            fuse_reply_err(req, 0)
+        }
         ops.opendir = { req, ino, fi in
             switch FuseServer.server(req).filesystem.list(directory: ino) {
             case .success(let entries):
@@ -259,7 +264,12 @@ extension FuseServer {
             FuseServer.reply(req, Errno(mask & W_OK != 0 && !FuseServer.server(req).filesystem.writable ? EROFS : 0))
         }
         ops.flush = { req, _, _ in fuse_reply_err(req, 0) }
-        ops.fsync = { req, _, _, _ in fuse_reply_err(req, 0) }
+        ops.fsync = { req, ino, _, _ in
+            switch FuseServer.server(req).filesystem.sync(inode: ino) {
+            case .success: fuse_reply_err(req, 0)
+            case .failure(let error): FuseServer.reply(req, error)
+            }
+        }
         ops.lseek = { req, ino, offset, whence, _ in
             guard whence == 3 || whence == 4 else { return FuseServer.reply(req, .invalid) }  // SEEK_DATA, SEEK_HOLE
             switch FuseServer.server(req).filesystem.seek(inode: ino, offset: UInt64(max(offset, 0)), data: whence == 3) {
@@ -285,7 +295,14 @@ extension FuseServer {
         ops.create = { req, _, _, _, _ in FuseServer.reply(req, .readOnly) }
         ops.setxattr = { req, _, _, _, _, _ in FuseServer.reply(req, .readOnly) }
         ops.removexattr = { req, _, _ in FuseServer.reply(req, .readOnly) }
-        ops.fallocate = { req, _, _, _, _, _ in FuseServer.reply(req, .readOnly) }
+        ops.fallocate = { req, ino, mode, offset, length, _ in
+            let fs = FuseServer.server(req).filesystem
+            guard fs.writable else { return FuseServer.reply(req, .readOnly) }
+            switch fs.allocate(inode: ino, mode: mode, offset: UInt64(max(offset, 0)), length: UInt64(max(length, 0))) {
+            case .success: fuse_reply_err(req, 0)
+            case .failure(let error): FuseServer.reply(req, error)
+            }
+        }
         return ops
     }
 

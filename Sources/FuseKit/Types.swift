@@ -17,6 +17,8 @@ public struct Errno: Error, Equatable, Sendable {
     public static let noDevice = Errno(ENXIO)
     public static let notPermitted = Errno(EPERM)
     public static let noSpace = Errno(ENOSPC)
+    public static let notSupported = Errno(EOPNOTSUPP)
+    public static let badDescriptor = Errno(EBADF)
 }
 
 /// The attributes of an inode, as `stat` reports them.
@@ -111,10 +113,17 @@ public protocol FileSystemOperations: AnyObject, Sendable {
     var writable: Bool { get }
     /// Writes into a file of fixed size; returns the bytes written.
     func write(inode: UInt64, offset: UInt64, data: UnsafeRawBufferPointer) -> Result<Int, Errno>
+    /// fsync: what was written to the file is on stable storage.
+    func sync(inode: UInt64) -> Result<Void, Errno>
+    /// fallocate: `mode` as fallocate(2) takes it (punching holes, zeroing ranges).
+    func allocate(inode: UInt64, mode: Int32, offset: UInt64, length: UInt64) -> Result<Void, Errno>
+    /// The end of an `open`; `writing` as it was opened. Every successful open gets one.
+    func release(inode: UInt64, writing: Bool)
     func lookup(parent: UInt64, name: String) -> Result<Entry, Errno>
     func forget(inode: UInt64, count: UInt64)
     func attributes(of inode: UInt64) -> Result<(Attributes, timeout: Double), Errno>
-    func open(inode: UInt64) -> Result<Void, Errno>
+    /// Opening a file; `writing` only when the filesystem is `writable`.
+    func open(inode: UInt64, writing: Bool) -> Result<Void, Errno>
     func read(inode: UInt64, offset: UInt64, size: Int) -> Result<ReadData, Errno>
     func list(directory inode: UInt64) -> Result<[DirectoryEntry], Errno>
     func seek(inode: UInt64, offset: UInt64, data: Bool) -> Result<UInt64, Errno>
@@ -128,4 +137,9 @@ extension FileSystemOperations {
     public func write(inode: UInt64, offset: UInt64, data: UnsafeRawBufferPointer) -> Result<Int, Errno> {
         .failure(.readOnly)
     }
+    public func sync(inode: UInt64) -> Result<Void, Errno> { .success(()) }
+    public func allocate(inode: UInt64, mode: Int32, offset: UInt64, length: UInt64) -> Result<Void, Errno> {
+        .failure(.readOnly)
+    }
+    public func release(inode: UInt64, writing: Bool) {}
 }

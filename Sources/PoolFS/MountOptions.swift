@@ -9,11 +9,12 @@ public struct MountOptions: Sendable, Equatable {
     public var noactivate = false
     /// Writable files whose writes go to a copy-on-write block cache, never to the images.
     public var cow = false
+    /// Writes go into the images themselves (dir pools).
+    public var rw = false
     public var cacheDirectory = "/var/tmp"
     public var cowMemory = 256 << 20
     public var type: String?
     public var fuseOptions: [String] = []
-    public var warnings: [String] = []
 
     public init() {}
 
@@ -52,15 +53,18 @@ public struct MountOptions: Sendable, Equatable {
                 case "type":
                     o.type = value
                 case "ro":
-                    break  // always read-only
+                    o.rw = false
                 case "rw":
-                    o.warnings.append("rw: writes into images are not available yet; use -o cow for writable views that leave the images alone")
+                    o.rw = true
                 case _ where mountOnly.contains(key) || key.hasPrefix("x-") || key == "comment":
                     break
                 default:
                     o.fuseOptions.append(option)
                 }
             }
+        }
+        if o.rw && o.cow {
+            throw MountError.badOption("rw,cow: choose one: rw writes into the images, cow keeps writes apart and drops them at unmount")
         }
         return o
     }

@@ -19,7 +19,6 @@ public enum Mounter {
         try pool.prepare()
         // Runs in the process that served the mount (the daemon), or here when mounting failed.
         defer { for failure in pool.release() { Log.error(failure) } }
-        for warning in options.warnings { Log.warning(warning) }
 
         if options.cow {
             var st = stat()
@@ -27,7 +26,12 @@ public enum Mounter {
                 throw MountError.badOption("cache_dir=\(options.cacheDirectory): not a writable directory")
             }
         }
-        let store = VolumeStore(pool: pool, cache: BlockCache(capacityBytes: options.cacheSize))
+        if options.rw, !(pool is DirectoryPool) {
+            throw MountError.badOption("rw: \(pool.displayName) is not a dir pool; only dir pools can be written (use -o cow for a writable view)")
+        }
+        let store = VolumeStore(pool: pool, cache: BlockCache(capacityBytes: options.cacheSize), writesImages: options.rw)
+        // Whatever is still open for writing when the mount ends is flushed and closed.
+        defer { store.closeWriters() }
         // Spill files are made in cache_dir, which must be absolute once the daemon is in /.
         let cow = options.cow ? CowStore(memoryLimit: options.cowMemory, spillDirectory: absolute(options.cacheDirectory)) : nil
         let filesystem = PoolFileSystem(store: store, cow: cow)
@@ -37,7 +41,7 @@ public enum Mounter {
         configuration.maxReadahead = options.readahead
         configuration.splice = options.splice
         let fsname = ("poolfs:" + pool.displayName).replacingOccurrences(of: ",", with: "\\,")
-        configuration.options = (options.cow ? [] : ["ro"]) + ["fsname=\(fsname)", "subtype=poolfs"] + options.fuseOptions
+        configuration.options = (options.cow || options.rw ? [] : ["ro"]) + ["fsname=\(fsname)", "subtype=poolfs"] + options.fuseOptions
         let server = FuseServer(filesystem: filesystem, configuration: configuration)
         try server.run(mountpoint: target) {
             Log.info("mounted \(pool.displayName) at \(target)")

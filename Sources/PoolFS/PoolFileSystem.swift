@@ -25,7 +25,8 @@ public final class PoolFileSystem: FileSystemOperations {
     let rootStat: stat
     /// With `-o cow`, where writes go.
     let cow: CowStore?
-    public var writable: Bool { cow != nil }
+    /// Files may be opened for writing: `-o cow`, or `-o rw` (volumes only; snapshots stay read-only).
+    public var writable: Bool { cow != nil || store.writesImages }
 
     public init(store: VolumeStore, cow: CowStore? = nil) {
         self.store = store
@@ -99,7 +100,7 @@ public final class PoolFileSystem: FileSystemOperations {
             return a
         case .snapshot(let v, let s):
             // Read-only, dated when the snapshot was taken.
-            var a = attributes(type: S_IFREG, from: v.fileStat, permissions: writable ? 0o7777 : 0o7555)
+            var a = attributes(type: S_IFREG, from: v.fileStat, permissions: cow != nil ? 0o7777 : 0o7555)
             let date = timespec(tv_sec: Int(s.dateSeconds), tv_nsec: Int(s.dateNanoseconds))
             a.atime = date
             a.mtime = date
@@ -108,7 +109,7 @@ public final class PoolFileSystem: FileSystemOperations {
             a.blocks = (v.allocatedBytes(snapshot: s) + 511) / 512
             return a
         case .poolSnapshot(let v, let device):
-            var a = attributes(type: S_IFREG, from: v.fileStat, permissions: writable ? 0o7777 : 0o7555)
+            var a = attributes(type: S_IFREG, from: v.fileStat, permissions: cow != nil ? 0o7777 : 0o7555)
             a.size = (try? device.get().size) ?? 0
             return a
         }
@@ -170,8 +171,28 @@ public final class PoolFileSystem: FileSystemOperations {
         }
     }
 
-    public func open(inode: UInt64) -> Result<Void, Errno> {
-        device(inode).map { _ in () }
+    public func open(inode: UInt64, writing: Bool) -> Result<Void, Errno> {
+        guard writing, store.writesImages else { return device(inode).map { _ in () } }
+        guard let node = inodes.key(of: inode) else { return .failure(.noEntry) }
+        guard case .volume(let name) = node else { return .failure(.readOnly) }
+        do {
+            try store.openForWriting(name)
+            return .success(())
+        } catch {
+            return .failure(fail(error, inode: inode))
+        }
+    }
+
+    public func release(inode: UInt64, writing: Bool) {
+        guard writing, store.writesImages, case .volume(let name)? = inodes.key(of: inode) else { return }
+        store.releaseWriting(name)
+    }
+
+    /// The writer of a volume open for writing (`-o rw`).
+    func writer(_ inode: UInt64) -> Result<any VolumeWriter, Errno> {
+        guard case .volume(let name)? = inodes.key(of: inode) else { return .failure(.readOnly) }
+        guard let writer = store.volume(name)?.writer else { return .failure(.badDescriptor) }
+        return .success(writer)
     }
 
     public func read(inode: UInt64, offset: UInt64, size: Int) -> Result<ReadData, Errno> {
@@ -207,9 +228,67 @@ public final class PoolFileSystem: FileSystemOperations {
     }
 
     public func write(inode: UInt64, offset: UInt64, data: UnsafeRawBufferPointer) -> Result<Int, Errno> {
+        if store.writesImages {
+            return writer(inode).flatMap { writer in
+                do {
+                    try writer.write(data, at: offset)
+                    return .success(data.count)
+                } catch {
+                    return .failure(fail(error, inode: inode))
+                }
+            }
+        }
         guard let cow, let node = inodes.key(of: inode) else { return .failure(.readOnly) }
         return device(inode).flatMap { device in
             cow.overlay(for: node, create: true)!.write(data, at: offset, base: device)
+        }
+    }
+
+    public func sync(inode: UInt64) -> Result<Void, Errno> {
+        guard store.writesImages, case .volume(let name)? = inodes.key(of: inode),
+              let writer = store.volume(name)?.writer else { return .success(()) }
+        do {
+            try writer.flush()
+            return .success(())
+        } catch {
+            return .failure(fail(error, inode: inode))
+        }
+    }
+
+    /// fallocate on a disk of fixed size: punching a hole or zeroing a range makes it read as
+    /// zeros (zero clusters, freed storage); plain allocation inside the disk has nothing to do.
+    public func allocate(inode: UInt64, mode: Int32, offset: UInt64, length: UInt64) -> Result<Void, Errno> {
+        let keepSize: Int32 = 0x01, punchHole: Int32 = 0x02, zeroRange: Int32 = 0x10
+        return device(inode).flatMap { device in
+            let end = offset.addingReportingOverflow(length)
+            if mode & ~keepSize == 0 {
+                return !end.overflow && end.partialValue <= device.size || mode & keepSize != 0 ? .success(()) : .failure(.notPermitted)
+            }
+            guard mode & ~(keepSize | punchHole | zeroRange) == 0, offset < device.size else {
+                return mode & ~(keepSize | punchHole | zeroRange) == 0 ? .success(()) : .failure(.notSupported)
+            }
+            let n = min(length, device.size - offset)
+            if store.writesImages {
+                return writer(inode).flatMap { writer in
+                    do {
+                        try writer.zero(at: offset, length: n)
+                        return .success(())
+                    } catch {
+                        return .failure(fail(error, inode: inode))
+                    }
+                }
+            }
+            guard let cow, let node = inodes.key(of: inode) else { return .failure(.readOnly) }
+            let overlay = cow.overlay(for: node, create: true)!
+            let zeros = [UInt8](repeating: 0, count: Int(min(n, 1 << 20)))
+            var at = offset
+            while at < offset + n {
+                let chunk = Int(min(UInt64(zeros.count), offset + n - at))
+                let written = zeros.withUnsafeBytes { overlay.write(UnsafeRawBufferPointer(rebasing: $0[0..<chunk]), at: at, base: device) }
+                if case .failure(let e) = written { return .failure(e) }
+                at += UInt64(chunk)
+            }
+            return .success(())
         }
     }
 

@@ -28,6 +28,9 @@ public struct VolumeReport: Codable, Sendable {
     public var diskUsage: UInt64
     public var backingChain: [Layer]
     public var snapshots: [SnapshotInfo]
+    /// Another program (a running VM, qemu-img, poolfs -o rw) holds the image for writing
+    /// (QEMU's write lock): what is read may change meanwhile.
+    public var inUseByWriter: Bool
     public var error: String?
 
     public static func make(_ volume: OpenVolume) -> VolumeReport {
@@ -42,6 +45,7 @@ public struct VolumeReport: Codable, Sendable {
                 SnapshotInfo(id: s.id, name: s.name, file: file, date: isoDate(s.dateSeconds),
                              virtualSize: image?.device(of: s)?.size ?? 0, vmStateSize: s.vmStateSize)
             },
+            inUseByWriter: image?.hostFiles.first?.writerPresent ?? false,
             error: volume.error)
     }
 
@@ -66,12 +70,12 @@ public struct VolumeReport: Codable, Sendable {
     }
 
     public static func table(_ reports: [VolumeReport]) -> String {
-        var rows = [["VOLUME", "FORMAT", "VIRTUAL", "ALLOCATED", "DISK", "SNAPSHOTS", "BACKING / ERROR"]]
+        var rows = [["VOLUME", "FORMAT", "VIRTUAL", "ALLOCATED", "DISK", "IN USE", "SNAPSHOTS", "BACKING / ERROR"]]
         for r in reports {
             let tail = r.error.map { "error: \($0)" }
                 ?? r.backingChain.map { "\(($0.path as NSString).lastPathComponent) (\($0.format))" }.joined(separator: " -> ")
             rows.append([r.name, r.format ?? "-", r.virtualSize.map(human) ?? "-", r.allocatedSize.map(human) ?? "-",
-                         human(r.diskUsage), r.snapshots.isEmpty ? "-" : r.snapshots.map(\.file).joined(separator: ","), tail])
+                         human(r.diskUsage), r.inUseByWriter ? "writer" : "-", r.snapshots.isEmpty ? "-" : r.snapshots.map(\.file).joined(separator: ","), tail])
         }
         let widths = (0..<rows[0].count).map { c in rows.map { $0[c].count }.max() ?? 0 }
         return rows.map { row in

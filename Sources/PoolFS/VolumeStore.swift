@@ -17,6 +17,9 @@ public final class OpenVolume: Sendable {
     public let snapshotFiles: [(file: String, snapshot: Snapshot)]
     /// Snapshots the pool keeps as volumes (LVM): opened now, or why they cannot be read.
     public let poolSnapshots: [(file: String, device: Result<any BlockDevice, PoolSnapshotError>)]
+    /// Where writes go while the volume is open for writing (`-o rw`); its files then change
+    /// only through it, so they are not checked for changes.
+    public let writer: (any VolumeWriter)?
     /// The pool's layout token when opened (see `Pool.generation`).
     let generation: String?
     /// When it was opened (monotonic nanoseconds).
@@ -25,8 +28,13 @@ public final class OpenVolume: Sendable {
     let pathCheckedAt = Atomic<Int64>(0)
     private let allocation = Mutex<[String: UInt64]>([:])
 
-    init(name: String, path: String, pool: any Pool, cache: BlockCache) {
+    convenience init(name: String, path: String, pool: any Pool, cache: BlockCache) {
+        self.init(name: name, path: path, pool: pool, opened: Result { try pool.openImage(name, path: path, cache: cache) }, writer: nil)
+    }
+
+    init(name: String, path: String, pool: any Pool, opened: Result<Image, any Error>, writer: (any VolumeWriter)?) {
         self.name = name
+        self.writer = writer
         self.path = path
         var st = Glibc.stat()
         _ = stat(path, &st)
@@ -38,10 +46,12 @@ public final class OpenVolume: Sendable {
             (SnapshotNames.escape(snapshot.name), Result { try snapshot.open() }.mapError { PoolSnapshotError(message: "\($0)") })
         }
         do {
-            let image = try pool.openImage(name, path: path, cache: cache)
+            let image = try opened.get()
             self.image = image
             self.error = nil
             self.snapshotFiles = SnapshotNames.files(for: image.snapshots)
+            // QEMU's shared-read permission: a VM may still open the image for writing.
+            if writer == nil { image.hostFiles.first?.lockForSharedReading() }
         } catch {
             self.image = nil
             self.error = "\(error)"
@@ -99,12 +109,66 @@ public final class VolumeStore: Sendable {
     public let cache: BlockCache
     /// Whether volumes that fail to open are logged (a mount) or only reported (`poolfs ls`).
     let logsFailures: Bool
+    /// `-o rw`: volumes opened for writing write into their images.
+    public let writesImages: Bool
     private let volumes = Mutex<[String: OpenVolume]>([:])
+    /// Volumes open for writing and their open handles; the writer closes with the last.
+    private let writing = Mutex<[String: (volume: OpenVolume, handles: Int)]>([:])
 
-    public init(pool: any Pool, cache: BlockCache, logsFailures: Bool = true) {
+    public init(pool: any Pool, cache: BlockCache, logsFailures: Bool = true, writesImages: Bool = false) {
         self.pool = pool
         self.cache = cache
         self.logsFailures = logsFailures
+        self.writesImages = writesImages
+    }
+
+    /// Opens volume `name` for writing, or counts one more handle on its open writer. Fails when
+    /// another program holds the image (a running VM), or it cannot be written safely.
+    public func openForWriting(_ name: String) throws {
+        try writing.withLock { writing in
+            if let open = writing[name] {
+                writing[name]!.handles = open.handles + 1
+                return
+            }
+            guard let path = pool.volumePath(name) else { throw PoolError.notFound(name) }
+            let image = try pool.openWritableImage(name, path: path, cache: cache)
+            let writer = try image.makeWriter()
+            let volume = OpenVolume(name: name, path: path, pool: pool, opened: .success(image), writer: writer)
+            volumes.withLock { $0[name] = volume }
+            writing[name] = (volume, 1)
+        }
+    }
+
+    /// Ends one write handle; the last flushes the volume, marks it clean and unlocks it. The
+    /// next use reopens it read-only.
+    public func releaseWriting(_ name: String) {
+        writing.withLock { writing in
+            guard let open = writing[name] else { return }
+            if open.handles > 1 {
+                writing[name]!.handles = open.handles - 1
+                return
+            }
+            writing[name] = nil
+            volumes.withLock { if $0[name] === open.volume { $0[name] = nil } }
+            close(open.volume)
+        }
+    }
+
+    /// At unmount: flushes and closes every volume still open for writing.
+    public func closeWriters() {
+        let open = writing.withLock { writing in
+            defer { writing.removeAll() }
+            return writing.values.map(\.volume)
+        }
+        open.forEach(close)
+    }
+
+    private func close(_ volume: OpenVolume) {
+        do {
+            try volume.writer?.close()
+        } catch {
+            Log.error("volume \(volume.name): closing for writing: \(error)")
+        }
     }
 
     /// How often a volume's path is looked up again: an image modified in place is seen at once
@@ -114,7 +178,9 @@ public final class VolumeStore: Sendable {
     /// The current state of volume `name`, or nil when the pool has no such volume.
     public func volume(_ name: String) -> OpenVolume? {
         let now = OpenVolume.monotonicNanoseconds()
-        if let known = volumes.withLock({ $0[name] }),
+        let known = volumes.withLock { $0[name] }
+        if let known, known.writer != nil { return known }
+        if let known,
            known.isFreshByDescriptors(generation: pool.generation(of: name), now: now, pathCheckInterval: Self.pathCheckInterval) {
             return known
         }
@@ -140,7 +206,7 @@ public final class VolumeStore: Sendable {
         // Forget volumes that left the pool, so their files close.
         let present = Set(names)
         volumes.withLock { open in
-            for name in open.keys where !present.contains(name) { open[name] = nil }
+            for (name, volume) in open where !present.contains(name) && volume.writer == nil { open[name] = nil }
         }
         return names
     }

@@ -17,6 +17,8 @@ public protocol Pool: Sendable {
     func volumePath(_ name: String) -> String?
     /// Opens a volume. Directory pools probe the file's format; LVM pools read raw devices.
     func openImage(_ name: String, path: String, cache: BlockCache) throws -> Image
+    /// Opens the volume with its top file writable (`-o rw`); pools that cannot be written refuse.
+    func openWritableImage(_ name: String, path: String, cache: BlockCache) throws -> Image
     /// Changes whenever the volume's layout changes in ways a stat of its path cannot show (an
     /// LV extended or moved); nil when the stat says it all.
     func generation(of name: String) -> String?
@@ -33,6 +35,9 @@ public protocol Pool: Sendable {
 extension Pool {
     public func openImage(_ name: String, path: String, cache: BlockCache) throws -> Image {
         try Image.open(path: path, cache: cache)
+    }
+    public func openWritableImage(_ name: String, path: String, cache: BlockCache) throws -> Image {
+        throw Qcow2Error.writeRefused("\(displayName): writing is supported in dir pools only")
     }
     public func generation(of name: String) -> String? { nil }
     public func snapshots(of name: String) -> [PoolSnapshot] { [] }
@@ -84,6 +89,10 @@ public struct DirectoryPool: Pool {
         guard let resolved = realpath(path, nil) else { throw PoolError.notFound(path) }
         self.path = String(cString: resolved)
         free(resolved)
+    }
+
+    public func openWritableImage(_ name: String, path: String, cache: BlockCache) throws -> Image {
+        try Image.open(path: path, cache: cache, writable: true)
     }
 
     public func volumeNames() throws -> [String] {

@@ -8,8 +8,11 @@ struct MountCommand: ParsableCommand {
         discussion: """
         Options (-o, comma-separated, repeatable): cache_size=SIZE (default 64M), threads=N (16), \
         readahead=SIZE (1M), nosplice, type=dir|logical|zfs, noactivate (LVM: read LVs from their PVs); \
-        anything else goes to FUSE (allow_other, \
-        default_permissions, noatime, ...). The mount is read-only.
+        cow, cache_dir=DIR (/var/tmp), cow_memory=SIZE (256M): writable files whose writes are kept apart \
+        and dropped at unmount; rw (dir pools): writes go into the images, with QEMU's image locks \
+        (a volume a VM is writing cannot be opened for writing); snapshots stay read-only. \
+        Anything else goes to FUSE (allow_other, default_permissions, noatime, ...). \
+        Without cow or rw the mount is read-only.
         """)
 
     @Option(name: .long, help: "Pool type: dir (a directory of qcow2/raw images), logical (an LVM volume group) or zfs (a dataset's zvols).")
