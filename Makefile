@@ -34,11 +34,11 @@ test: deps
 
 # poolfs against qemu-storage-daemon's FUSE export and qcowmount, same images, one run (bench/run.py).
 bench: release
-	@scripts/install-deps.sh fio qemu-system-common libqcow-utils python3
+	@scripts/install-deps.sh libqcow-utils
 	bench/run.py "$(BIN_RELEASE)"
 
 bench-quick: release
-	@scripts/install-deps.sh fio qemu-system-common libqcow-utils python3
+	@scripts/install-deps.sh libqcow-utils
 	bench/run.py "$(BIN_RELEASE)" --quick --rounds 2
 
 # Installs the binary, and the helper that lets mount(8) and fstab use `-t fuse.poolfs`.
