@@ -72,8 +72,10 @@ final class Qcow2WriteState {
     let clusterSize: UInt64
     let size: UInt64
     let version: UInt32
-    /// External data file with data_file_raw: guest offset = host offset, no refcounts.
-    let rawDataFile: Bool
+    /// External data file: guest offset = host offset, no refcounts (as QEMU allocates).
+    let externalData: Bool
+    /// data_file_raw: the data file must also read as the disk does.
+    let mirroredData: Bool
     let lazyRefcounts: Bool
     var incompatible: UInt64
     var refcounts: RefcountWriter
@@ -103,9 +105,6 @@ final class Qcow2WriteState {
         guard !header.isDirty else {
             throw Qcow2Error.writeRefused("\(image.file.path) was not closed cleanly (dirty bit, lazy refcounts); run 'qemu-img check -r all' first")
         }
-        if header.hasExternalDataFile, !header.dataFileRaw {
-            throw Qcow2Error.writeRefused("\(image.file.path) has an external data file without data_file_raw; only raw data files are writable")
-        }
         self.image = image
         file = image.file
         dataFile = image.dataFile
@@ -113,7 +112,8 @@ final class Qcow2WriteState {
         clusterSize = layout.clusterSize
         size = header.size
         version = header.version
-        rawDataFile = header.hasExternalDataFile
+        externalData = header.hasExternalDataFile
+        mirroredData = header.hasExternalDataFile && header.dataFileRaw
         lazyRefcounts = header.version >= 3 && header.compatibleFeatures & 1 != 0
         incompatible = header.incompatibleFeatures
         refcounts = try RefcountWriter(file: file, header: header)
@@ -222,7 +222,7 @@ final class Qcow2WriteState {
 
         let compressed = entry & ClusterLayout.compressedFlag != 0
         let host = entry & ClusterLayout.offsetMask
-        let allocated = !compressed && (host != 0 || (rawDataFile && entry & ClusterLayout.copiedFlag != 0))
+        let allocated = !compressed && (host != 0 || (externalData && entry & ClusterLayout.copiedFlag != 0))
         if allocated, entry & ClusterLayout.copiedFlag != 0 {
             try checkInPlace(host: host, entryOffset: entryOffset)
             // Subclusters (or a preallocated zero cluster) that do not hold data yet must be
@@ -270,7 +270,7 @@ final class Qcow2WriteState {
     /// Whether whole clusters can be made to read as zeros from metadata alone.
     var canZeroClusters: Bool {
         // A raw data file must read as the disk does, so its zeros are written there.
-        !rawDataFile && (version >= 3 || image.backing == nil)
+        !mirroredData && (version >= 3 || image.backing == nil)
     }
 
     func isZero(_ source: WriteSource) -> Bool {
@@ -320,7 +320,7 @@ final class Qcow2WriteState {
     // MARK: Clusters
 
     func allocateData(guestCluster: UInt64) throws -> UInt64 {
-        if rawDataFile { return guestCluster }
+        if externalData { return guestCluster }
         return try refcounts.allocate()
     }
 
@@ -341,7 +341,12 @@ final class Qcow2WriteState {
             return
         }
         let host = entry & ClusterLayout.offsetMask
-        guard host != 0, !rawDataFile else { return }
+        if externalData {
+            // Nothing counts data file clusters; its storage is simply given back.
+            if entry & ClusterLayout.copiedFlag != 0 { dataFile.punchHole(at: host, length: clusterSize) }
+            return
+        }
+        guard host != 0 else { return }
         guard host & (clusterSize - 1) == 0 else {
             throw Qcow2Error.corrupt("L2 entry points to unaligned cluster offset \(host)", offset: entryOffset)
         }
@@ -354,7 +359,7 @@ final class Qcow2WriteState {
         guard host & (clusterSize - 1) == 0 else {
             throw Qcow2Error.corrupt("L2 entry points to unaligned cluster offset \(host)", offset: entryOffset)
         }
-        if rawDataFile { return }
+        if externalData { return }
         let refcount = try refcounts.refcount(ofCluster: host / clusterSize)
         guard refcount == 1 else {
             throw Qcow2Error.corrupt("data cluster at \(host) is marked COPIED but its refcount is \(refcount)", offset: entryOffset)

@@ -40,6 +40,8 @@ struct WriterTests {
         Case(name: "preallocated metadata", setup: "qemu-img create -q -f qcow2 -o preallocation=metadata img.qcow2 4M && \(data)"),
         Case(name: "external raw data file",
              setup: "qemu-img create -q -f qcow2 -o data_file=img.data,data_file_raw=on img.qcow2 4M && \(data)"),
+        Case(name: "external data file",
+             setup: "qemu-img create -q -f qcow2 -o data_file=img.data img.qcow2 4M && \(data)"),
     ]
 
     @Test("random writes leave a clean image with the expected content", arguments: cases)
