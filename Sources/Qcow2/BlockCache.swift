@@ -24,9 +24,17 @@ public final class BlockCache: Sendable {
     /// The cached block for `key`, or the one `load` produces (inserted when it fits a shard).
     /// `load` runs outside any lock; two threads that miss together both load, and one wins.
     public func block(_ key: Key, load: () throws -> CachedBlock) throws -> CachedBlock {
+        try block(key, load: load, insertIf: { true })
+    }
+
+    /// As `block(_:load:)`, inserting what `load` produced only if `insertIf`, asked under the
+    /// lock that `replace` takes too, still says so (see `Qcow2Image.metadataBlock`).
+    func block(_ key: Key, load: () throws -> CachedBlock, insertIf: () -> Bool) throws -> CachedBlock {
         if let hit = cached(key) { return hit }
         let block = try load()
-        shard(key).mutex.withLock { $0.insert(key, block) }
+        shard(key).mutex.withLock { shard in
+            if insertIf() { shard.insert(key, block) }
+        }
         return block
     }
 

@@ -22,6 +22,10 @@ public final class Qcow2Image: Sendable {
     /// look here before the cache, so they see every acknowledged write. Empty unless writing.
     let unwritten = Mutex<[BlockCache.Key: CachedBlock]>([:])
     let hasUnwritten = Atomic<Bool>(false)
+    /// Odd while a writer writes metadata back and replaces it in the cache; bumped twice per
+    /// write-back. A reader that loaded a block from disk inserts it only if no write-back ran
+    /// meanwhile, so a version older than the disk never lands in the cache.
+    let writeBacks = Atomic<UInt64>(0)
 
     init(file: HostFile, cache: BlockCache, openBacking: (String, String?) throws -> (any BlockDevice)?,
          openDataFile: (String) throws -> HostFile) throws {
@@ -96,8 +100,12 @@ public final class Qcow2Image: Sendable {
 
     /// A metadata block as the image stands now: a writer's unwritten version, or the cache's.
     func metadataBlock(_ key: BlockCache.Key, load: () throws -> CachedBlock) throws -> CachedBlock {
-        if hasUnwritten.load(ordering: .acquiring), let pending = unwritten.withLock({ $0[key] }) { return pending }
-        return try cache.block(key, load: load)
+        guard hasUnwritten.load(ordering: .acquiring) else { return try cache.block(key, load: load) }
+        if let pending = unwritten.withLock({ $0[key] }) { return pending }
+        let before = writeBacks.load(ordering: .acquiring)
+        return try cache.block(key, load: load, insertIf: {
+            before & 1 == 0 && writeBacks.load(ordering: .acquiring) == before
+        })
     }
 
     /// L1 entry `index` of the table at `l1Offset`, read through the cache one cluster at a time.

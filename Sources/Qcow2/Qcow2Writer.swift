@@ -94,8 +94,12 @@ final class Qcow2WriteState {
     /// Why writing stopped: the image was found corrupt.
     var failure: Qcow2Error?
     var closed = false
-    /// Dirty L2 tables allowed before a write flushes them (bounds memory, not durability).
-    static let maxDirtyTables = 512
+    /// Bytes of changed L2 tables kept before a write flushes them (bounds memory).
+    static let maxDirtyBytes: UInt64 = 32 << 20
+    /// While writes keep coming, they are flushed at least this often (seconds), as a
+    /// filesystem's commit interval bounds what a crash without fsync loses.
+    static let maxDirtySeconds = 5.0
+    var lastFlush = ContinuousClock.now
 
     init(image: Qcow2Image) throws {
         let header = image.header
@@ -191,7 +195,10 @@ final class Qcow2WriteState {
             try writeCluster(piece, at: pos, length: n, touched: &touched, l1Touched: &l1Touched)
             pos += n
         }
-        if tables.count > Self.maxDirtyTables { try flush() }
+        if UInt64(tables.count) * clusterSize > Self.maxDirtyBytes
+            || ContinuousClock.now - lastFlush > .seconds(Self.maxDirtySeconds) {
+            try flush()
+        }
     }
 
     /// One piece of a write, inside one cluster.
@@ -468,10 +475,13 @@ final class Qcow2WriteState {
     /// Data and refcount increments, then (barrier) the L2 tables and L1 entries that refer to
     /// them, then (barrier) the refcount decrements those changes allowed.
     func flush() throws {
+        lastFlush = ContinuousClock.now
         if tables.isEmpty, dirtyL1Chunks.isEmpty, pendingFrees.isEmpty {
             try syncFiles()
             return
         }
+        image.writeBacks.add(1, ordering: .acquiringAndReleasing)
+        defer { image.writeBacks.add(1, ordering: .acquiringAndReleasing) }
         // New tables first: nothing on disk refers to them yet.
         for offset in newTables { try file.write(tables[offset]!, at: offset) }
         if !lazyRefcounts { try syncFiles() }

@@ -1,5 +1,6 @@
 import Foundation
 import Qcow2
+import Synchronization
 import TestSupport
 import Testing
 
@@ -107,6 +108,34 @@ struct WriterTests {
         return try list.split(separator: "\n").map { id in
             try scratch.sh("cp img.qcow2 copy.qcow2 && qemu-img snapshot -a \(id) copy.qcow2 && qemu-img convert -O raw copy.qcow2 copy.raw && md5sum < copy.raw && rm copy.qcow2 copy.raw")
         }
+    }
+
+    @Test("threads reading their own writes while others write and flush, through a tiny cache")
+    func readsSeeWritesUnderConcurrency() throws {
+        let scratch = try Scratch()
+        try scratch.sh("qemu-img create -q -f qcow2 -o cluster_size=4k img.qcow2 8M && qemu-io -c 'write -P 1 0 8M' img.qcow2 >/dev/null && qemu-img snapshot -c s img.qcow2")
+        let image = try Image.open(path: scratch.path("img.qcow2"), cache: BlockCache(capacityBytes: 64 << 10), writable: true)
+        let writer = try image.makeWriter()
+        let failures = Mutex<[String]>([])
+        DispatchQueue.concurrentPerform(iterations: 4) { worker in
+            var rng = SplitMix(seed: UInt64(worker + 1))
+            let region = UInt64(worker) * (2 << 20)
+            for step in 0..<200 {
+                let offset = region + UInt64.random(in: 0..<(2 << 20) - 20000, using: &rng)
+                let bytes = [UInt8](repeating: UInt8(step % 250 + 2), count: Int.random(in: 1...20000, using: &rng))
+                do {
+                    try bytes.withUnsafeBytes { try writer.write($0, at: offset) }
+                    if step % 17 == worker { try writer.flush() }
+                    let got = try image.live.read(at: offset, count: bytes.count)
+                    if got != bytes { failures.withLock { $0.append("worker \(worker) step \(step): read differs from its write at \(offset)") } }
+                } catch {
+                    failures.withLock { $0.append("worker \(worker) step \(step): \(error)") }
+                }
+            }
+        }
+        #expect(failures.withLock { $0 }.isEmpty, "\(failures.withLock { $0.prefix(5) })")
+        try writer.close()
+        try scratch.sh("qemu-img check img.qcow2")
     }
 
     @Test("a write that finds corruption fails, marks the image corrupt and changes nothing else")
