@@ -26,6 +26,10 @@ public final class Qcow2Image: Sendable {
     /// write-back. A reader that loaded a block from disk inserts it only if no write-back ran
     /// meanwhile, so a version older than the disk never lands in the cache.
     let writeBacks = Atomic<UInt64>(0)
+    /// Where the last read with compressed clusters ended, to see sequential reads.
+    let compressedReadEnd = Atomic<UInt64>(.max)
+    /// Whether a decode-ahead runs now (at most one per image).
+    let decodingAhead = Atomic<Bool>(false)
 
     init(file: HostFile, cache: BlockCache, openBacking: (String, String?) throws -> (any BlockDevice)?,
          openDataFile: (String) throws -> HostFile) throws {
@@ -137,9 +141,12 @@ public final class Qcow2Image: Sendable {
         let clusterSize = Int(layout.clusterSize)
         let compression = header.compression
         return try cache.block(decodedKey(entry)) {
-            let input = try file.readBytes(at: offset, count: stored)
+            // Read into memory that is neither zeroed first nor kept: it is overwritten at once.
+            let input = UnsafeMutableRawBufferPointer.allocate(byteCount: stored, alignment: 16)
+            defer { input.deallocate() }
+            try file.read(into: input, at: offset, fillsPastEOF: false)
             return try CachedBlock(count: clusterSize) { output in
-                try Decompressor.decompress(input, into: output, kind: compression, offset: offset)
+                try Decompressor.decompress(UnsafeRawBufferPointer(input), into: output, kind: compression, offset: offset)
             }
         }
     }
@@ -192,10 +199,12 @@ public struct Qcow2View: BlockDevice {
         // Walk first, decode what is compressed (in parallel), then lay out the plan.
         var runs: [(run: ClusterRun, guest: UInt64, length: UInt64, entryOffset: UInt64)] = []
         try walk(from: offset, length: UInt64(length)) { runs.append(($0, $1, $2, $3)) }
-        let decoded = try decodeCompressed(runs.compactMap { r in
+        let compressed = runs.compactMap { r -> (entry: UInt64, entryOffset: UInt64)? in
             if case .compressed(let entry) = r.run { return (entry, r.entryOffset) }
             return nil
-        })
+        }
+        let decoded = try decodeCompressed(compressed)
+        if !compressed.isEmpty { decodeAhead(after: offset, length: UInt64(length)) }
         let backing = image.backing
         let dataFile = image.dataFile
         let clusterMask = image.layout.clusterSize - 1
@@ -261,6 +270,26 @@ public struct Qcow2View: BlockDevice {
     }
 
     static let parallelDecoders = max(1, min(8, ProcessInfo.processInfo.activeProcessorCount))
+
+    /// On a sequential read of compressed clusters, decodes the next stretch in the background,
+    /// so that decoding overlaps the reply of this read and the kernel's next request finds its
+    /// clusters decoded. Best effort: errors are left for the read that needs those clusters.
+    func decodeAhead(after offset: UInt64, length: UInt64) {
+        let end = offset + length
+        guard image.compressedReadEnd.exchange(end, ordering: .relaxed) == offset, end < size else { return }
+        guard !image.decodingAhead.exchange(true, ordering: .acquiring) else { return }
+        let window = min(Self.decodeAheadBytes, size - end)
+        DispatchQueue.global().async { [self] in
+            defer { image.decodingAhead.store(false, ordering: .releasing) }
+            var entries: [(entry: UInt64, entryOffset: UInt64)] = []
+            try? walk(from: end, length: window) { run, _, _, entryOffset in
+                if case .compressed(let entry) = run { entries.append((entry, entryOffset)) }
+            }
+            _ = try? decodeCompressed(entries)
+        }
+    }
+
+    static let decodeAheadBytes: UInt64 = 2 << 20
 
     public func status(at offset: UInt64, length: UInt64, detection: HoleDetection, into extents: inout [MapExtent]) throws {
         let backing = image.backing
