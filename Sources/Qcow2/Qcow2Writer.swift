@@ -371,17 +371,21 @@ final class Qcow2WriteState {
         guard refcount == 1 else {
             throw Qcow2Error.corrupt("data cluster at \(host) is marked COPIED but its refcount is \(refcount)", offset: entryOffset)
         }
+        guard !overlapsMetadata(host) && !liveTables.contains(host) else {
+            throw Qcow2Error.corrupt("data cluster at \(host) overlaps the image's metadata", offset: entryOffset)
+        }
+    }
+
+    /// Whether the cluster at `host` holds the header, the L1 table, the refcount table, a
+    /// refcount block or the start of the snapshot table.
+    func overlapsMetadata(_ host: UInt64) -> Bool {
         let header = image.header
         let l1Bytes = UInt64(l1.count) * 8
-        let overlaps = host < clusterSize
+        return host < clusterSize
             || (host + clusterSize > l1Offset && host < l1Offset + l1Bytes)
             || (host + clusterSize > refcounts.tableOffset && host < refcounts.tableOffset + UInt64(refcounts.table.count) * 8)
             || (header.nbSnapshots > 0 && host + clusterSize > header.snapshotsOffset && host <= header.snapshotsOffset)
-            || liveTables.contains(host)
             || refcounts.table.contains(host)
-        guard !overlaps else {
-            throw Qcow2Error.corrupt("data cluster at \(host) overlaps the image's metadata", offset: entryOffset)
-        }
     }
 
     // MARK: L1 and L2
@@ -397,6 +401,9 @@ final class Qcow2WriteState {
                 let refcount = try refcounts.refcount(ofCluster: offset / clusterSize)
                 guard refcount == 1 else {
                     throw Qcow2Error.corrupt("L2 table at \(offset) is marked COPIED but its refcount is \(refcount)", offset: entryOffset)
+                }
+                guard offset & (clusterSize - 1) == 0, !overlapsMetadata(offset) else {
+                    throw Qcow2Error.corrupt("L2 table at \(offset) is unaligned or overlaps other metadata", offset: entryOffset)
                 }
                 tables[offset] = try tableBytes(offset, entryOffset: entryOffset)
             }

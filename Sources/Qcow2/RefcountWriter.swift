@@ -69,18 +69,27 @@ final class RefcountWriter {
         return start * clusterSize
     }
 
-    /// The first run of `count` clusters with refcount 0 at or after `nextFree`.
+    /// The first run of `count` clusters with refcount 0 at or after `nextFree`. Clusters past
+    /// the end of the file are free unless the refcounts say otherwise; refcounts claiming a long
+    /// stretch past the end stop the search (a hostile image must not keep it going).
     private func freeRun(_ count: UInt64) throws(Qcow2Error) -> UInt64 {
         var start = nextFree
         var i = start
+        let endOfFile = (file.size + clusterSize - 1) / clusterSize
         while i < start + count {
             if try refcount(ofCluster: i) != 0 {
+                guard i < endOfFile + Self.maxClaimedPastEnd else {
+                    throw .writeRefused("refcounts claim clusters far past the end of the file (cluster \(i)); 'qemu-img check -r all' can repair it")
+                }
                 start = i + 1
             }
             i += 1
         }
         return start
     }
+
+    /// Clusters past the end of the file that refcounts may claim before allocation gives up.
+    static let maxClaimedPastEnd: UInt64 = 1 << 20
 
     // MARK: Blocks and the table
 

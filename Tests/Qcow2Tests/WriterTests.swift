@@ -138,29 +138,36 @@ struct WriterTests {
         try scratch.sh("qemu-img check img.qcow2")
     }
 
-    @Test("a write that finds corruption fails, marks the image corrupt and changes nothing else")
-    func corruptionIsReported() throws {
+    /// Hostile images: the live state claims metadata as its own (COPIED, refcount 1).
+    static let hostile: [(String, @Sendable (_ l1: UInt64, _ l2: UInt64, _ refcountTable: UInt64) -> (at: UInt64, value: UInt64))] = [
+        ("a data cluster that is the L1 table", { l1, l2, _ in (l2, l1 | 1 << 63) }),
+        ("an L2 table that is the refcount table", { l1, _, refcountTable in (l1, refcountTable | 1 << 63) }),
+    ]
+
+    @Test("a write that finds corruption fails, marks the image corrupt and changes nothing else",
+          arguments: hostile.indices)
+    func corruptionIsReported(_ which: Int) throws {
         let scratch = try Scratch()
         try scratch.sh("qemu-img create -q -f qcow2 img.qcow2 4M && qemu-io -c 'write -P 1 0 128k' img.qcow2 >/dev/null")
-        // Point the first L2 entry at the L1 table itself, claiming refcount 1 (COPIED).
         var file = try scratch.bytes("img.qcow2")
         let be = { (at: Int) in file[at..<at + 8].reduce(UInt64(0)) { $0 << 8 | UInt64($1) } }
         let l1 = be(40)
         let l2 = be(Int(l1)) & 0x00ff_ffff_ffff_fe00
-        let hostile = l1 | (1 << 63)
-        for i in 0..<8 { file[Int(l2) + i] = UInt8(truncatingIfNeeded: hostile >> UInt64(56 - 8 * i)) }
+        let refcountTable = be(48)
+        let (at, value) = Self.hostile[which].1(l1, l2, refcountTable)
+        for i in 0..<8 { file[Int(at) + i] = UInt8(truncatingIfNeeded: value >> UInt64(56 - 8 * i)) }
         try scratch.write("img.qcow2", file)
-        let l1Before = file[Int(l1)..<Int(l1) + 512]
+        let metadata = [l1, refcountTable].map { file[Int($0)..<Int($0) + 4096] }
 
         let image = try Image.open(path: scratch.path("img.qcow2"), cache: BlockCache(capacityBytes: 1 << 20), writable: true)
         let writer = try image.makeWriter()
         let bytes = [UInt8](repeating: 9, count: 4096)
         #expect(throws: Qcow2Error.self) { try bytes.withUnsafeBytes { try writer.write($0, at: 0) } }
         // Refused from then on, also where the image is sound.
-        #expect(throws: Qcow2Error.self) { try bytes.withUnsafeBytes { try writer.write($0, at: 1 << 20) } }
+        #expect(throws: Qcow2Error.self) { try bytes.withUnsafeBytes { try writer.write($0, at: 3 << 20) } }
         try? writer.close()
         let after = try scratch.bytes("img.qcow2")
-        #expect(after[Int(l1)..<Int(l1) + 512] == l1Before, "the L1 table was overwritten")
+        #expect([l1, refcountTable].map { after[Int($0)..<Int($0) + 4096] } == metadata, "\(Self.hostile[which].0): metadata was overwritten")
         let info = try scratch.sh("qemu-img info -U img.qcow2")
         #expect(info.contains("corrupt: true"), "not marked corrupt:\n\(info)")
         #expect(throws: Qcow2Error.self) {
