@@ -26,3 +26,15 @@ extension UnsafeRawBufferPointer {
         UInt64(bigEndian: loadUnaligned(fromByteOffset: offset, as: UInt64.self))
     }
 }
+
+/// The bytes of `value`, most significant first.
+func bigEndianBytes<T: FixedWidthInteger>(_ value: T) -> [UInt8] {
+    (0..<T.bitWidth / 8).map { UInt8(truncatingIfNeeded: value >> (T.bitWidth - 8 - 8 * $0)) }
+}
+
+extension Array where Element == UInt8 {
+    /// Stores `value` big-endian at byte `at`.
+    mutating func storeBigEndian(_ value: UInt64, at: Int) {
+        for i in 0..<8 { self[at + i] = UInt8(truncatingIfNeeded: value >> UInt64(56 - 8 * i)) }
+    }
+}

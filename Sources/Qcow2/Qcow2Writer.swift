@@ -130,7 +130,7 @@ final class Qcow2WriteState {
             // Autoclear bits we do not maintain (bitmaps) must be cleared by whoever writes.
             let autoclear = header.autoclearFeatures & 2
             if autoclear != header.autoclearFeatures {
-                try file.write(RefcountWriter.bigEndian(autoclear), at: 88)
+                try file.write(bigEndianBytes(autoclear), at: 88)
             }
             if lazyRefcounts {
                 // Refcounts may lag until close; a crash leaves the image marked for repair.
@@ -162,7 +162,7 @@ final class Qcow2WriteState {
     }
 
     func setIncompatible(_ bits: UInt64) throws {
-        try file.write(RefcountWriter.bigEndian(bits), at: 72)
+        try file.write(bigEndianBytes(bits), at: 72)
         try file.syncData()
         incompatible = bits
     }
@@ -432,16 +432,12 @@ final class Qcow2WriteState {
     }
 
     func setEntry(_ table: UInt64, _ at: Int, _ entry: UInt64, bitmap: UInt64) {
-        Self.writeU64(&tables[table]!, at, entry)
-        if layout.extendedL2 { Self.writeU64(&tables[table]!, at + 8, bitmap) }
+        tables[table]!.storeBigEndian(entry, at: at)
+        if layout.extendedL2 { tables[table]!.storeBigEndian(bitmap, at: at + 8) }
     }
 
     func readU64(_ bytes: [UInt8], _ at: Int) -> UInt64 {
         bytes.withUnsafeBytes { $0.bigEndianU64(at: at) }
-    }
-
-    static func writeU64(_ bytes: inout [UInt8], _ at: Int, _ value: UInt64) {
-        for i in 0..<8 { bytes[at + i] = UInt8(truncatingIfNeeded: value >> UInt64(56 - 8 * i)) }
     }
 
     /// Shows readers the tables and L1 chunks this write changed.
@@ -469,7 +465,7 @@ final class Qcow2WriteState {
         let first = Int(chunk / 8)
         let last = min(l1.count, first + Int(clusterSize / 8))
         var bytes = [UInt8](repeating: 0, count: (last - first) * 8)
-        for i in first..<last { Self.writeU64(&bytes, (i - first) * 8, l1[i]) }
+        for i in first..<last { bytes.storeBigEndian(l1[i], at: (i - first) * 8) }
         return bytes
     }
 

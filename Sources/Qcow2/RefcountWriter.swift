@@ -133,7 +133,7 @@ final class RefcountWriter {
         if !selfCovered { try increment(at) }
         try file.syncData()
         table[Int(b)] = at * clusterSize
-        try file.write(Self.bigEndian(at * clusterSize), at: tableOffset + b * 8)
+        try file.write(bigEndianBytes(at * clusterSize), at: tableOffset + b * 8)
     }
 
     /// Moves the table to a larger one at the end of the file, able to index block `b`.
@@ -161,10 +161,10 @@ final class RefcountWriter {
         for i in at..<at + clusters { try increment(i) }
         var bytes: [UInt8] = []
         bytes.reserveCapacity(table.count * 8)
-        for entry in table { bytes += Self.bigEndian(entry) }
+        for entry in table { bytes += bigEndianBytes(entry) }
         try file.write(bytes, at: tableOffset)
         try file.syncData()
-        try file.write(Self.bigEndian(tableOffset) + Self.bigEndian32(UInt32(clusters)), at: 48)
+        try file.write(bigEndianBytes(tableOffset) + bigEndianBytes(UInt32(clusters)), at: 48)
         try file.syncData()
         for i in oldOffset / clusterSize..<oldOffset / clusterSize + oldClusters where try decrement(i) == 0 {
             file.punchHole(at: i * clusterSize, length: clusterSize)
@@ -201,7 +201,4 @@ final class RefcountWriter {
         }
         return (Int(e) * width, width)
     }
-
-    static func bigEndian(_ v: UInt64) -> [UInt8] { (0..<8).map { UInt8(truncatingIfNeeded: v >> UInt64(56 - 8 * $0)) } }
-    static func bigEndian32(_ v: UInt32) -> [UInt8] { (0..<4).map { UInt8(truncatingIfNeeded: v >> UInt32(24 - 8 * $0)) } }
 }
