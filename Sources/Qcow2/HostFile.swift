@@ -24,6 +24,29 @@ public final class HostFile: Sendable {
 
     private static let nextID = Atomic<UInt64>(1)
 
+    /// What a writer did to the file, in order, for tests that replay a power loss.
+    public enum Change: Sendable {
+        case write(offset: UInt64, bytes: [UInt8])
+        /// The range reads as zeros now (a hole punched or zeroed).
+        case zero(offset: UInt64, length: UInt64)
+        /// fdatasync returned: everything before is on stable storage.
+        case barrier
+    }
+    private let observer = Mutex<(@Sendable (Change) -> Void)?>(nil)
+    private let observed = Atomic<Bool>(false)
+
+    /// Calls `body` with each change this process makes to the file from now on (tests).
+    public func observeChanges(_ body: @escaping @Sendable (Change) -> Void) {
+        observer.withLock { $0 = body }
+        observed.store(true, ordering: .releasing)
+    }
+
+    private func report(_ change: @autoclosure () -> Change) {
+        guard observed.load(ordering: .acquiring) else { return }
+        let body = observer.withLock { $0 }
+        body?(change())
+    }
+
     /// Wraps open(2) with O_RDONLY (or O_RDWR) | O_CLOEXEC, then fstat(2).
     public init(path: String, writable: Bool = false) throws(Qcow2Error) {
         let fd = retryingEINTR { open(path, (writable ? O_RDWR : O_RDONLY) | O_CLOEXEC) }
@@ -86,6 +109,7 @@ public final class HostFile: Sendable {
 
     /// Writes all of `buffer` at `offset` with pwrite(2); the file grows as needed.
     public func write(_ buffer: UnsafeRawBufferPointer, at offset: UInt64) throws(Qcow2Error) {
+        report(.write(offset: offset, bytes: Array(buffer)))
         var done = 0
         while done < buffer.count {
             let n = retryingEINTR {
@@ -114,18 +138,24 @@ public final class HostFile: Sendable {
     /// fdatasync(2): everything written so far is on stable storage.
     public func syncData() throws(Qcow2Error) {
         guard retryingEINTR({ fdatasync(fd) }) == 0 else { throw .io(errno: Glibc.errno, operation: "fdatasync", path: path) }
+        report(.barrier)
     }
 
     /// Frees the bytes' storage; they read as zeros afterwards. False where the filesystem cannot.
     @discardableResult
     public func punchHole(at offset: UInt64, length: UInt64) -> Bool {
-        poolfs_punch_hole(fd, offset, length) == 0
+        guard poolfs_punch_hole(fd, offset, length) == 0 else { return false }
+        report(.zero(offset: offset, length: length))
+        return true
     }
 
     /// Makes the bytes read as zeros, cheaply where the filesystem can (fallocate ZERO_RANGE),
     /// otherwise by writing zeros.
     public func zero(at offset: UInt64, length: UInt64) throws(Qcow2Error) {
-        if poolfs_zero_range(fd, offset, length) == 0 { return }
+        if poolfs_zero_range(fd, offset, length) == 0 {
+            report(.zero(offset: offset, length: length))
+            return
+        }
         let chunk = [UInt8](repeating: 0, count: Int(min(length, 1 << 20)))
         var at = offset
         while at < offset + length {
