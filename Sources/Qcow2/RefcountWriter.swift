@@ -15,6 +15,8 @@ final class RefcountWriter {
     /// Refcount blocks read so far, by table index; always equal to the disk (write-through).
     private var blocks: [UInt64: [UInt8]] = [:]
     /// No cluster below this is handed out again in this session: allocation only moves forward.
+    /// A cluster freed while mounted is never reused before a remount, so a read planned against
+    /// the old mapping can never see another disk offset's data in it.
     private var nextFree: UInt64
     /// Blocks kept in memory at most (they are clean: dropping them costs a reread).
     static let blockCacheLimit = 1024
