@@ -57,6 +57,33 @@ struct ReadWriteMountTests {
         }
     }
 
+    /// What a user does: a new ext4 made through a loop device (mkfs discards the whole disk, the
+    /// loop driver turns that into punched holes), files copied in, everything unmounted; the
+    /// image checks clean, its snapshot still reads as before, and the files are in the image.
+    @Test func mkfsAndFilesThroughALoopDeviceLandInTheImage() throws {
+        let scratch = try Scratch()
+        try scratch.sh("""
+            mkdir pool inside && qemu-img create -q -f qcow2 pool/guest.qcow2 128M &&
+            qemu-io -c 'write -P 9 0 32M' pool/guest.qcow2 >/dev/null && qemu-img snapshot -c old pool/guest.qcow2 &&
+            cp pool/guest.qcow2 old.qcow2 && qemu-img snapshot -a old old.qcow2 && qemu-img convert -O raw old.qcow2 old.raw &&
+            head -c 5000000 /dev/urandom > payload
+            """)
+        do {
+            let mount = try PoolMount(scratch.path("pool"), in: scratch, options: ["rw"])
+            defer { mount.unmount() }
+            try scratch.sh("mkfs.ext4 -q -F -E discard '\(mount.path("guest.qcow2"))'")
+            try scratch.sh("mount -o loop '\(mount.path("guest.qcow2"))' inside && cp payload inside/ && mkdir inside/dir && echo hello > inside/dir/note && umount inside")
+        }
+        try scratch.sh("qemu-img check pool/guest.qcow2")
+        try scratch.sh("cp pool/guest.qcow2 snap.qcow2 && qemu-img snapshot -a old snap.qcow2 && qemu-img convert -O raw snap.qcow2 snap.raw && cmp snap.raw old.raw")
+        try scratch.sh("qemu-img convert -O raw pool/guest.qcow2 now.raw && mount -o loop,ro now.raw inside && cmp payload inside/payload && grep -q hello inside/dir/note && umount inside")
+        // The discard gave back what the snapshot does not hold: far less than 128 MiB is data.
+        let map = try scratch.sh("qemu-img map --output=json pool/guest.qcow2")
+        let dataBytes = try (JSONSerialization.jsonObject(with: Data(map.utf8)) as! [[String: Any]])
+            .filter { $0["data"] as? Bool == true }.reduce(0) { $0 + (($1["length"] as? NSNumber)?.intValue ?? 0) }
+        #expect(dataBytes < 16 << 20, "\(dataBytes) bytes of data after mkfs with discard")
+    }
+
     /// SIGKILL at random moments of a write workload, round after round: qemu-img check may find
     /// leaked clusters but never corruption, and every write fsync acknowledged is in the image.
     /// Each write goes to a slot of its own (96 KiB, across cluster boundaries), spread over the
