@@ -16,7 +16,13 @@ step() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 stop
 rm -rf "$pool" && mkdir -p "$pool" "$mnt"
 step "Making a sample pool in demo-pool/ with qemu-img"
-work=$(mktemp -d) && trap 'rm -rf "$work"' EXIT
+work=$(mktemp -d)
+cleanup() {
+    umount "$work/inside" 2>/dev/null || true
+    fusermount3 -u "$work/rw-mnt" 2>/dev/null || true
+    rm -rf "$work"
+}
+trap cleanup EXIT
 mkdir "$work/files" && echo "Hello from inside the guest's ext4 filesystem" > "$work/files/README.txt"
 truncate -s 256M "$work/disk.raw"
 printf 'label: dos\nstart=2048, type=83\n' | sfdisk -q "$work/disk.raw"
@@ -57,6 +63,21 @@ if [ "$(id -u)" -eq 0 ]; then
     inside="$work/inside" && mkdir "$inside"
     mount -o loop,ro,offset=1048576 "$mnt/guest.qcow2" "$inside"
     ls -l "$inside" && cat "$inside/README.txt"
+    umount "$inside"
+fi
+
+if [ "$(id -u)" -eq 0 ]; then
+    step "Writing into an image: poolfs mount -o rw, on a copy of guest.qcow2"
+    mkdir "$work/rw-pool" "$work/rw-mnt" && cp "$pool/guest.qcow2" "$work/rw-pool/"
+    "$poolfs" mount -o rw "$work/rw-pool" "$work/rw-mnt"
+    mount -o loop,offset=1048576 "$work/rw-mnt/guest.qcow2" "$inside"
+    echo "Written through poolfs -o rw" > "$inside/NOTE.txt"
+    umount "$inside"
+    "$poolfs" unmount "$work/rw-mnt"
+    qemu-img check "$work/rw-pool/guest.qcow2"
+    qemu-img convert -O raw "$work/rw-pool/guest.qcow2" "$work/after.raw"
+    mount -o loop,ro,offset=1048576 "$work/after.raw" "$inside"
+    echo "NOTE.txt, read from qemu-img's conversion of the image: $(cat "$inside/NOTE.txt")"
     umount "$inside"
 fi
 

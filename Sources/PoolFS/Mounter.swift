@@ -15,6 +15,9 @@ public enum Mounter {
         let pool = try PoolSource.open(source, type: options.type,
                                        lvmMode: LogicalPool.Mode.forThisHost(noactivate: options.noactivate))
         let target = try checkMountpoint(mountpoint)
+        // Held until everything below is done, so that `poolfs unmount` can wait for it.
+        let lock = MountLock.hold(target)
+        defer { if let lock { close(lock) } }
         Log.configure(foreground: foreground)
         try pool.prepare()
         // Runs in the process that served the mount (the daemon), or here when mounting failed.
@@ -112,7 +115,9 @@ public enum Mounter {
         return String(decoding: bytes, as: UTF8.self)
     }
 
+    /// Unmounts, then waits until the daemon has flushed what was open for writing and exited.
     public static func unmount(_ mountpoint: String) throws {
+        let target = absolute(mountpoint)
         let process = Process()
         process.executableURL = URL(fileURLWithPath: "/usr/bin/env")
         process.arguments = ["fusermount3", "-u", mountpoint]
@@ -120,6 +125,9 @@ public enum Mounter {
         process.waitUntilExit()
         guard process.terminationStatus == 0 else {
             throw MountError.mountpoint("fusermount3 -u \(mountpoint) failed")
+        }
+        if !MountLock.waitForRelease(target, seconds: 60) {
+            Log.warning("\(mountpoint) is unmounted, but its poolfs daemon is still finishing after 60 s")
         }
     }
 

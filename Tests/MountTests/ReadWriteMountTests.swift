@@ -84,6 +84,21 @@ struct ReadWriteMountTests {
         #expect(dataBytes < 16 << 20, "\(dataBytes) bytes of data after mkfs with discard")
     }
 
+    /// `poolfs unmount` returns only when the daemon is done: image flushed, locks released,
+    /// process gone. A script may run qemu-img right after it.
+    @Test func unmountWaitsForTheDaemonToFinish() throws {
+        let scratch = try Scratch()
+        try scratch.sh("mkdir pool mnt && qemu-img create -q -f qcow2 pool/vm.qcow2 64M")
+        try scratch.sh("'\(Binary.path)' mount -o rw pool mnt")
+        defer { _ = try? scratch.sh("fusermount3 -u mnt") }
+        try scratch.sh("head -c 3000000 /dev/urandom > data && dd if=data of=mnt/vm.qcow2 bs=64k conv=notrunc status=none")
+        try scratch.sh("'\(Binary.path)' unmount mnt")
+        // "r[w]": the pattern must not match the shell that runs pgrep.
+        let left = (try? scratch.sh("pgrep -f 'poolfs mount -o r[w] pool mnt'")) ?? ""
+        #expect(left.isEmpty, "the daemon is still running after poolfs unmount returned: \(left)")
+        try scratch.sh("qemu-img check pool/vm.qcow2 && qemu-img convert -O raw pool/vm.qcow2 vm.raw && cmp -n 3000000 vm.raw data")
+    }
+
     /// SIGKILL at random moments of a write workload, round after round: qemu-img check may find
     /// leaked clusters but never corruption, and every write fsync acknowledged is in the image.
     /// Each write goes to a slot of its own (96 KiB, across cluster boundaries), spread over the

@@ -1,5 +1,6 @@
+import Foundation
 import FuseKit
-import PoolFS
+@testable import PoolFS
 import TestSupport
 import Synchronization
 import Testing
@@ -173,4 +174,27 @@ final class ZfsRunner: CommandRunner {
 extension Result {
     var isSuccess: Bool { if case .success = self { return true } else { return false } }
     var failure: Failure? { if case .failure(let e) = self { return e } else { return nil } }
+}
+
+@Suite struct MountLockTests {
+    /// `poolfs unmount` waits on this lock for the daemon to finish; here `flock` stands in for
+    /// a daemon that needs a second after the unmount.
+    @Test func unmountWaitsWhileTheDaemonHoldsTheLock() throws {
+        let scratch = try Scratch()
+        let mountpoint = scratch.path("mnt")
+        let lock = try #require(MountLock.hold(mountpoint))
+        #expect(MountLock.hold(mountpoint) == nil, "a second daemon took the same mountpoint's lock")
+        close(lock)
+        let holder = Process()
+        holder.executableURL = URL(fileURLWithPath: "/usr/bin/flock")
+        holder.arguments = [MountLock.path(for: mountpoint), "sleep", "1"]
+        try holder.run()
+        defer { holder.waitUntilExit() }
+        usleep(200_000)
+        let start = Date()
+        #expect(!MountLock.waitForRelease(mountpoint, seconds: 0.2), "returned while the lock was held")
+        #expect(MountLock.waitForRelease(mountpoint, seconds: 10))
+        #expect(Date().timeIntervalSince(start) > 0.5, "did not wait for the holder")
+        #expect(MountLock.waitForRelease(scratch.path("never-mounted"), seconds: 0), "no lock file: nothing to wait for")
+    }
 }
