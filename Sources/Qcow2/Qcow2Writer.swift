@@ -203,7 +203,7 @@ final class Qcow2WriteState {
 
     /// One piece of a write, inside one cluster.
     func writeCluster(_ source: WriteSource, at pos: UInt64, length n: UInt64,
-                               touched: inout Set<UInt64>, l1Touched: inout Bool) throws {
+                      touched: inout Set<UInt64>, l1Touched: inout Bool) throws {
         let clusterStart = pos & ~(clusterSize - 1)
         let inCluster = pos - clusterStart
         // The last cluster may extend past the end of the disk: covering up to the end is whole.
@@ -264,8 +264,9 @@ final class Qcow2WriteState {
             return
         }
 
-        // Copy on write: a new cluster holding what the disk reads there now, with the write on top.
-        var buffer = whole && !isZero(source) ? [UInt8](repeating: 0, count: Int(clusterSize))
+        // Copy on write: a new cluster holding what the disk reads there now, with the write on
+        // top (a whole-cluster write needs nothing read).
+        var buffer = whole ? [UInt8](repeating: 0, count: Int(clusterSize))
             : try currentContent(clusterStart, length: clusterSize)
         overlay(source, into: &buffer, at: Int(inCluster), length: Int(n))
         let newHost = try allocateData(guestCluster: clusterStart)
