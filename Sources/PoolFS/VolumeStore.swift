@@ -26,7 +26,7 @@ public final class OpenVolume: Sendable {
     let openedAt: Int64
     /// When the volume's path was last checked (monotonic nanoseconds).
     let pathCheckedAt = Atomic<Int64>(0)
-    private let allocation = Mutex<[String: UInt64]>([:])
+    private let allocation = Mutex<[String: (bytes: UInt64, at: Int64)]>([:])
 
     convenience init(name: String, path: String, pool: any Pool, cache: BlockCache) {
         self.init(name: name, path: path, pool: pool, opened: Result { try pool.openImage(name, path: path, cache: cache) }, writer: nil)
@@ -63,16 +63,24 @@ public final class OpenVolume: Sendable {
         snapshotFiles.first { $0.file == file }?.snapshot
     }
 
-    /// Data bytes of the live disk (`key` nil) or of a snapshot, computed once per opened image.
+    /// Data bytes of the live disk (`key` nil) or of a snapshot: computed once per opened image,
+    /// except the live disk of a volume open for writing, recounted at most once a second.
     func allocatedBytes(snapshot: Snapshot?) -> UInt64 {
         let key = snapshot.map { "\($0.id)" } ?? ""
-        if let known = allocation.withLock({ $0[key] }) { return known }
+        let now = Self.monotonicNanoseconds()
+        let changing = writer != nil && snapshot == nil
+        if let known = allocation.withLock({ $0[key] }), !changing || now - known.at < Self.recountWrittenAfter {
+            return known.bytes
+        }
         guard let image else { return 0 }
         let device: (any BlockDevice)? = snapshot.map { image.device(of: $0) } ?? image.live
         let bytes = (try? device?.allocatedBytes()) ?? 0
-        allocation.withLock { $0[key] = bytes }
+        allocation.withLock { $0[key] = (bytes, now) }
         return bytes
     }
+
+    /// How often `st_blocks` of a volume being written is recounted (nanoseconds).
+    static let recountWrittenAfter: Int64 = 1_000_000_000
 
     /// Whether this volume must be reopened: its file changed (or went away), a file of its
     /// chain changed, or it failed to open a while ago (a missing backing file may be back).

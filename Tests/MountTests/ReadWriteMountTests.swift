@@ -84,14 +84,26 @@ struct ReadWriteMountTests {
         #expect(dataBytes < 16 << 20, "\(dataBytes) bytes of data after mkfs with discard")
     }
 
-    /// `poolfs unmount` returns only when the daemon is done: image flushed, locks released,
-    /// process gone. A script may run qemu-img right after it.
+    /// A daemonized `-o rw` mount as a script uses it: `st_blocks` follows the writes, and
+    /// `poolfs unmount` returns only when the daemon is done (image flushed, locks released,
+    /// process gone), so qemu-img can run right after it.
     @Test func unmountWaitsForTheDaemonToFinish() throws {
         let scratch = try Scratch()
         try scratch.sh("mkdir pool mnt && qemu-img create -q -f qcow2 pool/vm.qcow2 64M")
         try scratch.sh("'\(Binary.path)' mount -o rw pool mnt")
         defer { _ = try? scratch.sh("fusermount3 -u mnt") }
+        // st_blocks follows the writes while the volume stays open for writing (recounted at
+        // most once a second).
+        let fd = open(scratch.path("mnt/vm.qcow2"), O_RDWR)
+        #expect(fd >= 0)
+        usleep(1_100_000)  // past the kernel's attribute timeout: the next stat asks the daemon
+        let blocksBefore = try scratch.sh("stat -c %b mnt/vm.qcow2")
         try scratch.sh("head -c 3000000 /dev/urandom > data && dd if=data of=mnt/vm.qcow2 bs=64k conv=notrunc status=none")
+        usleep(1_200_000)
+        let blocksAfter = try scratch.sh("stat -c %b mnt/vm.qcow2")
+        #expect(Int(blocksAfter.dropLast())! >= Int(blocksBefore.dropLast())! + 5_000, "st_blocks \(blocksBefore) -> \(blocksAfter)")
+        close(fd)
+        usleep(100_000)
         try scratch.sh("'\(Binary.path)' unmount mnt")
         // "r[w]": the pattern must not match the shell that runs pgrep.
         let left = (try? scratch.sh("pgrep -f 'poolfs mount -o r[w] pool mnt'")) ?? ""
