@@ -147,6 +147,11 @@ extension FuseServer {
 // MARK: - Operations: C callbacks, one per operation.
 
 extension FuseServer {
+    /// Whether open(2) flags ask for writing (truncation counts).
+    static func opensForWriting(_ flags: Int32) -> Bool {
+        (flags & O_ACCMODE) != O_RDONLY || (flags & O_TRUNC) != 0
+    }
+
     static func operations() -> fuse_lowlevel_ops {
         var ops = fuse_lowlevel_ops()
         ops.`init` = { userdata, conn in
@@ -192,7 +197,7 @@ extension FuseServer {
             }
         }
         ops.open = { req, ino, fi in
-            let writing = (fi!.pointee.flags & O_ACCMODE) != O_RDONLY || (fi!.pointee.flags & O_TRUNC) != 0
+            let writing = FuseServer.opensForWriting(fi!.pointee.flags)
             if writing, !FuseServer.server(req).filesystem.writable {
                 return FuseServer.reply(req, .readOnly)
             }
@@ -209,9 +214,7 @@ extension FuseServer {
             }
         }
         ops.release = { req, ino, fi in
-            let flags = fi!.pointee.flags
-            let writing = (flags & O_ACCMODE) != O_RDONLY || (flags & O_TRUNC) != 0
-            FuseServer.server(req).filesystem.release(inode: ino, writing: writing)
+            FuseServer.server(req).filesystem.release(inode: ino, writing: FuseServer.opensForWriting(fi!.pointee.flags))
             fuse_reply_err(req, 0)
         }
         ops.opendir = { req, ino, fi in
