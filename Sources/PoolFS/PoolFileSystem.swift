@@ -195,6 +195,13 @@ public final class PoolFileSystem: FileSystemOperations {
         return .success(writer)
     }
 
+    /// Runs `body` with the inode's writer; an engine error is logged and becomes an errno.
+    func withWriter(_ inode: UInt64, _ body: (any VolumeWriter) throws -> Void) -> Result<Void, Errno> {
+        writer(inode).flatMap { writer in
+            Result { try body(writer) }.mapError { fail($0, inode: inode) }
+        }
+    }
+
     public func read(inode: UInt64, offset: UInt64, size: Int) -> Result<ReadData, Errno> {
         switch device(inode) {
         case .failure(let e):
@@ -229,14 +236,7 @@ public final class PoolFileSystem: FileSystemOperations {
 
     public func write(inode: UInt64, offset: UInt64, data: UnsafeRawBufferPointer) -> Result<Int, Errno> {
         if store.writesImages {
-            return writer(inode).flatMap { writer in
-                do {
-                    try writer.write(data, at: offset)
-                    return .success(data.count)
-                } catch {
-                    return .failure(fail(error, inode: inode))
-                }
-            }
+            return withWriter(inode) { try $0.write(data, at: offset) }.map { data.count }
         }
         guard let cow, let node = inodes.key(of: inode) else { return .failure(.readOnly) }
         return device(inode).flatMap { device in
@@ -244,15 +244,10 @@ public final class PoolFileSystem: FileSystemOperations {
         }
     }
 
+    /// fsync: flushes the volume's writer; files not being written have nothing to flush.
     public func sync(inode: UInt64) -> Result<Void, Errno> {
-        guard store.writesImages, case .volume(let name)? = inodes.key(of: inode),
-              let writer = store.volume(name)?.writer else { return .success(()) }
-        do {
-            try writer.flush()
-            return .success(())
-        } catch {
-            return .failure(fail(error, inode: inode))
-        }
+        guard store.writesImages, case .success(let writer) = writer(inode) else { return .success(()) }
+        return Result { try writer.flush() }.mapError { fail($0, inode: inode) }
     }
 
     /// fallocate on a disk of fixed size: punching a hole or zeroing a range makes it read as
@@ -269,14 +264,7 @@ public final class PoolFileSystem: FileSystemOperations {
             }
             let n = min(length, device.size - offset)
             if store.writesImages {
-                return writer(inode).flatMap { writer in
-                    do {
-                        try writer.zero(at: offset, length: n)
-                        return .success(())
-                    } catch {
-                        return .failure(fail(error, inode: inode))
-                    }
-                }
+                return withWriter(inode) { try $0.zero(at: offset, length: n) }
             }
             guard let cow, let node = inodes.key(of: inode) else { return .failure(.readOnly) }
             let overlay = cow.overlay(for: node, create: true)!
