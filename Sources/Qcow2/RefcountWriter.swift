@@ -39,7 +39,7 @@ final class RefcountWriter {
         let b = index / entriesPerBlock
         guard b < UInt64(table.count), table[Int(b)] != 0 else { return 0 }
         let block = try loadBlock(b)
-        return Self.entry(block, index % entriesPerBlock, bits: bits)
+        return block.withUnsafeBytes { RefcountBlock.entry($0, index % entriesPerBlock, bits: bits) }
     }
 
     func increment(_ index: UInt64) throws(Qcow2Error) {
@@ -101,7 +101,7 @@ final class RefcountWriter {
         if table[Int(b)] == 0 { try addBlock(b) }
         var block = try loadBlock(b)
         let e = index % entriesPerBlock
-        let (byteStart, byteCount) = Self.set(&block, e, value, bits: bits)
+        let (byteStart, byteCount) = RefcountBlock.set(&block, e, value, bits: bits)
         blocks[b] = block
         try file.write(Array(block[byteStart..<byteStart + byteCount]), at: table[Int(b)] + UInt64(byteStart))
     }
@@ -113,9 +113,7 @@ final class RefcountWriter {
         guard offset & 511 == 0 else {
             throw .corrupt("refcount table entry has reserved bits set (\(offset))", offset: entryOffset)
         }
-        guard offset & (clusterSize - 1) == 0, offset <= file.size, clusterSize <= file.size - offset else {
-            throw .corrupt("refcount block at \(offset) is unaligned or past the end of the file", offset: entryOffset)
-        }
+        try RefcountBlock.checkPlacement(offset, clusterSize: clusterSize, fileSize: file.size, entryOffset: entryOffset)
         let block = try file.readBytes(at: offset, count: Int(clusterSize))
         if blocks.count >= Self.blockCacheLimit { blocks.removeAll(keepingCapacity: true) }
         blocks[b] = block
@@ -129,7 +127,7 @@ final class RefcountWriter {
         nextFree = at + 1
         var block = [UInt8](repeating: 0, count: Int(clusterSize))
         let selfCovered = at / entriesPerBlock == b
-        if selfCovered { _ = Self.set(&block, at % entriesPerBlock, 1, bits: bits) }
+        if selfCovered { _ = RefcountBlock.set(&block, at % entriesPerBlock, 1, bits: bits) }
         try file.write(block, at: at * clusterSize)
         blocks[b] = block
         if !selfCovered { try increment(at) }
@@ -171,36 +169,5 @@ final class RefcountWriter {
         for i in oldOffset / clusterSize..<oldOffset / clusterSize + oldClusters where try decrement(i) == 0 {
             file.punchHole(at: i * clusterSize, length: clusterSize)
         }
-    }
-
-    // MARK: Entry encoding
-
-    /// Entry `e` of a block: sub-byte widths are packed least significant bits first, as QEMU
-    /// stores them; wider ones are big-endian.
-    static func entry(_ block: [UInt8], _ e: UInt64, bits: UInt64) -> UInt64 {
-        if bits < 8 {
-            let bit = e * bits
-            return UInt64(block[Int(bit / 8)] >> UInt8(bit % 8)) & ((1 << bits) - 1)
-        }
-        let width = Int(bits / 8)
-        var value: UInt64 = 0
-        for i in 0..<width { value = value << 8 | UInt64(block[Int(e) * width + i]) }
-        return value
-    }
-
-    /// Sets entry `e`; returns the byte range that changed.
-    static func set(_ block: inout [UInt8], _ e: UInt64, _ value: UInt64, bits: UInt64) -> (start: Int, count: Int) {
-        if bits < 8 {
-            let bit = e * bits
-            let mask = UInt8((1 << bits) - 1) << UInt8(bit % 8)
-            let i = Int(bit / 8)
-            block[i] = (block[i] & ~mask) | (UInt8(truncatingIfNeeded: value) << UInt8(bit % 8) & mask)
-            return (i, 1)
-        }
-        let width = Int(bits / 8)
-        for i in 0..<width {
-            block[Int(e) * width + i] = UInt8(truncatingIfNeeded: value >> UInt64(8 * (width - 1 - i)))
-        }
-        return (Int(e) * width, width)
     }
 }
