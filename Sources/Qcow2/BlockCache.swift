@@ -143,8 +143,8 @@ public final class CachedBlock: @unchecked Sendable {
     }
 
     /// A copy of `bytes`.
-    convenience init(copying bytes: UnsafeRawBufferPointer) {
-        self.init(count: bytes.count) { $0.copyMemory(from: bytes) }
+    convenience init(copying bytes: [UInt8]) {
+        self.init(count: bytes.count) { $0.copyMemory(from: UnsafeRawBufferPointer(start: bytes, count: bytes.count)) }
     }
 
     /// `count` bytes of `file` at `offset`, all inside the file.

@@ -446,10 +446,10 @@ final class Qcow2WriteState {
         var blocks: [(BlockCache.Key, CachedBlock)] = []
         for offset in changed {
             guard let t = tables[offset] else { continue }
-            blocks.append((.init(file: file.id, offset: offset, kind: .l2), t.withUnsafeBytes { CachedBlock(copying: $0) }))
+            blocks.append((.init(file: file.id, offset: offset, kind: .l2), CachedBlock(copying: t)))
         }
         if l1Changed {
-            for chunk in dirtyL1Chunks { blocks.append((l1Key(chunk), l1ChunkBlock(chunk))) }
+            for chunk in dirtyL1Chunks { blocks.append((l1Key(chunk), CachedBlock(copying: l1ChunkBytes(chunk)))) }
         }
         guard !blocks.isEmpty else { return }
         image.unwritten.withLock { pending in
@@ -470,10 +470,6 @@ final class Qcow2WriteState {
         return bytes
     }
 
-    func l1ChunkBlock(_ chunk: UInt64) -> CachedBlock {
-        l1ChunkBytes(chunk).withUnsafeBytes { CachedBlock(copying: $0) }
-    }
-
     // MARK: Flushing
 
     /// Data and refcount increments, then (barrier) the L2 tables and L1 entries that refer to
@@ -490,13 +486,14 @@ final class Qcow2WriteState {
         for offset in newTables { try file.write(tables[offset]!, at: offset) }
         if !lazyRefcounts { try syncFiles() }
         for (offset, table) in tables where !newTables.contains(offset) { try file.write(table, at: offset) }
-        for chunk in dirtyL1Chunks { try file.write(l1ChunkBytes(chunk), at: l1Offset + chunk) }
+        let l1Chunks = dirtyL1Chunks.map { ($0, l1ChunkBytes($0)) }
+        for (chunk, bytes) in l1Chunks { try file.write(bytes, at: l1Offset + chunk) }
         try syncFiles()
         // On disk now: readers can go back to the cache.
         let written = tables.map { (BlockCache.Key(file: file.id, offset: $0.key, kind: .l2), $0.value) }
-            + dirtyL1Chunks.map { (l1Key($0), l1ChunkBytes($0)) }
+            + l1Chunks.map { (l1Key($0.0), $0.1) }
         for (key, bytes) in written {
-            image.cache.replace(key, with: bytes.withUnsafeBytes { CachedBlock(copying: $0) })
+            image.cache.replace(key, with: CachedBlock(copying: bytes))
         }
         image.unwritten.withLock { pending in
             for (key, _) in written { pending[key] = nil }
