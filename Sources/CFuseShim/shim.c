@@ -2,16 +2,34 @@
 #include <errno.h>
 #include <malloc.h>
 #include <stdlib.h>
+#include <sys/uio.h>
+
+/* A reply made of memory only (decompressed clusters, zeros) goes out in one writev. Through
+ * fuse_reply_data, libfuse would copy a reply of more than one buffer into a fresh allocation
+ * first: at 128 KiB that is an mmap, a page fault per page and an munmap, per reply. */
+static int reply_memory(fuse_req_t req, const struct poolfs_segment *segments, size_t count) {
+    struct iovec stack[16];
+    struct iovec *iov = count <= 16 ? stack : calloc(count, sizeof *iov);
+    if (!iov) return fuse_reply_err(req, ENOMEM);
+    for (size_t i = 0; i < count; i++) {
+        iov[i].iov_base = (void *)segments[i].mem;
+        iov[i].iov_len = segments[i].size;
+    }
+    int ret = fuse_reply_iov(req, iov, (int)count);
+    if (iov != stack) free(iov);
+    return ret;
+}
 
 int poolfs_reply_segments(fuse_req_t req, const struct poolfs_segment *segments, size_t count) {
     if (count == 0) return fuse_reply_buf(req, NULL, 0);
+    int files = 0;
+    for (size_t i = 0; i < count; i++) files |= segments[i].fd >= 0;
+    if (!files) return reply_memory(req, segments, count);
     /* struct fuse_bufvec ends in a one-element array: allocate room for `count` buffers. */
     size_t bytes = sizeof(struct fuse_bufvec) + (count - 1) * sizeof(struct fuse_buf);
     struct fuse_bufvec *vec = calloc(1, bytes);
     if (!vec) return fuse_reply_err(req, ENOMEM);
     vec->count = count;
-    /* Splicing helps only where there is file data to move; memory (zeros, decompressed clusters)
-     * costs one copy with writev but two through a pipe. */
     enum fuse_buf_copy_flags flags = FUSE_BUF_NO_SPLICE;
     for (size_t i = 0; i < count; i++) {
         struct fuse_buf *buf = &vec->buf[i];
