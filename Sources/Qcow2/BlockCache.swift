@@ -144,7 +144,7 @@ public final class CachedBlock: @unchecked Sendable {
 
     /// A copy of `bytes`.
     convenience init(copying bytes: [UInt8]) {
-        self.init(count: bytes.count) { $0.copyMemory(from: UnsafeRawBufferPointer(start: bytes, count: bytes.count)) }
+        self.init(count: bytes.count) { target in bytes.withUnsafeBytes { target.copyMemory(from: $0) } }
     }
 
     /// `count` bytes of `file` at `offset`, all inside the file.

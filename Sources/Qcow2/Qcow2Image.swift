@@ -30,6 +30,10 @@ public final class Qcow2Image: Sendable {
     let compressedReadEnd = Atomic<UInt64>(.max)
     /// Whether a decode-ahead runs now (at most one per image).
     let decodingAhead = Atomic<Bool>(false)
+    /// Compressed clusters being decoded now, by host offset. A read that needs one of them waits
+    /// for it rather than decoding it a second time: the decode-ahead and the reads it runs ahead
+    /// of meet on the same clusters.
+    let decoding = Mutex<[UInt64: PendingDecode]>([:])
 
     init(file: HostFile, cache: BlockCache, openBacking: (String, String?) throws -> (any BlockDevice)?,
          openDataFile: (String) throws -> HostFile) throws {
@@ -131,24 +135,58 @@ public final class Qcow2Image: Sendable {
         .init(file: file.id, offset: layout.compressedExtent(entry).offset, kind: .decoded)
     }
 
-    /// The decoded bytes of a compressed cluster, through the cache.
+    /// The decoded bytes of a compressed cluster, through the cache; decoded once however many
+    /// threads ask for it together.
     func decompressedCluster(_ entry: UInt64, entryOffset: UInt64) throws -> CachedBlock {
+        let key = decodedKey(entry)
+        if let hit = cache.cached(key) { return hit }
+        let (pending, isOwner) = decoding.withLock { table in
+            if let running = table[key.offset] { return (running, false) }
+            let started = PendingDecode()
+            table[key.offset] = started
+            return (started, true)
+        }
+        guard isOwner else { return try pending.wait() }
+        // Another owner may have finished between the cache lookup and the claim: the cache says.
+        let result = Result { try cache.block(key) { try decode(entry, entryOffset: entryOffset) } }
+        decoding.withLock { _ = $0.removeValue(forKey: key.offset) }
+        pending.finish(result)
+        return try result.get()
+    }
+
+    /// Reads and decodes one compressed cluster.
+    private func decode(_ entry: UInt64, entryOffset: UInt64) throws -> CachedBlock {
         let (offset, length) = layout.compressedExtent(entry)
         guard offset < file.size else {
             throw Qcow2Error.corrupt("compressed cluster at \(offset) lies past the end of the file", offset: entryOffset)
         }
         let stored = Int(min(length, file.size - offset))
         let clusterSize = Int(layout.clusterSize)
-        let compression = header.compression
-        return try cache.block(decodedKey(entry)) {
-            // Read into memory that is neither zeroed first nor kept: it is overwritten at once.
-            let input = UnsafeMutableRawBufferPointer.allocate(byteCount: stored, alignment: 16)
-            defer { input.deallocate() }
-            try file.read(into: input, at: offset, fillsPastEOF: false)
-            return try CachedBlock(count: clusterSize) { output in
-                try Decompressor.decompress(UnsafeRawBufferPointer(input), into: output, kind: compression, offset: offset)
-            }
+        // Read into memory that is neither zeroed first nor kept: it is overwritten at once.
+        let input = UnsafeMutableRawBufferPointer.allocate(byteCount: stored, alignment: 16)
+        defer { input.deallocate() }
+        try file.read(into: input, at: offset, fillsPastEOF: false)
+        return try CachedBlock(count: clusterSize) { output in
+            try Decompressor.decompress(UnsafeRawBufferPointer(input), into: output, kind: header.compression, offset: offset)
         }
+    }
+}
+
+/// One cluster's decode under way: its owner finishes it, any other thread waits for it.
+final class PendingDecode: Sendable {
+    private let done = DispatchGroup()
+    private let result = Mutex<Result<CachedBlock, any Error>?>(nil)
+
+    init() { done.enter() }
+
+    func finish(_ outcome: Result<CachedBlock, any Error>) {
+        result.withLock { $0 = outcome }
+        done.leave()
+    }
+
+    func wait() throws -> CachedBlock {
+        done.wait()
+        return try result.withLock { $0 }!.get()
     }
 }
 
