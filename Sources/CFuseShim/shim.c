@@ -48,9 +48,10 @@ int poolfs_reply_segments(fuse_req_t req, const struct poolfs_segment *segments,
     return ret;
 }
 
-void poolfs_configure_connection(struct fuse_conn_info *conn, unsigned max_readahead, int splice) {
+void poolfs_configure_connection(struct fuse_conn_info *conn, unsigned max_readahead, unsigned max_read, int splice) {
     if (max_readahead > conn->max_readahead) max_readahead = conn->max_readahead;
     conn->max_readahead = max_readahead;
+    conn->max_read = max_read;
     if (splice) {
         if (conn->capable & FUSE_CAP_SPLICE_WRITE) conn->want |= FUSE_CAP_SPLICE_WRITE;
         if (conn->capable & FUSE_CAP_SPLICE_MOVE) conn->want |= FUSE_CAP_SPLICE_MOVE;

@@ -1,5 +1,6 @@
 import CFuse3
 import CFuseShim
+import Synchronization
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -15,8 +16,14 @@ public final class FuseServer: @unchecked Sendable {
         public var options: [String] = []
         public var foreground = false
         public var threads: UInt32 = 16
-        public var maxReadahead: UInt32 = 1 << 20
+        /// The kernel's readahead window for the mount's files (see `MountReadahead`).
+        public var maxReadahead: UInt32 = 2 << 20
+        /// The largest read request the kernel sends; a readahead window larger than this comes
+        /// as several requests at once, which the worker threads serve in parallel.
+        public var maxRead: UInt32 = 512 << 10
         public var splice = true
+        /// Told once whether `maxReadahead` could be set (it needs root), after the kernel's INIT.
+        public var readaheadApplied: (@Sendable (Bool) -> Void)?
         public init() {}
     }
 
@@ -35,6 +42,12 @@ public final class FuseServer: @unchecked Sendable {
     let configuration: Configuration
     // SAFETY: written once in `mount` before the loop starts; read only after it ends.
     private var session: OpaquePointer?
+    // SAFETY: written once in `run` before the loop starts its worker threads.
+    private var canonicalMountpoint = ""
+    /// Whether the readahead window is still to be set: the kernel answers INIT by keeping the
+    /// smaller of its default and the daemon's wish, so it can be raised only after INIT, on the
+    /// first request that follows.
+    private let readaheadDue = Atomic<Bool>(true)
 
     public init(filesystem: any FileSystemOperations, configuration: Configuration) {
         self.filesystem = filesystem
@@ -45,7 +58,7 @@ public final class FuseServer: @unchecked Sendable {
     /// up); serves until unmounted or signalled; then unmounts. `onMounted` runs after mounting,
     /// in the process that serves.
     public func run(mountpoint: String, onMounted: () -> Void = {}) throws {
-        var arguments = ["poolfs"]
+        var arguments = ["poolfs", "-o", "max_read=\(configuration.maxRead)"]
         for option in configuration.options { arguments += ["-o", option] }
         let argv = arguments.map { strdup($0) }
         defer { argv.forEach { free($0) } }
@@ -65,6 +78,9 @@ public final class FuseServer: @unchecked Sendable {
         guard fuse_set_signal_handlers(session) == 0 else { throw Failure.session("fuse: cannot set signal handlers") }
         Self.unblockTerminationSignals()
         defer { fuse_remove_signal_handlers(session) }
+        // Resolved before mounting: once mounted, resolving the path would ask this very mount,
+        // which does not serve yet.
+        canonicalMountpoint = MountReadahead.canonicalPath(mountpoint)
         guard fuse_session_mount(session, mountpoint) == 0 else {
             throw Failure.mount("cannot mount at \(mountpoint) (see the message above)")
         }
@@ -89,7 +105,15 @@ public final class FuseServer: @unchecked Sendable {
 
     static func server(_ req: fuse_req_t?) -> FuseServer {
         // SAFETY: userdata is the `FuseServer` passed to fuse_session_new, alive during `run`.
-        Unmanaged<FuseServer>.fromOpaque(fuse_req_userdata(req)!).takeUnretainedValue()
+        let server = Unmanaged<FuseServer>.fromOpaque(fuse_req_userdata(req)!).takeUnretainedValue()
+        if server.readaheadDue.load(ordering: .relaxed) { server.setReadahead() }
+        return server
+    }
+
+    private func setReadahead() {
+        guard readaheadDue.exchange(false, ordering: .relaxed) else { return }
+        let applied = MountReadahead.set(configuration.maxReadahead, mountpoint: canonicalMountpoint)
+        configuration.readaheadApplied?(applied)
     }
 }
 
@@ -157,7 +181,8 @@ extension FuseServer {
         ops.`init` = { userdata, conn in
             // SAFETY: userdata is the server, as above.
             let server = Unmanaged<FuseServer>.fromOpaque(userdata!).takeUnretainedValue()
-            poolfs_configure_connection(conn, server.configuration.maxReadahead, server.configuration.splice ? 1 : 0)
+            let c = server.configuration
+            poolfs_configure_connection(conn, c.maxReadahead, c.maxRead, c.splice ? 1 : 0)
         }
         ops.lookup = { req, parent, name in
             switch FuseServer.server(req).filesystem.lookup(parent: parent, name: String(cString: name!)) {

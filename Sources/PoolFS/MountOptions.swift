@@ -3,7 +3,8 @@
 public struct MountOptions: Sendable, Equatable {
     public var cacheSize = 64 << 20
     public var threads: UInt32 = 16
-    public var readahead: UInt32 = 1 << 20
+    public var readahead: UInt32 = 2 << 20
+    public var maxRead: UInt32 = 512 << 10
     public var splice = true
     /// LVM: never use device-mapper; read LVs from their PVs.
     public var noactivate = false
@@ -34,6 +35,12 @@ public struct MountOptions: Sendable, Equatable {
                     o.cacheSize = try Int(size(value, option: option))
                 case "readahead":
                     o.readahead = UInt32(clamping: try size(value, option: option))
+                case "max_read":
+                    let bytes = try size(value, option: option)
+                    guard (4096...(1 << 20)).contains(bytes) else {
+                        throw MountError.badOption("\(option): max_read takes a size from 4K to 1M")
+                    }
+                    o.maxRead = UInt32(bytes)
                 case "threads":
                     guard let value, let n = UInt32(value), (1...256).contains(n) else {
                         throw MountError.badOption("\(option): threads takes a number from 1 to 256")

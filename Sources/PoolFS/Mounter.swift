@@ -42,6 +42,13 @@ public enum Mounter {
         configuration.foreground = foreground
         configuration.threads = options.threads
         configuration.maxReadahead = options.readahead
+        configuration.maxRead = options.maxRead
+        let readahead = options.readahead
+        configuration.readaheadApplied = { applied in
+            if !applied {
+                Log.info("readahead stays at the kernel's 128 KiB: raising it to \(readahead >> 10) KiB needs root")
+            }
+        }
         configuration.splice = options.splice
         let fsname = ("poolfs:" + pool.displayName).replacingOccurrences(of: ",", with: "\\,")
         configuration.options = (options.cow || options.rw ? [] : ["ro"]) + ["fsname=\(fsname)", "subtype=poolfs"] + options.fuseOptions

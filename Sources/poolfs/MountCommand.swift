@@ -7,7 +7,7 @@ struct MountCommand: ParsableCommand {
         abstract: "Mount a pool: a directory of images, an LVM volume group, a ZFS dataset, or a libvirt pool name.",
         discussion: """
         Options (-o, comma-separated, repeatable): cache_size=SIZE (default 64M), threads=N (16), \
-        readahead=SIZE (1M), nosplice, type=dir|logical|zfs, noactivate (LVM: read LVs from their PVs); \
+        readahead=SIZE (2M; above the kernel's 128K only for root), max_read=SIZE (512K: the largest read request), nosplice, type=dir|logical|zfs, noactivate (LVM: read LVs from their PVs); \
         cow, cache_dir=DIR (/var/tmp), cow_memory=SIZE (256M): writable files whose writes are kept apart \
         and dropped at unmount; rw (dir pools): writes go into the images, with QEMU's image locks \
         (a volume a VM is writing cannot be opened for writing); snapshots stay read-only. \

@@ -24,6 +24,27 @@ struct MountTests {
                 == ["daily@1", "daily@2", "lesson%2F1"])
     }
 
+    /// The kernel leaves a FUSE mount 128 KiB of readahead; the daemon raises it after INIT, and
+    /// finds its mount in /proc/self/mountinfo even under a name that the table escapes.
+    @Test(arguments: [([String](), 2048), (["readahead=512K"], 512)])
+    func readaheadIsRaised(options: [String], expectedKiB: Int) throws {
+        #expect(getuid() == 0, "raising a mount's readahead needs root; run these tests as root")
+        let scratch = try Scratch()
+        try SamplePool.build(in: scratch)
+        let mount = try PoolMount(scratch.path("pool"), in: scratch, options: options, name: "mount point\\1")
+        defer { mount.unmount() }
+        var st = stat()
+        #expect(stat(mount.path("vm.qcow2"), &st) == 0)
+        let (major, minor) = (Int((st.st_dev >> 8) & 0xfff | (st.st_dev >> 32) & ~0xfff), Int(st.st_dev & 0xff | (st.st_dev >> 12) & ~0xff))
+        let setting = try String(contentsOfFile: "/sys/class/bdi/\(major):\(minor)/read_ahead_kb", encoding: .utf8)
+        #expect(Int(setting.trimmingCharacters(in: .whitespacesAndNewlines)) == expectedKiB)
+        // Requests are capped at max_read (512 KiB): the mount's options say so.
+        let table = try String(contentsOfFile: "/proc/self/mountinfo", encoding: .utf8)
+        #expect(table.split(separator: "\n").contains { $0.contains("\(major):\(minor)") && $0.contains("max_read=524288") })
+        try scratch.sh("qemu-img convert -O raw pool/vm.qcow2 expected.raw")
+        #expect(try contents(mount.path("vm.qcow2")) == contents(scratch.path("expected.raw")))
+    }
+
     @Test func sparseMapMatchesQemuImgMap() throws {
         let scratch = try Scratch()
         try SamplePool.build(in: scratch)

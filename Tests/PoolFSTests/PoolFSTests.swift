@@ -37,6 +37,9 @@ import Pools
         #expect(o.cacheSize == 256 << 20)
         #expect(o.threads == 4)
         #expect(o.readahead == 512 << 10)
+        #expect(o.maxRead == 512 << 10, "the default")
+        #expect(try MountOptions.parse(["max_read=256K"]).maxRead == 256 << 10)
+        #expect(try MountOptions.parse([]).readahead == 2 << 20)
         #expect(!o.splice)
         #expect(o.fuseOptions == ["allow_other", "default_permissions", "noatime"])
         #expect(try MountOptions.parse(["type=dir"]).type == "dir")
@@ -46,9 +49,25 @@ import Pools
         #expect(cow.cow && cow.cacheDirectory == "/srv/spill" && cow.cowMemory == 1 << 30 && cow.fuseOptions.isEmpty)
     }
 
-    @Test(arguments: ["cache_size=", "cache_size=12Q", "cache_size=-1", "threads=0", "threads=1000", "threads=many", "cache_dir=", "cow_memory=lots", "rw,cow"])
+    @Test(arguments: ["cache_size=", "cache_size=12Q", "cache_size=-1", "threads=0", "threads=1000", "threads=many", "cache_dir=", "cow_memory=lots", "rw,cow", "max_read=2M", "max_read=1K", "max_read="])
     func badValuesAreRefused(_ option: String) {
         #expect(throws: MountError.self) { try MountOptions.parse([option]) }
+    }
+}
+
+@Suite struct MountReadaheadTests {
+    @Test func theNewestFuseMountAtAPathGivesTheDevice() {
+        let table = """
+            22 1 8:1 / / rw,relatime shared:1 - ext4 /dev/sda1 rw
+            40 22 0:38 / /srv/a\\040b\\134c ro,nosuid shared:20 - fuse.poolfs poolfs:/x ro,max_read=524288
+            41 40 0:45 / /srv/a\\040b\\134c ro,nosuid shared:21 - fuse.poolfs poolfs:/y ro,max_read=524288
+            42 22 0:46 / /srv/plain rw shared:22 - tmpfs tmpfs rw
+            43 22 0:47 / /srv/a\\040b - fuse.other other rw
+            """
+        #expect(MountReadahead.device(of: "/srv/a b\\c", mountinfo: table) == "0:45", "the later mount is on top")
+        #expect(MountReadahead.device(of: "/srv/plain", mountinfo: table) == nil, "not FUSE")
+        #expect(MountReadahead.device(of: "/srv/a b", mountinfo: table) == "0:47")
+        #expect(MountReadahead.device(of: "/srv/none", mountinfo: table) == nil)
     }
 }
 

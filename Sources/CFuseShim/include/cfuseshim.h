@@ -19,9 +19,9 @@ struct poolfs_segment {
 /// segments are spliced to /dev/fuse without a copy when the kernel allows splice.
 int poolfs_reply_segments(fuse_req_t req, const struct poolfs_segment *segments, size_t count);
 
-/// Sets readahead, and asks for splice writes/moves and parallel directory operations when the
-/// kernel offers them.
-void poolfs_configure_connection(struct fuse_conn_info *conn, unsigned max_readahead, int splice);
+/// Sets readahead and the largest read request (as the mount's max_read option says), and asks
+/// for splice writes/moves and parallel directory operations when the kernel offers them.
+void poolfs_configure_connection(struct fuse_conn_info *conn, unsigned max_readahead, unsigned max_read, int splice);
 
 /// fuse_session_loop_mt with a config of `max_threads` workers (libfuse 3.12 API).
 int poolfs_session_loop_mt(struct fuse_session *session, unsigned max_threads);
