@@ -210,7 +210,7 @@ public final class PoolFileSystem: FileSystemOperations {
             guard offset < device.size else { return .success(ReadData(segments: [], owner: nil)) }
             let n = Int(min(UInt64(size), device.size - offset))
             do {
-                if let node = inodes.key(of: inode), let overlay = cow?.overlay(for: node, create: false) {
+                if let cow, let node = inodes.key(of: inode), let overlay = cow.overlay(for: node, create: false) {
                     return .success(try overlay.read(at: offset, length: n, base: device))
                 }
                 let plan = try device.plan(at: offset, length: n)
