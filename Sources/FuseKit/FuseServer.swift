@@ -43,7 +43,7 @@ public final class FuseServer: @unchecked Sendable {
     // SAFETY: written once in `mount` before the loop starts; read only after it ends.
     private var session: OpaquePointer?
     // SAFETY: written once in `run` before the loop starts its worker threads.
-    private var canonicalMountpoint = ""
+    private var mountpoint = ""
     /// Whether the readahead window is still to be set: the kernel answers INIT by keeping the
     /// smaller of its default and the daemon's wish, so it can be raised only after INIT, on the
     /// first request that follows.
@@ -54,7 +54,8 @@ public final class FuseServer: @unchecked Sendable {
         self.configuration = configuration
     }
 
-    /// Mounts at `mountpoint`; daemonizes unless `foreground` (the parent exits once the mount is
+    /// Mounts at `mountpoint`, a canonical path (the mount table's spelling, which finds the mount
+    /// to raise its readahead); daemonizes unless `foreground` (the parent exits once the mount is
     /// up); serves until unmounted or signalled; then unmounts. `onMounted` runs after mounting,
     /// in the process that serves.
     public func run(mountpoint: String, onMounted: () -> Void = {}) throws {
@@ -78,9 +79,7 @@ public final class FuseServer: @unchecked Sendable {
         guard fuse_set_signal_handlers(session) == 0 else { throw Failure.session("fuse: cannot set signal handlers") }
         Self.unblockTerminationSignals()
         defer { fuse_remove_signal_handlers(session) }
-        // Resolved before mounting: once mounted, resolving the path would ask this very mount,
-        // which does not serve yet.
-        canonicalMountpoint = MountReadahead.canonicalPath(mountpoint)
+        self.mountpoint = mountpoint
         guard fuse_session_mount(session, mountpoint) == 0 else {
             throw Failure.mount("cannot mount at \(mountpoint) (see the message above)")
         }
@@ -112,7 +111,7 @@ public final class FuseServer: @unchecked Sendable {
 
     private func setReadahead() {
         guard readaheadDue.exchange(false, ordering: .relaxed) else { return }
-        let applied = MountReadahead.set(configuration.maxReadahead, mountpoint: canonicalMountpoint)
+        let applied = MountReadahead.set(configuration.maxReadahead, mountpoint: mountpoint)
         configuration.readaheadApplied?(applied)
     }
 }

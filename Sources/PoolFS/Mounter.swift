@@ -88,38 +88,10 @@ public enum Mounter {
         guard let resolved = realpath(path, nil) else { throw MountError.mountpoint("mountpoint \(path) cannot be resolved") }
         let real = String(cString: resolved)
         free(resolved)
-        if mountedPaths().contains(real) {
+        if MountTable.current().entries.contains(where: { $0.mountpoint == real }) {
             throw MountError.mountpoint("mountpoint \(real) is busy: something is already mounted there")
         }
         return real
-    }
-
-    /// Mount points from /proc/self/mountinfo (field 5, with octal escapes for spaces and the like).
-    static func mountedPaths() -> Set<String> {
-        guard let text = try? String(contentsOfFile: "/proc/self/mountinfo", encoding: .utf8) else { return [] }
-        var paths = Set<String>()
-        for line in text.split(separator: "\n") {
-            let fields = line.split(separator: " ")
-            guard fields.count > 4 else { continue }
-            paths.insert(unescape(String(fields[4])))
-        }
-        return paths
-    }
-
-    static func unescape(_ field: String) -> String {
-        var bytes: [UInt8] = []
-        let u = Array(field.utf8)
-        var i = 0
-        while i < u.count {
-            if u[i] == UInt8(ascii: "\\"), i + 3 < u.count + 0, let v = UInt8(String(decoding: u[i + 1...i + 3], as: UTF8.self), radix: 8) {
-                bytes.append(v)
-                i += 4
-            } else {
-                bytes.append(u[i])
-                i += 1
-            }
-        }
-        return String(decoding: bytes, as: UTF8.self)
     }
 
     /// Unmounts, then waits until the daemon has flushed what was open for writing and exited.

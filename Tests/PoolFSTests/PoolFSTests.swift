@@ -64,10 +64,10 @@ import Pools
             42 22 0:46 / /srv/plain rw shared:22 - tmpfs tmpfs rw
             43 22 0:47 / /srv/a\\040b - fuse.other other rw
             """
-        #expect(MountReadahead.device(of: "/srv/a b\\c", mountinfo: table) == "0:45", "the later mount is on top")
-        #expect(MountReadahead.device(of: "/srv/plain", mountinfo: table) == nil, "not FUSE")
-        #expect(MountReadahead.device(of: "/srv/a b", mountinfo: table) == "0:47")
-        #expect(MountReadahead.device(of: "/srv/none", mountinfo: table) == nil)
+        #expect(MountReadahead.device(of: "/srv/a b\\c", in: MountTable(text: table)) == "0:45", "the later mount is on top")
+        #expect(MountReadahead.device(of: "/srv/plain", in: MountTable(text: table)) == nil, "not FUSE")
+        #expect(MountReadahead.device(of: "/srv/a b", in: MountTable(text: table)) == "0:47")
+        #expect(MountReadahead.device(of: "/srv/none", in: MountTable(text: table)) == nil)
     }
 }
 
