@@ -1,4 +1,5 @@
 import Foundation
+import FuseKit
 import TestSupport
 import Testing
 
@@ -60,16 +61,7 @@ final class PoolMount {
     }
 
     static func isMounted(_ path: String) -> Bool {
-        let table = (try? String(contentsOfFile: "/proc/self/mountinfo", encoding: .utf8)) ?? ""
-        // The table writes space, tab, newline and backslash in octal.
-        var escaped = ""
-        for c in path.unicodeScalars {
-            switch c {
-            case " ", "\t", "\n", "\\": escaped += "\\" + String(c.value, radix: 8).leftPadded(to: 3)
-            default: escaped.unicodeScalars.append(c)
-            }
-        }
-        return table.split(separator: "\n").contains { $0.split(separator: " ").dropFirst(4).first.map(String.init) == escaped }
+        MountTable.current().entries.contains { $0.mountpoint == path }
     }
 }
 
@@ -109,8 +101,4 @@ func qemuDataRanges(_ image: String, in scratch: Scratch) throws -> [Range<UInt6
 
 func contents(_ path: String) throws -> Data {
     try Data(contentsOf: URL(fileURLWithPath: path))
-}
-
-private extension String {
-    func leftPadded(to width: Int) -> String { String(repeating: "0", count: max(0, width - count)) + self }
 }
