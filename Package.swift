@@ -22,7 +22,7 @@ let package = Package(
         // The only Swift module that imports libfuse.
         .target(name: "FuseKit", dependencies: ["CFuse3", "CFuseShim"]),
         // Pool adapters: directories, LVM volume groups; external commands through one runner.
-        .target(name: "Pools", dependencies: ["Qcow2"]),
+        .target(name: "Pools", dependencies: ["Qcow2", "CHostIO"]),
         // The filesystem: the tree of volumes and snapshots, FUSE operations.
         .target(name: "PoolFS", dependencies: ["Qcow2", "FuseKit", "Pools"]),
         .executableTarget(name: "poolfs", dependencies: [

@@ -4,7 +4,13 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <linux/falloc.h>
+#include <signal.h>
+#include <spawn.h>
+#include <stdlib.h>
 #include <string.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
 
 static int fallocate_mode(int fd, int mode, uint64_t offset, uint64_t length) {
     int r;
@@ -41,4 +47,63 @@ int poolfs_ofd_byte_locked(int fd, uint64_t byte) {
     struct flock fl = byte_lock(byte, F_WRLCK);
     if (fcntl(fd, F_OFD_GETLK, &fl) < 0) return -errno;
     return fl.l_type != F_UNLCK;
+}
+
+/// `count` NUL-terminated strings packed in `packed`, as a NULL-terminated array (malloc'ed).
+static char **unpack(const char *packed, int count) {
+    char **list = calloc((size_t)count + 1, sizeof *list);
+    if (!list) return NULL;
+    for (int i = 0; i < count; i++) {
+        list[i] = (char *)packed;
+        packed += strlen(packed) + 1;
+    }
+    return list;
+}
+
+int poolfs_spawn(const char *args, int argc, const char *env, int envc, int out_fd, int err_fd, int *pid) {
+    if (argc < 1) return EINVAL;
+    char **argv = unpack(args, argc), **envp = unpack(env, envc);
+    int rc = ENOMEM;
+    posix_spawn_file_actions_t actions;
+    posix_spawnattr_t attr;
+    if (argv && envp && posix_spawn_file_actions_init(&actions) == 0) {
+        if (posix_spawnattr_init(&attr) == 0) {
+            sigset_t none, all;
+            sigemptyset(&none);
+            sigfillset(&all);
+            posix_spawnattr_setsigmask(&attr, &none);
+            posix_spawnattr_setsigdefault(&attr, &all);
+            posix_spawnattr_setflags(&attr, POSIX_SPAWN_SETSIGMASK | POSIX_SPAWN_SETSIGDEF);
+            rc = posix_spawn_file_actions_addopen(&actions, 0, "/dev/null", O_RDONLY, 0);
+            if (rc == 0) rc = posix_spawn_file_actions_adddup2(&actions, out_fd, 1);
+            if (rc == 0) rc = posix_spawn_file_actions_adddup2(&actions, err_fd, 2);
+            if (rc == 0) rc = posix_spawn_file_actions_addclosefrom_np(&actions, 3);
+            if (rc == 0) rc = posix_spawnp(pid, argv[0], &actions, &attr, argv, envp);
+            posix_spawnattr_destroy(&attr);
+        }
+        posix_spawn_file_actions_destroy(&actions);
+    }
+    free(argv);
+    free(envp);
+    return rc;
+}
+
+int poolfs_wait(int pid, int timeout_ms, int *status) {
+    struct timespec start, now;
+    clock_gettime(CLOCK_MONOTONIC, &start);
+    long pause_us = 200;
+    for (;;) {
+        int st = 0;
+        pid_t r = waitpid(pid, &st, WNOHANG);
+        if (r == pid) {
+            *status = WIFEXITED(st) ? WEXITSTATUS(st) : 128 + WTERMSIG(st);
+            return 0;
+        }
+        if (r < 0 && errno != EINTR) return -errno;
+        clock_gettime(CLOCK_MONOTONIC, &now);
+        long elapsed_ms = (now.tv_sec - start.tv_sec) * 1000 + (now.tv_nsec - start.tv_nsec) / 1000000;
+        if (elapsed_ms >= timeout_ms) return -ETIMEDOUT;
+        usleep((useconds_t)pause_us);
+        if (pause_us < 20000) pause_us *= 2;
+    }
 }

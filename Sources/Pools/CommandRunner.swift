@@ -1,11 +1,14 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import CHostIO
 import Foundation
-import Synchronization
 
 /// Runs the external commands pool adapters need (lvs, pvs, zfs...). Every adapter takes one, so
 /// tests can replay recorded output through a fake.
 public protocol CommandRunner: Sendable {
     /// Runs `arguments` (the first is the program, looked up in PATH); returns its stdout, or
-    /// throws `CommandError` when it cannot start or exits non-zero.
+    /// throws `CommandError` when it cannot start, exits non-zero or outlives its time limit.
     func run(_ arguments: [String]) throws -> String
 }
 
@@ -27,44 +30,68 @@ public struct CommandError: Error, Equatable, CustomStringConvertible {
     }
 }
 
-/// Runs commands for real. LVM's warnings about inherited descriptors are silenced; its other
-/// messages stay in the error.
+/// Runs commands for real, each within `timeout` seconds: one that outlives it is killed
+/// (SIGKILL) and fails, so no caller waits on a stuck lvm or zfs command for ever. The command
+/// inherits no descriptor but its output files (`poolfs_spawn`), and its output goes to unlinked
+/// temporary files rather than pipes: a daemon it leaves behind (dmeventd, lvmpolld) could keep
+/// a pipe open, and reading it to its end would then never return. LVM's warnings about
+/// inherited descriptors are silenced; its other messages stay in the error.
 public struct SystemCommandRunner: CommandRunner {
-    public init() {}
+    public let timeout: Double
+
+    public init(timeout: Double = 60) {
+        self.timeout = timeout
+    }
 
     public func run(_ arguments: [String]) throws -> String {
         let commandLine = arguments.map { $0.contains(" ") ? "'\($0)'" : $0 }.joined(separator: " ")
-        let process = Process()
-        process.executableURL = URL(fileURLWithPath: "/usr/bin/env")
-        process.arguments = arguments
+        func failure(_ why: String) -> CommandError { CommandError(commandLine: commandLine, status: -1, stderr: why) }
+        guard !arguments.isEmpty else { throw failure("no command") }
+        let out: FileHandle, err: FileHandle
+        do {
+            out = try Self.anonymousFile()
+            err = try Self.anonymousFile()
+        } catch {
+            throw failure("cannot make an output file: \(error)")
+        }
         var environment = ProcessInfo.processInfo.environment
         environment["LVM_SUPPRESS_FD_WARNINGS"] = "1"
         environment["LC_ALL"] = "C"
-        process.environment = environment
-        let out = Pipe(), err = Pipe()
-        process.standardOutput = out
-        process.standardError = err
-        process.standardInput = FileHandle.nullDevice
-        do {
-            try process.run()
-        } catch {
-            throw CommandError(commandLine: commandLine, status: -1, stderr: "\(error)")
+        let args = Self.packed(arguments), env = Self.packed(environment.map { "\($0.key)=\($0.value)" })
+        var pid: Int32 = 0
+        let spawned = poolfs_spawn(args, Int32(arguments.count), env, Int32(environment.count),
+                                   out.fileDescriptor, err.fileDescriptor, &pid)
+        guard spawned == 0 else { throw failure("cannot start \(arguments[0]): \(String(cString: strerror(spawned)))") }
+        var status: Int32 = 0
+        if poolfs_wait(pid, Int32(timeout * 1000), &status) != 0 {
+            kill(pid, SIGKILL)
+            // SIGKILL cannot be ignored; a process stuck in the kernel is left behind after a bound.
+            _ = poolfs_wait(pid, 5000, &status)
+            throw failure("did not finish within \(Int(timeout)) seconds and was killed")
         }
-        // Read both pipes to the end before waiting, so a chatty command cannot block on a full pipe.
-        let group = DispatchGroup()
-        let stderrBox = Mutex(Data())
-        DispatchQueue.global().async(group: group) {
-            let data = err.fileHandleForReading.readDataToEndOfFile()
-            stderrBox.withLock { $0 = data }
+        guard status == 0 else {
+            throw CommandError(commandLine: commandLine, status: status, stderr: Self.contents(of: err))
         }
-        let stdoutData = out.fileHandleForReading.readDataToEndOfFile()
-        group.wait()
-        let stderrData = stderrBox.withLock { $0 }
-        process.waitUntilExit()
-        guard process.terminationStatus == 0 else {
-            throw CommandError(commandLine: commandLine, status: process.terminationStatus,
-                               stderr: String(decoding: stderrData, as: UTF8.self))
-        }
-        return String(decoding: stdoutData, as: UTF8.self)
+        return Self.contents(of: out)
+    }
+
+    /// Strings one after another, each ended by a NUL, as `poolfs_spawn` takes them.
+    static func packed(_ strings: [String]) -> [CChar] {
+        strings.flatMap { $0.utf8CString }
+    }
+
+    /// A file in /tmp (or TMPDIR) that is unlinked at once: it goes away with its last descriptor.
+    static func anonymousFile() throws -> FileHandle {
+        let directory = ProcessInfo.processInfo.environment["TMPDIR"] ?? "/tmp"
+        var template = Array((directory + "/poolfs-cmd-XXXXXX").utf8CString)
+        let fd = mkstemp(&template)
+        guard fd >= 0 else { throw POSIXError(POSIXErrorCode(rawValue: errno) ?? .EIO) }
+        _ = fcntl(fd, F_SETFD, FD_CLOEXEC)
+        unlink(String(decoding: template.dropLast().map { UInt8(bitPattern: $0) }, as: UTF8.self))
+        return FileHandle(fileDescriptor: fd, closeOnDealloc: true)
+    }
+
+    static func contents(of file: FileHandle) -> String {
+        (try? file.seek(toOffset: 0)).flatMap { _ in try? file.readToEnd() }.map { String(decoding: $0, as: UTF8.self) } ?? ""
     }
 }

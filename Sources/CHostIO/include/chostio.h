@@ -15,4 +15,14 @@ int poolfs_ofd_lock_byte(int fd, uint64_t byte, int exclusive, int unlock);
 /// lock: 1 yes, 0 no, -errno on failure.
 int poolfs_ofd_byte_locked(int fd, uint64_t byte);
 
+/// posix_spawnp(3) of a command whose `argc` arguments and `envc` "NAME=value" strings are packed,
+/// each NUL-terminated, in `args` and `env`. The child reads /dev/null, writes to `out_fd` and
+/// `err_fd`, inherits no other descriptor (a FUSE daemon's /dev/fuse must not outlive it in an
+/// lvm helper), and starts with no signal blocked or ignored. Sets `*pid`; 0 or an errno value.
+int poolfs_spawn(const char *args, int argc, const char *env, int envc, int out_fd, int err_fd, int *pid);
+/// Waits up to `timeout_ms` for child `pid` (waitpid(2), WNOHANG, polled with a growing sleep).
+/// 0 once it exited, with `*status` its exit code or 128 + the signal that ended it; -ETIMEDOUT
+/// while it runs; another -errno on failure.
+int poolfs_wait(int pid, int timeout_ms, int *status);
+
 #endif
