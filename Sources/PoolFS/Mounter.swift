@@ -13,7 +13,7 @@ public enum Mounter {
         if !foreground { closeInheritedDescriptors() }
         guard access("/dev/fuse", R_OK | W_OK) == 0 else { throw MountError.noFuseDevice }
         let pool = try PoolSource.open(source, type: options.type,
-                                       lvmMode: LogicalPool.Mode.forThisHost(noactivate: options.noactivate))
+                                       lvmMode: LogicalPool.Mode.forThisHost(noactivate: options.noactivate), writable: options.rw)
         let target = try checkMountpoint(mountpoint)
         // Held until everything below is done, so that `poolfs unmount` can wait for it.
         let lock = MountLock.hold(target)
@@ -29,8 +29,8 @@ public enum Mounter {
                 throw MountError.badOption("cache_dir=\(options.cacheDirectory): not a writable directory")
             }
         }
-        if options.rw, !(pool is DirectoryPool) {
-            throw MountError.badOption("rw: \(pool.displayName) is not a dir pool; only dir pools can be written (use -o cow for a writable view)")
+        if options.rw, !(pool is DirectoryPool) && (pool as? LogicalPool)?.mode != .devices {
+            throw MountError.badOption("rw: \(pool.displayName) cannot be written: dir pools can, and LVM pools through device-mapper (not with noactivate, nor on a kernel without it); use -o cow for a writable view")
         }
         let store = VolumeStore(pool: pool, cache: BlockCache(capacityBytes: options.cacheSize), writesImages: options.rw)
         // Whatever is still open for writing when the mount ends is flushed and closed.

@@ -43,7 +43,7 @@ public final class PoolFileSystem: FileSystemOperations {
         case directory(Attributes)
         case volume(OpenVolume)
         case snapshot(OpenVolume, Snapshot)
-        case poolSnapshot(OpenVolume, Result<any BlockDevice, PoolSnapshotError>)
+        case poolSnapshot(OpenVolume, file: String, Result<any BlockDevice, PoolSnapshotError>)
     }
 
     func resolve(_ node: Node) -> Result<Resolved, Errno> {
@@ -66,7 +66,7 @@ public final class PoolFileSystem: FileSystemOperations {
             guard let volume = store.volume(name) else { return .failure(.noEntry) }
             if let snapshot = volume.snapshot(file: file) { return .success(.snapshot(volume, snapshot)) }
             if let pooled = volume.poolSnapshots.first(where: { $0.file == file }) {
-                return .success(.poolSnapshot(volume, pooled.device))
+                return .success(.poolSnapshot(volume, file: file, pooled.device))
             }
             return .failure(.noEntry)
         }
@@ -108,9 +108,12 @@ public final class PoolFileSystem: FileSystemOperations {
             a.size = v.image?.device(of: s)?.size ?? 0
             a.blocks = (v.allocatedBytes(snapshot: s) + 511) / 512
             return a
-        case .poolSnapshot(let v, let device):
+        case .poolSnapshot(let v, let file, let device):
             var a = attributes(type: S_IFREG, from: v.fileStat, permissions: cow != nil ? 0o7777 : 0o7555)
-            a.size = (try? device.get().size) ?? 0
+            if case .success(let d) = device {
+                a.size = d.size
+                a.blocks = (v.allocatedBytes(poolSnapshot: file, device: d) + 511) / 512
+            }
             return a
         }
     }
@@ -126,7 +129,7 @@ public final class PoolFileSystem: FileSystemOperations {
         case .success(.snapshot(let v, let s)):
             guard let device = v.image?.device(of: s) else { return .failure(.io) }
             return .success(device)
-        case .success(.poolSnapshot(_, let device)):
+        case .success(.poolSnapshot(_, _, let device)):
             switch device {
             case .success(let d): return .success(d)
             case .failure(let why):
@@ -172,7 +175,12 @@ public final class PoolFileSystem: FileSystemOperations {
     }
 
     public func open(inode: UInt64, writing: Bool) -> Result<Void, Errno> {
-        guard writing, store.writesImages else { return device(inode).map { _ in () } }
+        guard writing, store.writesImages else {
+            // A device made on first use (an LV to activate) is made now, so that open fails, not the reads.
+            return device(inode).flatMap { device in
+                Result { try (device as? DeferredDevice)?.device() }.map { _ in () }.mapError { fail($0, inode: inode) }
+            }
+        }
         guard let node = inodes.key(of: inode) else { return .failure(.noEntry) }
         guard case .volume(let name) = node else { return .failure(.readOnly) }
         do {
@@ -365,7 +373,7 @@ public final class PoolFileSystem: FileSystemOperations {
                     ("user.poolfs.vm_state_size", "\(s.vmStateSize)"),
                     ("user.poolfs.vm_clock_ns", "\(s.vmClockNanoseconds)"),
                 ]
-            case .poolSnapshot(_, let device):
+            case .poolSnapshot(_, _, let device):
                 switch device {
                 case .success(let d): return [("user.poolfs.format", "raw"), ("user.poolfs.virtual_size", "\(d.size)")]
                 case .failure(let why): return [("user.poolfs.error", why.message)]

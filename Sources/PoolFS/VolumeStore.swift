@@ -63,18 +63,25 @@ public final class OpenVolume: Sendable {
         snapshotFiles.first { $0.file == file }?.snapshot
     }
 
-    /// Data bytes of the live disk (`key` nil) or of a snapshot: computed once per opened image,
-    /// except the live disk of a volume open for writing, recounted at most once a second.
+    /// Data bytes of the live disk (`snapshot` nil) or of a snapshot: computed once per opened
+    /// image, except the live disk of a volume open for writing, recounted at most once a second.
     func allocatedBytes(snapshot: Snapshot?) -> UInt64 {
-        let key = snapshot.map { "\($0.id)" } ?? ""
+        allocatedBytes(key: snapshot.map { "\($0.id)" } ?? "", changing: writer != nil && snapshot == nil) {
+            snapshot.map { image?.device(of: $0) } ?? image?.live
+        }
+    }
+
+    /// Data bytes of a snapshot the pool keeps (an LVM snapshot), once per opened volume.
+    func allocatedBytes(poolSnapshot file: String, device: any BlockDevice) -> UInt64 {
+        allocatedBytes(key: "pool/" + file, changing: false) { device }
+    }
+
+    private func allocatedBytes(key: String, changing: Bool, device: () -> (any BlockDevice)?) -> UInt64 {
         let now = Self.monotonicNanoseconds()
-        let changing = writer != nil && snapshot == nil
         if let known = allocation.withLock({ $0[key] }), !changing || now - known.at < Self.recountWrittenAfter {
             return known.bytes
         }
-        guard let image else { return 0 }
-        let device: (any BlockDevice)? = snapshot.map { image.device(of: $0) } ?? image.live
-        let bytes = (try? device?.allocatedBytes()) ?? 0
+        let bytes = (try? device()?.allocatedBytes()) ?? 0
         allocation.withLock { $0[key] = (bytes, now) }
         return bytes
     }

@@ -36,13 +36,28 @@ public struct VolumeGroupReport: Sendable, Equatable {
         public var pool: String?
         public var path: String
         public var segments: [Segment]
+        /// Thin LVs: the device id inside the pool's metadata (`thin_id`).
+        public var thinID: UInt64? = nil
+        /// Thin pools: lvm2's transaction id, and their data and metadata LVs (`[pool_tdata]`).
+        public var transactionID: UInt64? = nil
+        public var dataVolume: String? = nil
+        public var metadataVolume: String? = nil
+        /// Classic snapshots: the exception chunk size; thin pools: the data block size (bytes).
+        public var chunkSize: UInt64 = 0
 
         /// The first `lv_attr` character.
         public var type: Character { attributes.first ?? "-" }
+        /// `lv_attr` character 4: `a` active, `I` an invalidated snapshot, `-` inactive...
+        public var state: Character { attributes.count > 4 ? Array(attributes)[4] : "-" }
+        public var isActive: Bool { state == "a" }
+        /// A classic snapshot (its COW is its own segments), merging (`S`) or not.
+        public var isClassicSnapshot: Bool { "sS".contains(type) }
+        /// A thin LV (`V`): its blocks are mapped by its pool.
+        public var isThin: Bool { type == "V" }
         /// Thin pools, their data and metadata, mirror and raid images, logs, spares and every
         /// `[bracketed]` LV are LVM's internals, not volumes.
         public var isInternal: Bool { name.hasPrefix("[") || "tTeiIrRlmpvCwdD".contains(type) }
-        /// A classic (`s`, `S` when invalid) or thin (`V` with an origin) snapshot.
+        /// A classic (`s`, `S` while merging) or thin (`V` with an origin) snapshot.
         public var isSnapshot: Bool { "sS".contains(type) || (type == "V" && origin != nil) }
     }
 
@@ -64,7 +79,7 @@ public struct VolumeGroupReport: Sendable, Equatable {
     }
 
     /// Fields asked of `lvs`; one row per segment.
-    public static let lvsFields = "lv_name,vg_name,lv_size,lv_attr,origin,pool_lv,segtype,seg_start,seg_size,stripes,stripe_size,seg_pe_ranges,lv_path"
+    public static let lvsFields = "lv_name,vg_name,lv_size,lv_attr,origin,pool_lv,segtype,seg_start,seg_size,stripes,stripe_size,seg_pe_ranges,lv_path,thin_id,transaction_id,data_lv,metadata_lv,chunk_size"
 
     /// Queries the volume group through `runner`.
     public static func query(_ vg: String, runner: any CommandRunner) throws -> VolumeGroupReport {
@@ -94,7 +109,11 @@ public struct VolumeGroupReport: Sendable, Equatable {
                     name: name, size: try number(row, "lv_size"), attributes: row["lv_attr"] ?? "",
                     origin: row["origin"].flatMap { $0.isEmpty ? nil : $0 },
                     pool: row["pool_lv"].flatMap { $0.isEmpty ? nil : $0 },
-                    path: row["lv_path"] ?? "", segments: [segment]))
+                    path: row["lv_path"] ?? "", segments: [segment],
+                    thinID: try optionalNumber(row, "thin_id"), transactionID: try optionalNumber(row, "transaction_id"),
+                    dataVolume: row["data_lv"].flatMap { $0.isEmpty ? nil : $0 },
+                    metadataVolume: row["metadata_lv"].flatMap { $0.isEmpty ? nil : $0 },
+                    chunkSize: try optionalNumber(row, "chunk_size") ?? 0))
             }
         }
         return VolumeGroupReport(name: vg, extentSize: extentSize, extentStart: starts, volumes: volumes)
@@ -129,6 +148,12 @@ public struct VolumeGroupReport: Sendable, Equatable {
             throw ParseError.json("no report.\(key) array")
         }
         return rows
+    }
+
+    /// A number that only some LVs have: absent or empty is nil.
+    static func optionalNumber(_ row: [String: String], _ field: String) throws -> UInt64? {
+        guard let text = row[field], !text.isEmpty else { return nil }
+        return try number(row, field)
     }
 
     static func number(_ row: [String: String], _ field: String) throws -> UInt64 {

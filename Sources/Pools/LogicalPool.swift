@@ -5,11 +5,17 @@ import Qcow2
 import Synchronization
 
 /// A libvirt `logical` pool: an LVM volume group. Regular LVs are volumes; classic and thin
-/// snapshots appear under their origin; thin pools and internal LVs are hidden.
+/// snapshots appear under the volume they were taken of (a snapshot of a thin snapshot too);
+/// thin pools and internal LVs are hidden.
 ///
-/// With device-mapper, volumes are read from their devices (/dev/VG/LV) while active. Without it
-/// (no kernel support, or `-o noactivate`), linear and striped LVs are read straight from their
-/// PVs through the extent map, and snapshots say why they cannot be read.
+/// Two ways to read an LV, chosen per mount:
+/// - **devices**: through device-mapper, `/dev/VG/LV`. An inactive LV is activated read-only on
+///   its first open (never on lookup, getattr or readdir, whose sizes come from the report) and
+///   deactivated again at unmount.
+/// - **extents**: straight from the PVs, with no kernel state touched: linear and striped LVs
+///   through the extent map, classic snapshots through their exception store
+///   (`ClassicSnapshotDevice`), thin LVs and thin snapshots through the pool's metadata btrees
+///   (`ThinPoolMetadata`). For hosts without device-mapper, `-o noactivate`, and disk images.
 public final class LogicalPool: Pool {
     public enum Mode: Sendable, Equatable {
         case devices
@@ -28,20 +34,25 @@ public final class LogicalPool: Pool {
 
     public let volumeGroup: String
     public let mode: Mode
+    /// `-o rw`: volumes (never snapshots) are activated writable and can be opened for writing.
+    public let writable: Bool
     let runner: any CommandRunner
     /// Prepended to device paths: tests point it at a directory of regular files.
     let deviceRoot: String
     /// The last lvs report, asked again after `reportLifetime`: new snapshots show within it.
     private let cached: RefreshedValue<VolumeGroupReport>
-    /// LVs this mount activated, deactivated again by `release`.
-    private let activated = Mutex<[String]>([])
+    /// LVs this mount activated (with whatever lvm2 activated alongside: origins, pools), in the
+    /// order `release` deactivates them. Activations run one at a time.
+    private let activated = Mutex<[(lv: String, rank: Int)]>([])
+    private let activating = Mutex<Void>(())
 
     public var displayName: String { volumeGroup }
     public var statisticsPath: String { "/" }
 
-    public init(volumeGroup: String, runner: any CommandRunner, mode: Mode, reportLifetime: Double = 1,
-                deviceRoot: String = "") throws {
+    public init(volumeGroup: String, runner: any CommandRunner, mode: Mode, writable: Bool = false,
+                reportLifetime: Double = 1, deviceRoot: String = "") throws {
         self.volumeGroup = volumeGroup
+        self.writable = writable
         self.runner = runner
         self.mode = mode
         self.deviceRoot = deviceRoot
@@ -51,105 +62,218 @@ public final class LogicalPool: Pool {
     /// The volume group as lvs last said.
     public func report() -> VolumeGroupReport { cached.value }
 
-    func volume(_ name: String) -> VolumeGroupReport.LogicalVolume? {
-        report().volumes.first { $0.name == name && !$0.isInternal && !$0.isSnapshot }
-    }
-
     public func volumeNames() throws -> [String] {
         report().volumes.filter { !$0.isInternal && !$0.isSnapshot }.map(\.name).sorted()
     }
 
+    /// The LV's device while it exists; otherwise a PV it lives on (an inactive LV, or any LV
+    /// without device-mapper), so that mode, owner and times are a block device's.
     public func volumePath(_ name: String) -> String? {
-        guard let lv = volume(name) else { return nil }
-        switch mode {
-        case .devices: return deviceRoot + lv.path
-        case .extents: return deviceRoot + (lv.segments.first?.ranges.first?.device ?? lv.path)
+        let report = report()
+        guard let lv = report.volumes.first(where: { $0.name == name && !$0.isInternal && !$0.isSnapshot }) else { return nil }
+        return statPath(of: lv, in: report)
+    }
+
+    func statPath(of lv: VolumeGroupReport.LogicalVolume, in report: VolumeGroupReport) -> String {
+        if mode == .devices, access(deviceRoot + lv.path, F_OK) == 0 { return deviceRoot + lv.path }
+        var current = lv
+        for _ in 0..<8 {
+            if let device = current.segments.first?.ranges.first?.device { return deviceRoot + device }
+            // A thin LV lives on its pool's data LV; a snapshot with no extents of its own, on its origin.
+            let next = current.pool.flatMap { report.volume($0)?.dataVolume ?? $0 } ?? current.origin
+            guard let next, let lv = report.volume(next) else { break }
+            current = lv
         }
+        return deviceRoot + (report.extentStart.keys.sorted().first ?? lv.path)
     }
 
     public func openImage(_ name: String, path: String, cache: BlockCache) throws -> Image {
         let report = report()
-        guard let lv = report.volumes.first(where: { $0.name == name }) else {
-            throw PoolError.notFound("\(volumeGroup)/\(name)")
-        }
-        return try open(lv, in: report)
+        guard let lv = report.volume(name) else { throw PoolError.notFound("\(volumeGroup)/\(name)") }
+        return Image.wrapping(device(of: lv, in: report), path: lv.path)
     }
 
-    func open(_ lv: VolumeGroupReport.LogicalVolume, in report: VolumeGroupReport) throws -> Image {
+    /// `-o rw`: the LV's device, opened for writing (activated writable first if it is not active).
+    /// Snapshots are not volumes, so they never get here; reading LVs from their PVs never writes.
+    public func openWritableImage(_ name: String, path: String, cache: BlockCache) throws -> Image {
+        let report = report()
+        guard let lv = report.volume(name), !lv.isInternal, !lv.isSnapshot else { throw PoolError.notFound("\(volumeGroup)/\(name)") }
+        guard mode == .devices, writable else {
+            throw Qcow2Error.writeRefused("\(volumeGroup)/\(name): LVs are written through device-mapper only (not with -o noactivate or without it)")
+        }
+        if !lv.isActive { try activate(lv, in: report) }
+        return try Image.open(path: deviceRoot + lv.path, format: .raw, cache: cache, writable: true)
+    }
+
+    /// The LV's bytes, made on first read: nothing is activated or read before.
+    func device(of lv: VolumeGroupReport.LogicalVolume, in report: VolumeGroupReport) -> DeferredDevice {
+        let size = lv.isClassicSnapshot ? (lv.origin.flatMap { report.volume($0)?.size } ?? lv.size) : lv.size
         switch mode {
         case .devices:
-            if lv.attributes.count > 4, Array(lv.attributes)[4] != "a" { try activate(lv) }
-            return try Image.open(path: deviceRoot + lv.path, format: .raw, cache: BlockCache(capacityBytes: 0))
-        case .extents:
-            var files: [String: HostFile] = [:]
-            let root = deviceRoot
-            let device = try ExtentMappedDevice(volume: lv, in: report) { path in
-                if let file = files[path] { return file }
-                let file = try HostFile(path: root + path)
-                files[path] = file
-                return file
+            return DeferredDevice(size: size, statusMakesDevice: false) { [self] in
+                if !lv.isActive { try activate(lv, in: report) }
+                return RawImage(file: try HostFile(path: deviceRoot + lv.path))
             }
-            return Image.wrapping(device, path: lv.path)
+        case .extents:
+            return DeferredDevice(size: size, statusMakesDevice: true) { [self] in
+                var files: [String: HostFile] = [:]
+                return try extentDevice(of: lv, in: report, depth: 0) { path in
+                    if let file = files[path] { return file }
+                    let file = try HostFile(path: deviceRoot + path)
+                    files[path] = file
+                    return file
+                }
+            }
         }
     }
 
-    /// Activates an LV read-only for the time of the mount: `read_only_volume_list` makes the
-    /// device read-only without changing the LV's permission in the metadata; `-K` also activates
-    /// thin snapshots, which LVM flags to skip activation.
-    func activate(_ lv: VolumeGroupReport.LogicalVolume) throws {
+    /// The LV read from its PVs. `open` gives each PV's file, opened once.
+    func extentDevice(of lv: VolumeGroupReport.LogicalVolume, in report: VolumeGroupReport, depth: Int,
+                      open: (String) throws -> HostFile) throws -> any BlockDevice {
         let full = "\(volumeGroup)/\(lv.name)"
-        let already = activated.withLock { $0.contains(full) }
-        guard !already else { return }
-        do {
-            _ = try runner.run(["lvchange", "-ay", "-K", "--config",
-                                "activation { read_only_volume_list = [ \"\(full)\" ] }", full])
-        } catch {
-            throw LogicalPoolError.activation(full, "\(error)")
+        // Origins nest (a classic snapshot of a thin LV); the report cannot loop, but a bound is cheap.
+        guard depth < 8 else { throw LogicalPoolError.inconsistent(full, "origins nest more than 8 deep") }
+        if lv.type == "S" || lv.type == "O" { throw LogicalPoolError.merging(full) }
+        if lv.isClassicSnapshot {
+            if lv.state == "I" { throw LogicalPoolError.invalidated(full) }
+            guard let originName = lv.origin, let origin = report.volume(originName) else {
+                throw LogicalPoolError.inconsistent(full, "its origin is not in the report")
+            }
+            var cow = lv
+            cow.size = lv.segments.reduce(0) { $0 + $1.size }
+            return try ClassicSnapshotDevice(
+                origin: extentDevice(of: origin, in: report, depth: depth + 1, open: open),
+                cow: ExtentMappedDevice(volume: cow, in: report, open: open), name: full)
         }
-        activated.withLock { $0.append(full) }
+        if lv.isThin {
+            guard let thinID = lv.thinID, let poolName = lv.pool, let pool = report.volume(poolName),
+                  let dataName = pool.dataVolume, let data = report.volume(dataName),
+                  let metadataName = pool.metadataVolume, let metadata = report.volume(metadataName) else {
+                throw LogicalPoolError.inconsistent(full, "its thin pool, the pool's data or metadata LV, or its thin id is not in the report")
+            }
+            let mapping = try ThinPoolMetadata(metadata: ExtentMappedDevice(volume: metadata, in: report, open: open),
+                                               expectedTransactionID: pool.transactionID, name: "\(volumeGroup)/\(poolName)")
+            return try mapping.device(id: thinID, size: lv.size, data: ExtentMappedDevice(volume: data, in: report, open: open))
+        }
+        return try ExtentMappedDevice(volume: lv, in: report, open: open)
+    }
+
+    /// Activates an LV for the time of the mount, read-only (in an `-o rw` mount, snapshots
+    /// only), without changing its permission in the metadata: `-K` also activates thin snapshots, which LVM flags to skip activation;
+    /// `--ignoremonitoring` starts no dmeventd; `-y` answers lvm2's question whether activating
+    /// a classic snapshot may activate its origin and the origin's other snapshots (it must:
+    /// they are one dm stack).
+    /// - Classic snapshots and their origins go in `read_only_volume_list`, so their tables are
+    ///   read-only.
+    /// - A thin LV cannot: lvm2 reloads the pool with the thin LV's read-only flag and the kernel
+    ///   refuses a thin-pool in a read-only table. It is activated as it is, then its block device
+    ///   is made read-only (`blockdev --setro`, the kernel's flag, not the metadata's).
+    /// What lvm2 activated (origins, snapshots, the pool) is taken from the reports before and
+    /// after, so that `release` deactivates exactly that.
+    func activate(_ lv: VolumeGroupReport.LogicalVolume, in report: VolumeGroupReport) throws {
+        let full = "\(volumeGroup)/\(lv.name)"
+        try activating.withLock { _ in
+            guard !activated.withLock({ $0.contains { $0.lv == full } }) else { return }
+            let before = try activeVolumes()
+            do {
+                var command = ["lvchange", "-ay", "-K", "-y", "--ignoremonitoring"]
+                let readOnly = !writable || lv.isSnapshot
+                if !lv.isThin {
+                    // The origin and every classic snapshot of it are activated together.
+                    let origin = lv.isClassicSnapshot ? lv.origin ?? lv.name : lv.name
+                    let snapshots = report.volumes.filter { $0.isClassicSnapshot && $0.origin == origin }.map(\.name)
+                    let stack = (writable ? [] : [origin]) + snapshots
+                    let names = stack.map { "\"\(volumeGroup)/\($0)\"" }.joined(separator: ", ")
+                    command += ["--config", "activation { read_only_volume_list = [ \(names) ] }"]
+                }
+                _ = try runner.run(command + [full])
+                if lv.isThin && readOnly { _ = try runner.run(["blockdev", "--setro", deviceRoot + lv.path]) }
+            } catch {
+                record(newlyActive: (try? activeVolumes()).map { $0.subtracting(before) } ?? [], report: report)
+                throw LogicalPoolError.activation(full, "\(error)")
+            }
+            record(newlyActive: try activeVolumes().subtracting(before).union([lv.name]), report: report)
+        }
+    }
+
+    /// Names of the VG's active LVs now, internal ones included.
+    private func activeVolumes() throws -> Set<String> {
+        Set(try VolumeGroupReport.query(volumeGroup, runner: runner).volumes.filter(\.isActive).map(\.name))
+    }
+
+    /// Adds LVs to the deactivation list: snapshots and thin LVs before the origins and pools
+    /// they hold open. Bracketed internal LVs go with their pool.
+    private func record(newlyActive: Set<String>, report: VolumeGroupReport) {
+        activated.withLock { list in
+            for name in newlyActive.sorted() where !name.hasPrefix("[") && !list.contains(where: { $0.lv.hasSuffix("/" + name) }) {
+                let lv = report.volume(name)
+                list.append(("\(volumeGroup)/\(name)", lv?.isSnapshot == true ? 0 : lv?.type == "t" ? 2 : 1))
+            }
+        }
     }
 
     public func release() -> [String] {
         let lvs = activated.withLock { list in defer { list.removeAll() }; return list }
         var failures: [String] = []
-        for lv in lvs.reversed() {
-            do { _ = try runner.run(["lvchange", "-an", lv]) } catch { failures.append("deactivating \(lv): \(error)") }
+        // A stable sort: in order of activation within each rank.
+        for (lv, _) in lvs.enumerated().sorted(by: { ($0.element.rank, $0.offset) < ($1.element.rank, $1.offset) }).map(\.element) {
+            do { _ = try runner.run(["lvchange", "-an", "-y", lv]) } catch { failures.append("deactivating \(lv): \(error)") }
         }
         return failures
     }
 
     /// The LV's layout and the names of its snapshots: either changing reopens the volume.
     public func generation(of name: String) -> String? {
-        let volumes = report().volumes
-        guard let lv = volumes.first(where: { $0.name == name }) else { return nil }
-        let snapshots = volumes.filter { $0.isSnapshot && $0.origin == name }.map(\.name)
+        let report = report()
+        guard let lv = report.volume(name) else { return nil }
+        let snapshots = self.snapshotVolumes(of: name, in: report).map { "\($0.name):\($0.attributes)" }
         return "\(lv.size) \(lv.attributes) \(lv.segments.map { "\($0.start)+\($0.size):\($0.ranges)" }) \(snapshots)"
+    }
+
+    /// Snapshots whose chain of origins ends at volume `name`: a thin snapshot of a thin snapshot
+    /// shows beside the first, since its origin is no volume of its own.
+    func snapshotVolumes(of name: String, in report: VolumeGroupReport) -> [VolumeGroupReport.LogicalVolume] {
+        report.volumes.filter { lv in
+            guard lv.isSnapshot else { return false }
+            var origin = lv.origin
+            for _ in 0..<64 {
+                guard let current = origin, let next = report.volume(current) else { return false }
+                if !next.isSnapshot { return current == name }
+                origin = next.origin
+            }
+            return false
+        }
     }
 
     public func snapshots(of name: String) -> [PoolSnapshot] {
         let report = report()
-        return report.volumes.filter { $0.isSnapshot && $0.origin == name }.map { lv in
-            let mode = self.mode
-            let group = volumeGroup
-            let pool = self
-            return PoolSnapshot(name: lv.name) {
-                guard mode == .devices else { throw LogicalPoolError.snapshotNeedsDeviceMapper("\(group)/\(lv.name)") }
-                return try pool.open(lv, in: report).live
-            }
+        return snapshotVolumes(of: name, in: report).map { lv in
+            let device = device(of: lv, in: report)
+            return PoolSnapshot(name: lv.name) { device }
         }
     }
 }
 
+extension VolumeGroupReport {
+    func volume(_ name: String) -> LogicalVolume? { volumes.first { $0.name == name } }
+}
+
 public enum LogicalPoolError: Error, Equatable, CustomStringConvertible {
     case activation(String, String)
-    case snapshotNeedsDeviceMapper(String)
+    case merging(String)
+    case invalidated(String)
+    case inconsistent(String, String)
 
     public var description: String {
         switch self {
         case .activation(let lv, let why):
             return "cannot activate \(lv) read-only (\(why)); mount with -o noactivate to read it from its PVs"
-        case .snapshotNeedsDeviceMapper(let lv):
-            return "\(lv) is an LVM snapshot: reading it needs device-mapper, which this host lacks or -o noactivate turned off"
+        case .merging(let lv):
+            return "\(lv) is merging a snapshot into its origin: its bytes are neither the snapshot's nor the origin's until lvm2 finishes"
+        case .invalidated(let lv):
+            return "\(lv) is an invalidated snapshot (its copy-on-write space overflowed, or lvm2 dropped it): it has no data to read"
+        case .inconsistent(let lv, let why):
+            return "\(lv): the LVM report is inconsistent: \(why)"
         }
     }
 }

@@ -130,7 +130,8 @@ public enum PoolSource {
     public static func open(_ source: String, type: String?,
                             libvirtDirectory: String = libvirtStorageDirectory,
                             runner: any CommandRunner = SystemCommandRunner(),
-                            lvmMode: LogicalPool.Mode = LogicalPool.Mode.forThisHost(noactivate: false)) throws -> any Pool {
+                            lvmMode: LogicalPool.Mode = LogicalPool.Mode.forThisHost(noactivate: false),
+                            writable: Bool = false) throws -> any Pool {
         var path = source
         var resolvedType = type
         if type != "logical", type != "zfs", !source.contains("/"), !FileManager.default.fileExists(atPath: source) {
@@ -151,7 +152,7 @@ public enum PoolSource {
         case "logical":
             // libvirt's target path of a logical pool is /dev/VGNAME.
             let vg = path.split(separator: "/").last.map(String.init) ?? path
-            return try LogicalPool(volumeGroup: vg, runner: runner, mode: lvmMode)
+            return try LogicalPool(volumeGroup: vg, runner: runner, mode: lvmMode, writable: writable)
         case "zfs":
             // libvirt's target path of a zfs pool is /dev/zvol/POOL[/DATASET].
             let dataset = path.hasPrefix("/dev/zvol/") ? String(path.dropFirst("/dev/zvol/".count)) : path

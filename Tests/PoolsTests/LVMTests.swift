@@ -191,8 +191,29 @@ struct LogicalPoolTests {
         #expect(pool.volumePath("lin-snap") == nil, "a snapshot is not a volume")
         let snapshots = pool.snapshots(of: "lin")
         #expect(snapshots.map(\.name) == ["lin-snap"])
-        #expect(throws: LogicalPoolError.snapshotNeedsDeviceMapper("testvg/lin-snap")) { try snapshots[0].open() }
+        #expect(try snapshots[0].open().size == 12 << 20, "a classic snapshot has its origin's size, not its COW's")
         #expect(pool.snapshots(of: "span").isEmpty)
+    }
+
+    /// lvm2 reports a thin snapshot of a thin snapshot with the first as its origin: both show
+    /// under the volume they come from, and an invalidated or merging snapshot says so.
+    @Test func snapshotChainsEndAtTheirVolume() throws {
+        func row(_ name: String, _ attr: String, origin: String = "", pool: String = "", segtype: String = "thin", ranges: String = "") -> String {
+            #"{"lv_name":"\#(name)", "vg_name":"testvg", "lv_size":"12582912", "lv_attr":"\#(attr)", "origin":"\#(origin)", "pool_lv":"\#(pool)", "segtype":"\#(segtype)", "seg_start":"0", "seg_size":"12582912", "stripes":"1", "stripe_size":"0", "seg_pe_ranges":"\#(ranges)", "lv_path":"/dev/testvg/\#(name)", "thin_id":"1"},"#
+        }
+        let rows = row("thin", "Vwi---tz--", pool: "pool") + row("ts1", "Vwi---tz-k", origin: "thin", pool: "pool")
+            + row("ts2", "Vwi---tz-k", origin: "ts1", pool: "pool") + row("orphan", "Vwi---tz--", pool: "pool")
+            + row("lin-bad", "swi-I-s---", origin: "lin", segtype: "linear", ranges: "/dev/loop1:15-15")
+        let base = try LogicalPoolTests.runner()
+        let lvs = try #require(try base.outputs["lvs"]?.get()).replacingOccurrences(of: #""lv": ["#, with: #""lv": ["# + rows)
+        let pool = try LogicalPool(volumeGroup: "testvg", runner: FakeRunner(base.outputs.merging(["lvs": .success(lvs)]) { _, b in b }), mode: .extents)
+        #expect(try pool.volumeNames() == ["lin", "orphan", "span", "striped", "thin"])
+        #expect(pool.snapshots(of: "thin").map(\.name) == ["ts1", "ts2"])
+        #expect(pool.snapshots(of: "lin").map(\.name) == ["lin-bad", "lin-snap"])
+        #expect(throws: LogicalPoolError.invalidated("testvg/lin-bad")) {
+            try pool.snapshots(of: "lin")[0].open().read(at: 0, count: 512)
+        }
+        #expect(pool.volumePath("thin") == "/dev/loop0", "an LV without extents of its own stats a PV of the VG")
     }
 
     @Test func theReportIsAskedForAgainOnlyWhenOld() throws {
@@ -220,11 +241,12 @@ struct LogicalPoolActivationTests {
         #expect(try Data(image.live.read(at: 0, count: 12 << 20)) == Data(contentsOf: URL(fileURLWithPath: scratch.path("dev/testvg/lin"))))
         _ = try pool.openImage("lin", path: pool.volumePath("lin")!, cache: BlockCache(capacityBytes: 0))
         let activations = runner.calls.withLock { $0.filter { $0[0] == "lvchange" } }
-        #expect(activations == [["lvchange", "-ay", "-K", "--config", "activation { read_only_volume_list = [ \"testvg/lin\" ] }", "testvg/lin"]],
-                "activated once, read-only, without touching the LV's permission")
+        #expect(activations == [["lvchange", "-ay", "-K", "-y", "--ignoremonitoring", "--config",
+                                 "activation { read_only_volume_list = [ \"testvg/lin\", \"testvg/lin-snap\" ] }", "testvg/lin"]],
+                "activated once, read-only, without touching the LV's permission or starting dmeventd")
         #expect(pool.release().isEmpty)
-        #expect(runner.calls.withLock { $0.last } == ["lvchange", "-an", "testvg/lin"])
-        #expect(pool.release().isEmpty && runner.calls.withLock { $0.last } == ["lvchange", "-an", "testvg/lin"], "deactivated once")
+        #expect(runner.calls.withLock { $0.last } == ["lvchange", "-an", "-y", "testvg/lin"])
+        #expect(pool.release().isEmpty && runner.calls.withLock { $0.last } == ["lvchange", "-an", "-y", "testvg/lin"], "deactivated once")
     }
 
     @Test func aFailedActivationSaysWhy() throws {
@@ -232,10 +254,83 @@ struct LogicalPoolActivationTests {
         let refusal = CommandError(commandLine: "lvchange -ay", status: 5, stderr: "  /dev/mapper/control: open failed: No such device")
         let runner = FakeRunner(base.outputs.merging(["lvchange": .failure(refusal)]) { a, _ in a })
         let pool = try LogicalPool(volumeGroup: "testvg", runner: runner, mode: .devices)
-        #expect(throws: LogicalPoolError.activation("testvg/lin", "\(refusal)")) {
-            try pool.openImage("lin", path: "/dev/testvg/lin", cache: BlockCache(capacityBytes: 0))
-        }
+        let image = try pool.openImage("lin", path: "/dev/testvg/lin", cache: BlockCache(capacityBytes: 0))
+        #expect(image.virtualSize == 12 << 20, "the size comes from the report: opening activates nothing")
+        #expect(runner.calls.withLock { $0.filter { $0[0] == "lvchange" } }.isEmpty)
+        #expect(throws: LogicalPoolError.activation("testvg/lin", "\(refusal)")) { try image.live.read(at: 0, count: 512) }
         #expect(pool.release().isEmpty, "nothing to deactivate")
+    }
+
+    /// An activation that hangs holds up the reads that need it (until the runner's time limit),
+    /// never listing, opening or the sizes of other volumes.
+    @Test func aHangingActivationBlocksNoLookup() throws {
+        let base = try LogicalPoolTests.runner()
+        let gate = DispatchSemaphore(value: 0)
+        let runner = GatedRunner(base: base, gate: gate, program: "lvchange")
+        let pool = try LogicalPool(volumeGroup: "testvg", runner: runner, mode: .devices, reportLifetime: 0)
+        let image = try pool.openImage("lin", path: "/dev/testvg/lin", cache: BlockCache(capacityBytes: 0))
+        let reading = DispatchSemaphore(value: 0)
+        DispatchQueue.global().async {
+            _ = try? image.live.read(at: 0, count: 512)
+            reading.signal()
+        }
+        while runner.waiting.withLock({ $0 }) == 0 { usleep(1000) }
+        let start = Date()
+        #expect(try pool.volumeNames() == ["lin", "span", "striped"])
+        #expect(try pool.openImage("span", path: "/dev/testvg/span", cache: BlockCache(capacityBytes: 0)).virtualSize == 80 << 20)
+        #expect(try image.live.status(detection: .metadataOnly).allSatisfy(\.data), "st_blocks without activating")
+        _ = pool.generation(of: "lin")
+        _ = pool.snapshots(of: "lin").map { try? $0.open().size }
+        #expect(Date().timeIntervalSince(start) < 1)
+        gate.signal()
+        #expect(reading.wait(timeout: .now() + 10) == .success)
+    }
+}
+
+/// Lets `program` run only once `gate` is signalled; everything else replays `base`.
+final class GatedRunner: CommandRunner {
+    let base: FakeRunner
+    let gate: DispatchSemaphore
+    let program: String
+    let waiting = Mutex(0)
+
+    init(base: FakeRunner, gate: DispatchSemaphore, program: String) {
+        self.base = base; self.gate = gate; self.program = program
+    }
+
+    func run(_ arguments: [String]) throws -> String {
+        if arguments[0] == program {
+            waiting.withLock { $0 += 1 }
+            gate.wait()
+            return ""
+        }
+        return try base.run(arguments)
+    }
+}
+
+@Suite("command runner")
+struct CommandRunnerTests {
+    @Test func aCommandThatOutlivesItsTimeIsKilled() throws {
+        let start = Date()
+        do {
+            _ = try SystemCommandRunner(timeout: 1).run(["sleep", "30"])
+            Issue.record("sleep 30 finished within a 1-second limit")
+        } catch let error as CommandError {
+            #expect(error.description.contains("did not finish within 1 seconds and was killed"), "\(error)")
+        }
+        #expect(Date().timeIntervalSince(start) < 5)
+    }
+
+    /// A daemon the command leaves behind (as lvchange can leave dmeventd) keeps its output open:
+    /// the runner still returns when the command exits.
+    @Test func aChildLeftRunningDoesNotHoldTheOutput() throws {
+        let start = Date()
+        let out = try SystemCommandRunner(timeout: 20).run(["sh", "-c", "sleep 10 & echo done; echo oops >&2"])
+        #expect(out == "done\n")
+        #expect(Date().timeIntervalSince(start) < 5)
+        #expect(throws: CommandError(commandLine: "sh -c 'echo no >&2; exit 3'", status: 3, stderr: "no\n")) {
+            try SystemCommandRunner().run(["sh", "-c", "echo no >&2; exit 3"])
+        }
     }
 }
 
