@@ -302,7 +302,8 @@ public final class PoolFileSystem: FileSystemOperations {
         case .snapshots:
             for name in store.volumeNames() { add(name, .snapshotDirectory(volume: name), S_IFDIR) }
         case .snapshotDirectory(let volume):
-            guard let open = store.volume(volume) else { return .failure(.noEntry) }
+            // A listing waits (briefly) for the pool's current state, so new snapshots show.
+            guard store.volumeNames().contains(volume), let open = store.volume(volume) else { return .failure(.noEntry) }
             for (file, _) in open.snapshotFiles { add(file, .snapshot(volume: volume, file: file), S_IFREG) }
             for (file, _) in open.poolSnapshots { add(file, .snapshot(volume: volume, file: file), S_IFREG) }
         case .volume, .snapshot:

@@ -40,7 +40,7 @@ public final class LogicalPool: Pool {
     /// Prepended to device paths: tests point it at a directory of regular files.
     let deviceRoot: String
     /// The last lvs report, asked again after `reportLifetime`: new snapshots show within it.
-    private let cached: RefreshedValue<VolumeGroupReport>
+    private let cached: RefreshedValue<Listing>
     /// LVs this mount activated (with whatever lvm2 activated alongside: origins, pools), in the
     /// order `release` deactivates them. Activations run one at a time.
     private let activated = Mutex<[(lv: String, rank: Int)]>([])
@@ -56,14 +56,52 @@ public final class LogicalPool: Pool {
         self.runner = runner
         self.mode = mode
         self.deviceRoot = deviceRoot
-        cached = try RefreshedValue(lifetime: reportLifetime) { try VolumeGroupReport.query(volumeGroup, runner: runner) }
+        cached = try RefreshedValue(lifetime: reportLifetime) { Listing(try VolumeGroupReport.query(volumeGroup, runner: runner)) }
+    }
+
+    /// A report with what every read asks of it worked out once: each volume's snapshots and
+    /// layout token.
+    struct Listing: Sendable {
+        let report: VolumeGroupReport
+        let snapshots: [String: [VolumeGroupReport.LogicalVolume]]
+        let generations: [String: String]
+
+        init(_ report: VolumeGroupReport) {
+            self.report = report
+            var snapshots: [String: [VolumeGroupReport.LogicalVolume]] = [:]
+            for lv in report.volumes where lv.isSnapshot {
+                if let volume = Self.volume(under: lv, in: report) { snapshots[volume, default: []].append(lv) }
+            }
+            self.snapshots = snapshots
+            var generations: [String: String] = [:]
+            for lv in report.volumes {
+                let names = (snapshots[lv.name] ?? []).map { "\($0.name):\($0.attributes)" }.joined(separator: ",")
+                let layout = lv.segments.map { segment in
+                    "\(segment.start)+\(segment.size):" + segment.ranges.map { "\($0.device):\($0.firstExtent)-\($0.lastExtent)" }.joined(separator: " ")
+                }.joined(separator: ";")
+                generations[lv.name] = "\(lv.size) \(lv.attributes) \(layout) [\(names)]"
+            }
+            self.generations = generations
+        }
+
+        /// The volume a snapshot's chain of origins ends at: a thin snapshot of a thin snapshot
+        /// shows beside the first, since its origin is no volume of its own.
+        static func volume(under snapshot: VolumeGroupReport.LogicalVolume, in report: VolumeGroupReport) -> String? {
+            var origin = snapshot.origin
+            for _ in 0..<64 {
+                guard let current = origin, let next = report.volume(current) else { return nil }
+                if !next.isSnapshot { return current }
+                origin = next.origin
+            }
+            return nil
+        }
     }
 
     /// The volume group as lvs last said.
-    public func report() -> VolumeGroupReport { cached.value }
+    public func report() -> VolumeGroupReport { cached.value.report }
 
     public func volumeNames() throws -> [String] {
-        report().volumes.filter { !$0.isInternal && !$0.isSnapshot }.map(\.name).sorted()
+        cached.fresh.report.volumes.filter { !$0.isInternal && !$0.isSnapshot }.map(\.name).sorted()
     }
 
     /// The LV's device while it exists; otherwise a PV it lives on (an inactive LV, or any LV
@@ -224,30 +262,13 @@ public final class LogicalPool: Pool {
 
     /// The LV's layout and the names of its snapshots: either changing reopens the volume.
     public func generation(of name: String) -> String? {
-        let report = report()
-        guard let lv = report.volume(name) else { return nil }
-        let snapshots = self.snapshotVolumes(of: name, in: report).map { "\($0.name):\($0.attributes)" }
-        return "\(lv.size) \(lv.attributes) \(lv.segments.map { "\($0.start)+\($0.size):\($0.ranges)" }) \(snapshots)"
-    }
-
-    /// Snapshots whose chain of origins ends at volume `name`: a thin snapshot of a thin snapshot
-    /// shows beside the first, since its origin is no volume of its own.
-    func snapshotVolumes(of name: String, in report: VolumeGroupReport) -> [VolumeGroupReport.LogicalVolume] {
-        report.volumes.filter { lv in
-            guard lv.isSnapshot else { return false }
-            var origin = lv.origin
-            for _ in 0..<64 {
-                guard let current = origin, let next = report.volume(current) else { return false }
-                if !next.isSnapshot { return current == name }
-                origin = next.origin
-            }
-            return false
-        }
+        cached.value.generations[name]
     }
 
     public func snapshots(of name: String) -> [PoolSnapshot] {
-        let report = report()
-        return snapshotVolumes(of: name, in: report).map { lv in
+        let listing = cached.value
+        return (listing.snapshots[name] ?? []).map { lv in
+            let report = listing.report
             let device = device(of: lv, in: report)
             return PoolSnapshot(name: lv.name) { device }
         }

@@ -8,14 +8,16 @@ import Synchronization
 /// `lifetime` seconds, so that changes show within it without running the command on every
 /// operation. A failing command keeps the last answer.
 ///
-/// The command runs on a thread of its own, one at a time, and a caller waits for it at most
-/// `wait` seconds: past that it gets the last answer. So a slow command (lvs waiting on a volume
-/// group lock that an activation holds) never holds up lookups, getattr or readdir.
+/// The command runs on a thread of its own, one at a time. Only a listing waits for it, at most
+/// `wait` seconds; everything else gets the last answer. So a slow command (lvs waiting on a
+/// volume group lock that an activation holds) never holds up reads, lookups or getattr, and
+/// holds up readdir 0.5 s at most.
 final class RefreshedValue<Value: Sendable>: Sendable {
     private struct State {
         var value: Value
         var at: Double
-        var refreshing: Bool
+        /// The refresh under way, if any: waiters wait on it.
+        var refreshing: DispatchGroup?
     }
 
     private let query: @Sendable () throws -> Value
@@ -28,18 +30,27 @@ final class RefreshedValue<Value: Sendable>: Sendable {
         self.query = query
         self.lifetime = lifetime
         self.wait = wait
-        state = Mutex(State(value: try query(), at: Self.now(), refreshing: false))
+        state = Mutex(State(value: try query(), at: Self.now(), refreshing: nil))
     }
 
-    var value: Value {
-        let (value, stale, start) = state.withLock { state in
-            let stale = Self.now() - state.at >= lifetime
-            let start = stale && !state.refreshing
-            if start { state.refreshing = true }
-            return (state.value, stale, start)
+    /// The last answer, at once. Once it is old, a refresh starts on its own thread and a later
+    /// call sees its result: reads and lookups never wait for the command.
+    var value: Value { current(waiting: false) }
+
+    /// The last answer once it is fresh: when it is old, waits for a refresh up to `wait`
+    /// seconds (listing a directory, where a new volume should show at once).
+    var fresh: Value { current(waiting: true) }
+
+    private func current(waiting: Bool) -> Value {
+        let (value, refresh, start) = state.withLock { state -> (Value, DispatchGroup?, Bool) in
+            if let running = state.refreshing { return (state.value, running, false) }
+            guard Self.now() - state.at >= lifetime else { return (state.value, nil, false) }
+            let group = DispatchGroup()
+            group.enter()
+            state.refreshing = group
+            return (state.value, group, true)
         }
-        guard stale else { return value }
-        let done = DispatchSemaphore(value: 0)
+        guard let refresh else { return value }
         if start {
             DispatchQueue.global().async { [self] in
                 let fresh = try? query()
@@ -47,13 +58,12 @@ final class RefreshedValue<Value: Sendable>: Sendable {
                     if let fresh { state.value = fresh }
                     // A failure is asked again after a lifetime too, not on every call.
                     state.at = Self.now()
-                    state.refreshing = false
+                    state.refreshing = nil
                 }
-                done.signal()
+                refresh.leave()
             }
         }
-        // Only the caller that started the refresh waits for it; the others take the last answer.
-        guard start, done.wait(timeout: .now() + wait) == .success else { return value }
+        guard waiting, refresh.wait(timeout: .now() + wait) == .success else { return value }
         return state.withLock { $0.value }
     }
 

@@ -68,7 +68,7 @@ public final class ZfsPool: Pool {
     }
 
     public func volumeNames() throws -> [String] {
-        entries().filter { $0.type == "volume" }.map { name(of: $0.name) }.sorted()
+        cached.fresh.filter { $0.type == "volume" }.map { name(of: $0.name) }.sorted()
     }
 
     public func volumePath(_ name: String) -> String? {
