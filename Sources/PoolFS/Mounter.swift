@@ -114,6 +114,6 @@ public enum Mounter {
     public static func reports(source: String, type: String?, noactivate: Bool = false) throws -> [VolumeReport] {
         let pool = try PoolSource.open(source, type: type, lvmMode: LogicalPool.Mode.forThisHost(noactivate: noactivate))
         let store = VolumeStore(pool: pool, cache: BlockCache(capacityBytes: 16 << 20), logsFailures: false)
-        return store.volumeNames().compactMap { store.volume($0) }.map(VolumeReport.make)
+        return VolumeReport.make(store.volumeNames().compactMap { store.volume($0) })
     }
 }

@@ -12,6 +12,14 @@ public enum Node: Hashable, Sendable {
     case volume(String)
     case snapshotDirectory(volume: String)
     case snapshot(volume: String, file: String)
+
+    /// The volume a file belongs to: itself, or the volume a snapshot is of.
+    var volumeName: String? {
+        switch self {
+        case .volume(let name), .snapshot(let name, _): return name
+        case .root, .snapshots, .snapshotDirectory: return nil
+        }
+    }
 }
 
 /// Maps FUSE operations onto the pool's volumes. Every operation resolves its node afresh through
@@ -174,7 +182,21 @@ public final class PoolFileSystem: FileSystemOperations {
         }
     }
 
+    /// Every open of a volume or of its snapshots counts as a use of the volume's chain: while
+    /// one is open, its backing files refuse writers (`VolumeStore.openHandle`).
     public func open(inode: UInt64, writing: Bool) -> Result<Void, Errno> {
+        guard let name = inodes.key(of: inode)?.volumeName else { return openFile(inode: inode, writing: writing) }
+        do {
+            try store.openHandle(name)
+        } catch {
+            return .failure(fail(error, inode: inode))
+        }
+        let opened = openFile(inode: inode, writing: writing)
+        if case .failure = opened { store.releaseHandle(name) }
+        return opened
+    }
+
+    func openFile(inode: UInt64, writing: Bool) -> Result<Void, Errno> {
         guard writing, store.writesImages else {
             // A device made on first use (an LV to activate) is made now, so that open fails, not the reads.
             return device(inode).flatMap { device in
@@ -192,8 +214,9 @@ public final class PoolFileSystem: FileSystemOperations {
     }
 
     public func release(inode: UInt64, writing: Bool) {
-        guard writing, store.writesImages, case .volume(let name)? = inodes.key(of: inode) else { return }
-        store.releaseWriting(name)
+        guard let node = inodes.key(of: inode), let name = node.volumeName else { return }
+        if writing, store.writesImages, case .volume = node { store.releaseWriting(name) }
+        store.releaseHandle(name)
     }
 
     /// The writer of a volume open for writing (`-o rw`).

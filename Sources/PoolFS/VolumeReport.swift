@@ -31,7 +31,28 @@ public struct VolumeReport: Codable, Sendable {
     /// Another program (a running VM, qemu-img, poolfs -o rw) holds the image for writing
     /// (QEMU's write lock): what is read may change meanwhile.
     public var inUseByWriter: Bool
+    /// The volumes of the pool whose backing chain has this one below their top (at any depth):
+    /// writing it would change what they read. While one of them is open through a mount, this
+    /// volume refuses writers.
+    public var backs: [String] = []
     public var error: String?
+
+    /// Reports on the volumes of one pool, each with the volumes it backs.
+    public static func make(_ volumes: [OpenVolume]) -> [VolumeReport] {
+        struct FileKey: Hashable { var device: UInt64, inode: UInt64 }
+        var overlays: [FileKey: [String]] = [:]
+        for volume in volumes {
+            for layer in volume.image?.chain.dropFirst() ?? [] {
+                guard let id = layer.hostFiles.first?.identity else { continue }
+                overlays[FileKey(device: id.device, inode: id.inode), default: []].append(volume.name)
+            }
+        }
+        return volumes.map { volume in
+            var report = make(volume)
+            report.backs = (overlays[FileKey(device: volume.identity.device, inode: volume.identity.inode)] ?? []).sorted()
+            return report
+        }
+    }
 
     public static func make(_ volume: OpenVolume) -> VolumeReport {
         let image = volume.image
@@ -70,12 +91,13 @@ public struct VolumeReport: Codable, Sendable {
     }
 
     public static func table(_ reports: [VolumeReport]) -> String {
-        var rows = [["VOLUME", "FORMAT", "VIRTUAL", "ALLOCATED", "DISK", "IN USE", "SNAPSHOTS", "BACKING / ERROR"]]
+        var rows = [["VOLUME", "FORMAT", "VIRTUAL", "ALLOCATED", "DISK", "IN USE", "SNAPSHOTS", "BACKS", "BACKING / ERROR"]]
         for r in reports {
             let tail = r.error.map { "error: \($0)" }
                 ?? r.backingChain.map { "\(($0.path as NSString).lastPathComponent) (\($0.format))" }.joined(separator: " -> ")
             rows.append([r.name, r.format ?? "-", r.virtualSize.map(human) ?? "-", r.allocatedSize.map(human) ?? "-",
-                         human(r.diskUsage), r.inUseByWriter ? "writer" : "-", r.snapshots.isEmpty ? "-" : r.snapshots.map(\.file).joined(separator: ","), tail])
+                         human(r.diskUsage), r.inUseByWriter ? "writer" : "-", r.snapshots.isEmpty ? "-" : r.snapshots.map(\.file).joined(separator: ","),
+                         r.backs.isEmpty ? "-" : r.backs.joined(separator: ","), tail])
         }
         let widths = (0..<rows[0].count).map { c in rows.map { $0[c].count }.max() ?? 0 }
         return rows.map { row in

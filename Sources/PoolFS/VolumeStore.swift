@@ -129,6 +129,12 @@ public final class VolumeStore: Sendable {
     private let volumes = Mutex<[String: OpenVolume]>([:])
     /// Volumes open for writing and their open handles; the writer closes with the last.
     private let writing = Mutex<[String: (volume: OpenVolume, handles: Int)]>([:])
+    /// Volumes open through the mount (any mode) and their open handles: while one is open, its
+    /// backing files are locked for consistent reading, as QEMU locks them. They follow the
+    /// kernel's open and release of the file, not the cached `OpenVolume`, which a stat alone
+    /// opens and which outlives every use: writing a backing file stays allowed whenever no
+    /// overlay above it is open, as it is with QEMU.
+    private let opened = Mutex<[String: (lock: BackingChainLock, handles: Int)]>([:])
 
     public init(pool: any Pool, cache: BlockCache, logsFailures: Bool = true, writesImages: Bool = false) {
         self.pool = pool
@@ -137,8 +143,77 @@ public final class VolumeStore: Sendable {
         self.writesImages = writesImages
     }
 
+    /// Counts one more open handle on volume `name` (for reading or writing); the first locks
+    /// the backing files of its chain for consistent reading (`BackingChainLock`). Fails when
+    /// another program, or this mount, writes one of them.
+    public func openHandle(_ name: String) throws {
+        if opened.withLock({ opened in
+            guard opened[name] != nil else { return false }
+            opened[name]!.handles += 1
+            return true
+        }) { return }
+        guard let image = volume(name)?.image else {
+            // Nothing to read: the reads will fail, the count must still match the releases.
+            return count(BackingChainLock(), for: name)
+        }
+        do {
+            count(try image.lockBackingChain(), for: name)
+        } catch {
+            throw writerInThisMount(of: image).map { Qcow2Error.inUse("its backing file \($0) is open for writing through this mount") } ?? error
+        }
+    }
+
+    /// Adds a handle with `lock`, or drops `lock` when another open took one meanwhile.
+    private func count(_ lock: BackingChainLock, for name: String) {
+        let extra: BackingChainLock? = opened.withLock { opened in
+            guard opened[name] != nil else {
+                opened[name] = (lock, 1)
+                return nil
+            }
+            opened[name]!.handles += 1
+            return lock
+        }
+        extra?.release()
+    }
+
+    /// Ends one handle of `openHandle`; the last unlocks the backing files.
+    public func releaseHandle(_ name: String) {
+        let last: BackingChainLock? = opened.withLock { opened in
+            guard let open = opened[name] else { return nil }
+            guard open.handles == 1 else {
+                opened[name]!.handles = open.handles - 1
+                return nil
+            }
+            opened[name] = nil
+            return open.lock
+        }
+        last?.release()
+    }
+
+    /// The open volumes whose chain has the file at `path` below their top, by name.
+    func overlaysHolding(_ path: String) -> [String] {
+        guard let target = FileIdentity(path: path) else { return [] }
+        return opened.withLock { opened in
+            opened.filter { _, open in
+                open.lock.files.contains { $0.identity.device == target.device && $0.identity.inode == target.inode }
+            }.keys.sorted()
+        }
+    }
+
+    /// The volume this mount writes that is a backing file of `image`, if any.
+    private func writerInThisMount(of image: Image) -> String? {
+        let below = image.backing?.hostFiles.map(\.identity) ?? []
+        return writing.withLock { writing in
+            writing.first { _, open in
+                guard let top = open.volume.image?.hostFiles.first?.identity else { return false }
+                return below.contains { $0.device == top.device && $0.inode == top.inode }
+            }?.key
+        }
+    }
+
     /// Opens volume `name` for writing, or counts one more handle on its open writer. Fails when
-    /// another program holds the image (a running VM), or it cannot be written safely.
+    /// another program holds the image (a running VM), when an overlay open through this mount
+    /// reads it as a backing file, or when it cannot be written safely.
     public func openForWriting(_ name: String) throws {
         try writing.withLock { writing in
             if let open = writing[name] {
@@ -146,6 +221,11 @@ public final class VolumeStore: Sendable {
                 return
             }
             guard let path = pool.volumePath(name) else { throw PoolError.notFound(name) }
+            // The lock would refuse it too; this says which overlay holds it.
+            let overlays = overlaysHolding(path)
+            if !overlays.isEmpty {
+                throw Qcow2Error.inUse("\(name) is a backing file of \(overlays.joined(separator: ", ")), open through this mount: it stays read-only until they are closed")
+            }
             let image = try pool.openWritableImage(name, path: path, cache: cache)
             let writer = try image.makeWriter()
             let volume = OpenVolume(name: name, path: path, pool: pool, opened: .success(image), writer: writer)

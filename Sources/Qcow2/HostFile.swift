@@ -48,9 +48,28 @@ public final class HostFile: Sendable {
     }
 
     /// Wraps open(2) with O_RDONLY (or O_RDWR) | O_CLOEXEC, then fstat(2).
-    public init(path: String, writable: Bool = false) throws(Qcow2Error) {
+    public convenience init(path: String, writable: Bool = false) throws(Qcow2Error) {
         let fd = retryingEINTR { open(path, (writable ? O_RDWR : O_RDONLY) | O_CLOEXEC) }
         guard fd >= 0 else { throw .io(errno: Glibc.errno, operation: "open", path: path) }
+        try self.init(descriptor: fd, path: path, writable: writable)
+    }
+
+    /// A second, read-only open of the file `other` has open, with an open file description of
+    /// its own, so that OFD locks taken through it are held and dropped apart from `other`'s.
+    /// open(2) of /proc/self/fd/N reaches the same file even if its path names another one by
+    /// now; without /proc, the path is opened and must still name the same file.
+    public convenience init(reopening other: HostFile) throws(Qcow2Error) {
+        var fd = retryingEINTR { open("/proc/self/fd/\(other.fd)", O_RDONLY | O_CLOEXEC) }
+        if fd < 0 { fd = retryingEINTR { open(other.path, O_RDONLY | O_CLOEXEC) } }
+        guard fd >= 0 else { throw .io(errno: Glibc.errno, operation: "open", path: other.path) }
+        try self.init(descriptor: fd, path: other.path, writable: false)
+        guard identity.device == other.identity.device, identity.inode == other.identity.inode else {
+            throw .io(errno: ESTALE, operation: "reopen", path: other.path)
+        }
+    }
+
+    /// Takes `fd` over: it is closed on failure and when the object goes.
+    private init(descriptor fd: Int32, path: String, writable: Bool) throws(Qcow2Error) {
         var st = stat()
         guard fstat(fd, &st) == 0 else {
             let code = Glibc.errno

@@ -82,6 +82,8 @@ struct CommandLineTests {
         #expect(lines.first?.hasPrefix("VOLUME") == true)
         #expect(lines.count == SamplePool.volumes.count + 1)
         #expect(lines.contains { $0.hasPrefix("top.qcow2") && $0.contains("mid.qcow2 (qcow2) -> base.raw (raw)") })
+        #expect(lines.first?.contains("BACKS") == true)
+        #expect(lines.contains { $0.hasPrefix("base.raw") && $0.contains(" mid.qcow2,top.qcow2 ") }, "\(table)")
         let json = try scratch.sh("'\(Binary.path)' ls --json pool")
         let reports = try JSONSerialization.jsonObject(with: Data(json.utf8)) as! [[String: Any]]
         let vm = try #require(reports.first { $0["name"] as? String == "vm.qcow2" })
@@ -90,6 +92,11 @@ struct CommandLineTests {
         let snapshots = vm["snapshots"] as! [[String: Any]]
         #expect(snapshots.map { $0["file"] as! String } == ["daily@1", "daily@2", "lesson%2F1"])
         #expect(snapshots.map { $0["virtual_size"] as! Int } == [4 << 20, 12 << 20, 12 << 20])
+        // Which volumes each one backs, at any depth.
+        let backs = Dictionary(uniqueKeysWithValues: reports.map { ($0["name"] as! String, $0["backs"] as! [String]) })
+        #expect(backs["base.raw"] == ["mid.qcow2", "top.qcow2"])
+        #expect(backs["mid.qcow2"] == ["top.qcow2"])
+        #expect(backs.filter { !$0.value.isEmpty }.count == 2, "\(backs)")
     }
 }
 

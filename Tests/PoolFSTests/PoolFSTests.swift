@@ -190,6 +190,48 @@ final class ZfsRunner: CommandRunner {
     }
 }
 
+/// QEMU's consistent read through the FUSE operations (`-o rw`): open and release of an overlay
+/// lock and unlock its backing files; the store refuses to write one while an overlay above it
+/// is open, and to open an overlay while the store writes its base.
+@Suite struct BackingFileHandleTests {
+    @Test func openOverlaysKeepTheirBaseFromBeingWritten() throws {
+        let scratch = try Scratch()
+        try scratch.sh("""
+            mkdir pool && cd pool && qemu-img create -q -f qcow2 base.qcow2 1M &&
+            qemu-img create -q -f qcow2 -b base.qcow2 -F qcow2 over.qcow2 && qemu-img create -q -f qcow2 -b base.qcow2 -F qcow2 other.qcow2
+            """)
+        let store = VolumeStore(pool: try DirectoryPool(path: scratch.path("pool")), cache: BlockCache(capacityBytes: 1 << 20),
+                                logsFailures: false, writesImages: true)
+        let fs = PoolFileSystem(store: store)
+        let base = try fs.lookup(parent: 1, name: "base.qcow2").get().attributes.inode
+        let over = try fs.lookup(parent: 1, name: "over.qcow2").get().attributes.inode
+        let other = try fs.lookup(parent: 1, name: "other.qcow2").get().attributes.inode
+        let baseFile = scratch.path("pool/base.qcow2")
+
+        #expect(FileLocks.on(baseFile).allSatisfy { $0.start == 100 }, "looked up, not open: at most the shared read")
+        #expect(fs.open(inode: over, writing: false).isSuccess)
+        #expect(fs.open(inode: over, writing: true).isSuccess)
+        #expect(FileLocks.bytes(of: baseFile) == [100, 201, 203])
+        #expect(fs.open(inode: base, writing: true).failure == Errno(EBUSY))
+        #expect(throws: Qcow2Error.inUse("base.qcow2 is a backing file of over.qcow2, open through this mount: it stays read-only until they are closed")) {
+            try store.openForWriting("base.qcow2")
+        }
+        fs.release(inode: over, writing: true)
+        #expect(fs.open(inode: base, writing: true).failure == Errno(EBUSY), "one handle of over.qcow2 is still open")
+        fs.release(inode: over, writing: false)
+        #expect(FileLocks.bytes(of: baseFile).allSatisfy { $0 == 100 }, "the last release unlocks")
+
+        #expect(fs.open(inode: base, writing: true).isSuccess)
+        #expect(fs.open(inode: other, writing: false).failure == Errno(EBUSY))
+        #expect(throws: Qcow2Error.inUse("its backing file base.qcow2 is open for writing through this mount")) {
+            try store.openHandle("other.qcow2")
+        }
+        fs.release(inode: base, writing: true)
+        #expect(fs.open(inode: other, writing: false).isSuccess)
+        fs.release(inode: other, writing: false)
+    }
+}
+
 extension Result {
     var isSuccess: Bool { if case .success = self { return true } else { return false } }
     var failure: Failure? { if case .failure(let e) = self { return e } else { return nil } }
