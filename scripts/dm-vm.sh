@@ -22,8 +22,8 @@
 # /dev/shm and /etc/lvm; WORKDIR is writable at its own path (9p, no caching). lvm.conf has udev
 # sync and udev rules off, backups and archives off (there is no udev in the VM). Loaded modules:
 # virtio_blk, dm_snapshot, dm_thin_pool, fuse, loop (others load with modprobe). `lo` is up.
-# POOLFS_IN_VM=1 is set. When SCRIPT ends the VM powers off: deactivate what must be clean on
-# the disks (`vgchange -an VG`) and unmount what you mounted before it does.
+# POOLFS_IN_VM=1 is set. When SCRIPT ends the VM powers off, whatever it left running: deactivate
+# what must be clean on the disks (`vgchange -an VG`) and unmount what you mounted before it does.
 #
 # Environment:
 #   DM_VM_KERNEL   the kernel release to boot (default: the newest /boot/vmlinuz-* whose
@@ -149,9 +149,13 @@ modprobe -a virtio_blk dm_mod dm_snapshot dm_thin_pool fuse loop || echo "dm-vm:
 # Give the kernel a moment to create the virtio disks' nodes.
 n=0; while [ $n -lt 50 ] && [ "$(ls /sys/class/block | grep -c '^vd[a-z]*$')" -lt "$(ls /sys/bus/virtio/drivers/virtio_blk 2>/dev/null | grep -c '^virtio')" ]; do sleep 0.1; n=$((n+1)); done
 cd "$work" || { echo "dm-vm: no $work in the VM" > /dev/console; off; }
-rm -f /run/dm-vm-status
-( sh "$script"; echo $? > /run/dm-vm-status ) < /dev/null 2>&1 | tee -a "$work/vm.log" > /dev/console
-cp /run/dm-vm-status "$work/vm.status.tmp" && mv "$work/vm.status.tmp" "$work/vm.status"
+# The output goes straight to vm.log (not through a pipe, which daemons the script leaves behind
+# would hold open), and is copied to the console for when the VM dies.
+tail -n +1 -f "$work/vm.log" > /dev/console 2>&1 &
+tailpid=$!
+sh "$script" < /dev/null >> "$work/vm.log" 2>&1
+echo $? > "$work/vm.status.tmp" && mv "$work/vm.status.tmp" "$work/vm.status"
+sleep 0.5; kill $tailpid 2>/dev/null
 off
 EOF
 
