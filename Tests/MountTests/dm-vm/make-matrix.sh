@@ -3,9 +3,9 @@
 # disks (/dev/vda, /dev/vdb, ~96 MiB each), and dumps what device-mapper itself reads from every
 # LV into OUTDIR/expected/<lv>.raw. Also OUTDIR/lvs.json (the lvs report, all active),
 # OUTDIR/lvs-inactive.json (after vgchange -an) and OUTDIR/matrix.txt.
-# Leaves every LV of the VG inactive. Usage (in the VM): sh make-matrix.sh OUTDIR
+# Leaves every LV of the VG inactive. Usage (in the VM): [VG=name] sh make-matrix.sh OUTDIR
 #
-#   VG pfsvm over vda and vdb, 4 MiB extents:
+#   VG pfsvm (or $VG) over vda and vdb, 4 MiB extents:
 #   linear     16 MiB linear on vda, random data
 #   striped    16 MiB striped over both PVs (-i2 -I64k), random data
 #   snap       classic snapshot of linear (-L 8M, 4 KiB chunks), then writes to linear:
@@ -18,7 +18,7 @@
 #   thinsnap2  thin snapshot of thinsnap (after writing to thinsnap), then more writes to thinsnap
 set -eu
 out="${1:?usage: make-matrix.sh OUTDIR}"
-vg=pfsvm
+vg="${VG:-pfsvm}"
 export LVM_SUPPRESS_FD_WARNINGS=1
 t() { timeout 120 "$@"; }
 # wr LV OFFSET_BYTES COUNT_BYTES: random bytes written through the dm device, synchronously.
