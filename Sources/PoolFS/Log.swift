@@ -18,7 +18,8 @@ public enum Log {
     public static func info(_ message: String) { write(LOG_INFO, message) }
 
     private static func write(_ priority: Int32, _ message: String) {
-        withVaList([message]) { vsyslog(priority, "%s", $0) }
+        // "%s" takes a C string: a Swift String passed as a CVarArg came out as garbage.
+        message.withCString { text in withVaList([text]) { vsyslog(priority, "%s", $0) } }
         if toStderr.load(ordering: .relaxed) {
             let line = Array("poolfs: \(message)\n".utf8)
             line.withUnsafeBytes { _ = Glibc.write(2, $0.baseAddress, $0.count) }
