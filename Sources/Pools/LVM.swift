@@ -47,9 +47,13 @@ public struct VolumeGroupReport: Sendable, Equatable {
 
         /// The first `lv_attr` character.
         public var type: Character { attributes.first ?? "-" }
-        /// `lv_attr` character 4: `a` active, `I` an invalidated snapshot, `-` inactive...
+        /// `lv_attr` character 4: `-` inactive; `a` active, `I` an active snapshot found invalid,
+        /// `s` suspended, `m` a failed merge, `d`/`i` a device without its table... all mapped.
+        /// `X` where lvm2 cannot ask the kernel (no device-mapper).
         public var state: Character { attributes.count > 4 ? Array(attributes)[4] : "-" }
-        public var isActive: Bool { state == "a" }
+        /// The LV has a device-mapper device (whatever its state): activating it again is a no-op,
+        /// and deactivating it would undo someone else's activation.
+        public var isActive: Bool { state != "-" && state != "X" }
         /// A classic snapshot (its COW is its own segments), merging (`S`) or not.
         public var isClassicSnapshot: Bool { "sS".contains(type) }
         /// A thin LV (`V`): its blocks are mapped by its pool.

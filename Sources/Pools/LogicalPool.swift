@@ -230,7 +230,7 @@ public final class LogicalPool: Pool {
                 record(newlyActive: (try? activeVolumes()).map { $0.subtracting(before) } ?? [], report: report)
                 throw LogicalPoolError.activation(full, "\(error)")
             }
-            record(newlyActive: try activeVolumes().subtracting(before).union([lv.name]), report: report)
+            record(newlyActive: try activeVolumes().subtracting(before), report: report)
         }
     }
 

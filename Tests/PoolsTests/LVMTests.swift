@@ -237,12 +237,12 @@ struct LogicalPoolActivationTests {
     @Test func inactiveVolumesAreActivatedForTheMountAndDeactivatedAfter() throws {
         let scratch = try Scratch()
         try scratch.sh("mkdir -p dev/testvg && head -c 12582912 /dev/urandom > dev/testvg/lin")
-        let base = try LogicalPoolTests.runner()
-        let runner = FakeRunner(base.outputs.merging(["lvchange": .success("")]) { a, _ in a })
+        let runner = try ActivatingRunner()
         let pool = try LogicalPool(volumeGroup: "testvg", runner: runner, mode: .devices, deviceRoot: scratch.dir)
         let image = try pool.openImage("lin", path: pool.volumePath("lin")!, cache: BlockCache(capacityBytes: 0))
         #expect(try Data(image.live.read(at: 0, count: 12 << 20)) == Data(contentsOf: URL(fileURLWithPath: scratch.path("dev/testvg/lin"))))
-        _ = try pool.openImage("lin", path: pool.volumePath("lin")!, cache: BlockCache(capacityBytes: 0))
+        let again = try pool.openImage("lin", path: pool.volumePath("lin")!, cache: BlockCache(capacityBytes: 0))
+        _ = try again.live.read(at: 0, count: 512)
         let activations = runner.calls.withLock { $0.filter { $0[0] == "lvchange" } }
         #expect(activations == [["lvchange", "-ay", "-K", "-y", "--ignoremonitoring", "--config",
                                  "activation { read_only_volume_list = [ \"testvg/lin\", \"testvg/lin-snap\" ] }", "testvg/lin"]],
@@ -250,6 +250,21 @@ struct LogicalPoolActivationTests {
         #expect(pool.release().isEmpty)
         #expect(runner.calls.withLock { $0.last } == ["lvchange", "-an", "-y", "testvg/lin"])
         #expect(pool.release().isEmpty && runner.calls.withLock { $0.last } == ["lvchange", "-an", "-y", "testvg/lin"], "deactivated once")
+    }
+
+    /// LVs that were mapped before (active, or an active snapshot lvm2 found invalid: state `I`)
+    /// are neither activated nor deactivated: the last one used to be, which took its origin and
+    /// every snapshot of it down at unmount.
+    @Test func volumesMappedBeforeAreLeftAsTheyWere() throws {
+        let scratch = try Scratch()
+        try scratch.sh("mkdir -p dev/testvg && head -c 12582912 /dev/urandom > dev/testvg/lin-snap && cp dev/testvg/lin-snap dev/testvg/lin-bad")
+        let runner = try ActivatingRunner(active: ["lin"], extraRows: [
+            #"{"lv_name":"lin-bad", "vg_name":"testvg", "lv_size":"4194304", "lv_attr":"swi-I-s---", "origin":"lin", "pool_lv":"", "segtype":"linear", "seg_start":"0", "seg_size":"4194304", "stripes":"1", "stripe_size":"0", "seg_pe_ranges":"/dev/loop1:14-14", "lv_path":"/dev/testvg/lin-bad"},"#])
+        let pool = try LogicalPool(volumeGroup: "testvg", runner: runner, mode: .devices, deviceRoot: scratch.dir)
+        for snapshot in pool.snapshots(of: "lin") { _ = try snapshot.open().read(at: 0, count: 512) }
+        #expect(pool.snapshots(of: "lin").map(\.name).sorted() == ["lin-bad", "lin-snap"])
+        #expect(pool.release().isEmpty)
+        #expect(runner.calls.withLock { $0.filter { $0[0] == "lvchange" } }.isEmpty)
     }
 
     @Test func aFailedActivationSaysWhy() throws {
@@ -287,6 +302,40 @@ struct LogicalPoolActivationTests {
         #expect(Date().timeIntervalSince(start) < 1)
         gate.signal()
         #expect(reading.wait(timeout: .now() + 10) == .success)
+    }
+}
+
+/// lvm2 played over the recorded report: `lvchange -ay VG/LV` maps the LV (its `lv_attr` shows
+/// it active), `lvchange -an` unmaps it; every call is recorded.
+final class ActivatingRunner: CommandRunner {
+    let base: FakeRunner
+    let active: Mutex<Set<String>>
+    let calls = Mutex<[[String]]>([])
+    let rows: String
+
+    init(active: Set<String> = [], extraRows: [String] = []) throws {
+        base = try LogicalPoolTests.runner()
+        self.active = Mutex(active)
+        rows = extraRows.joined()
+    }
+
+    func run(_ arguments: [String]) throws -> String {
+        calls.withLock { $0.append(arguments) }
+        let lv = String(arguments.last?.split(separator: "/").last ?? "")
+        switch arguments[0] {
+        case "lvchange":
+            active.withLock { if arguments.contains("-ay") { $0.insert(lv) } else { $0.remove(lv) } }
+            return ""
+        case "lvs":
+            var lvs = try base.run(arguments).replacingOccurrences(of: #""lv": ["#, with: #""lv": ["# + rows)
+            for name in active.withLock({ $0 }) {
+                lvs = lvs.replacingOccurrences(of: #""lv_name":"\#(name)", "vg_name":"testvg", "lv_size":"12582912", "lv_attr":"-wi-XX----""#,
+                                               with: #""lv_name":"\#(name)", "vg_name":"testvg", "lv_size":"12582912", "lv_attr":"-wi-a-----""#)
+            }
+            return lvs
+        default:
+            return try base.run(arguments)
+        }
     }
 }
 
