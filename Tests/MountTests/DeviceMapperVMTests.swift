@@ -77,8 +77,9 @@ struct DeviceMapperVMTests {
             .split(separator: "\n").map { $0.split(separator: "\t", omittingEmptySubsequences: false).map(String.init) }
             .filter { $0.count == 4 }
         var failedInVM = false
-        for (part, meaning) in Self.parts {
-            let checks = ["mount"] + Self.files.map { "cmp:\($0.path)" } + ["tree", "ls", "eio:\(Self.overflowed)", "unmount", "activation"]
+        for (part, meaning) in Self.parts + [("live", "changes while mounted, -o cow and -o rw")] {
+            let checks = part == "live" ? ["cow:write", "cow:unchanged", "live:create", "rw:write", "rw:snapshot", "live:remove"]
+                : ["mount"] + Self.files.map { "cmp:\($0.path)" } + ["tree", "ls", "eio:\(Self.overflowed)", "unmount", "activation"]
             for check in checks {
                 guard let row = rows.first(where: { $0[0] == part && $0[2] == check }) else {
                     Issue.record("in the VM, \(part) (\(meaning)): the check \(check) did not run; the VM's output ends:\n\(vmOutput.suffix(4000))")
@@ -130,6 +131,11 @@ struct DeviceMapperVMTests {
                 Issue.record("on this host (-o noactivate): the overflowed snapshot \(Self.overflowed) must fail every read with EIO: \(eio.joined(separator: "; "))")
                 failedOnHost = true
             }
+            // The thin LV's data ranges (SEEK_DATA/SEEK_HOLE through the mount) are exactly the
+            // blocks thin_dump finds mapped in the kernel's own metadata, copied off the PV.
+            let thinDump = try thinDumpRanges(vg: vg, thinLV: "thin", in: scratch)
+            let seen = try dataRanges(of: mount.path("thin"))
+            #expect(!thinDump.isEmpty && seen == thinDump, "on this host: SEEK_DATA/SEEK_HOLE of thin are not thin_dump's mappings: \(seen) vs \(thinDump)")
             mount.unmount()
         } catch {
             Issue.record("on this host (-o noactivate): \(error)")
@@ -140,6 +146,49 @@ struct DeviceMapperVMTests {
         }
         print("DeviceMapperVMTests: \(Int(Date().timeIntervalSince(started))) s in all")
     }
+}
+
+/// The byte ranges of thin LV `thinLV` that its pool maps, from thin_dump (thin-provisioning-tools)
+/// run on the pool's metadata LV copied straight off the PV (`pe_start + extent × extent size`),
+/// merged where adjacent.
+private func thinDumpRanges(vg: String, thinLV: String, in scratch: Scratch) throws -> [Range<UInt64>] {
+    func field(_ command: String) throws -> String {
+        try scratch.sh("LVM_SUPPRESS_FD_WARNINGS=1 \(command)").trimmingCharacters(in: .whitespacesAndNewlines)
+    }
+    let pool = try field("lvs --noheadings -o pool_lv \(vg)/\(thinLV)")
+    let thinID = try field("lvs --noheadings -o thin_id \(vg)/\(thinLV)")
+    // Hidden LVs are listed with -a only: "[pool_tmeta] /dev/loop3:2-2".
+    let rows = try field("lvs -a --noheadings -o lv_name,seg_pe_ranges \(vg)").split(separator: "\n")
+    let row = try #require(rows.first { $0.contains("[\(pool)_tmeta]") }, "no [\(pool)_tmeta] in lvs -a")
+    let parts = try #require(row.split(separator: " ").last).split(separator: ":")
+    let extents = try #require(parts.count == 2 ? parts[1].split(separator: "-").compactMap { UInt64($0) } : nil)
+    try #require(extents.count == 2, "seg_pe_ranges of [\(pool)_tmeta]: \(row)")
+    let peStartText = try field("pvs --noheadings -o pe_start --units b --nosuffix \(parts[0])")
+    let extentSizeText = try field("vgs --noheadings -o vg_extent_size --units b --nosuffix \(vg)")
+    let peStart = try #require(UInt64(peStartText)), extentSize = try #require(UInt64(extentSizeText))
+    let at = peStart + extents[0] * extentSize, count = (extents[1] - extents[0] + 1) * extentSize
+    try scratch.sh("dd if=\(parts[0]) of=tmeta.bin bs=65536 iflag=skip_bytes,count_bytes skip=\(at) count=\(count) status=none")
+    let xml = try scratch.sh("thin_dump tmeta.bin")
+    let sizeMatch = try #require(xml.firstMatch(of: /data_block_size="(\d+)"/))
+    let blockSize = try #require(UInt64(sizeMatch.1)) * 512
+    let devicePattern = try Regex("<device dev_id=\"\(thinID)\"[^>]*>([\\s\\S]*?)</device>")
+    let device = try #require(xml.firstMatch(of: devicePattern))
+    var blocks: [Range<UInt64>] = []
+    for match in String(device.output[1].substring ?? "").matches(of: /<(single|range)_mapping ([^\/]*)\/>/) {
+        let attributes = Dictionary(uniqueKeysWithValues: String(match.2).matches(of: /(\w+)="(\d+)"/).map { (String($0.1), UInt64($0.2)!) })
+        let start = attributes["origin_block"] ?? attributes["origin_begin"]!
+        blocks.append(start..<start + (attributes["length"] ?? 1))
+    }
+    var merged: [Range<UInt64>] = []
+    for block in blocks.sorted(by: { $0.lowerBound < $1.lowerBound }) {
+        let range = block.lowerBound * blockSize..<block.upperBound * blockSize
+        if let last = merged.last, last.upperBound == range.lowerBound {
+            merged[merged.count - 1] = last.lowerBound..<range.upperBound
+        } else {
+            merged.append(range)
+        }
+    }
+    return merged
 }
 
 /// Nil when equal; otherwise the sizes or the first differing byte and how many 4 KiB blocks differ.

@@ -7,6 +7,9 @@
 #   dm-inactive   device-mapper mode, every LV inactive before the mount (this used to hang)
 #   dm-active     device-mapper mode, linear (with its snapshots), striped and thin active before
 #   noactivate    -o noactivate: read from the PVs, no device-mapper, every LV inactive before
+#   live          device-mapper mode: -o cow writes read back and leave the LV alone; with -o rw,
+#                 an LV and a thin snapshot made while mounted show up, the LV takes writes
+#                 through its device, the snapshot refuses them, and removed, it goes away
 # Checks per part: mount; cmp:<file> for every file with a dump; tree (find -type f, its list is
 # the detail); ls (ls -lR returns); eio:<file> (the overflowed snapshot fails with EIO, at open
 # or at reads at three offsets, and returns no data); unmount (and the daemon is gone);
@@ -188,6 +191,68 @@ t 60 vgchange -q -an "$vg" >/dev/null
 
 check_mount noactivate -o noactivate
 t 60 vgchange -q -an "$vg" >/dev/null
+
+# live: what changes while mounted, -o cow and -o rw, in device-mapper mode. It makes its own
+# LVs and removes them, so the VG is as make-matrix.sh left it for the host's checks after.
+check_live() {
+    part=live
+    m=/tmp/mnt-live
+    mkdir -p "$m"
+    head -c 1048576 /dev/urandom > /tmp/pattern
+    # -o cow: writes land in the overlay and read back; the LV itself is untouched.
+    if t 180 "$poolfs" mount --type logical -o cow "$vg" "$m" > /tmp/mount.out 2>&1; then
+        t 60 dd if=/tmp/pattern of="$m/linear" bs=65536 seek=16 conv=notrunc status=none 2>/tmp/dd.err
+        if t 60 dd if="$m/linear" bs=65536 skip=16 count=16 status=none 2>/dev/null | cmp -s - /tmp/pattern; then
+            result "$part" OK cow:write
+        else
+            result "$part" FAIL cow:write "what was written through -o cow does not read back: $(cat /tmp/dd.err)"
+        fi
+        t 120 "$poolfs" unmount "$m" >/dev/null 2>&1
+        cleanup_mount "$part" "$m"
+        t 60 lvchange -q -ay -K "$vg/linear" && t 60 cmp "/dev/$vg/linear" /tmp/expected/linear.raw > /tmp/cmp.out 2>&1
+        if [ $? -eq 0 ]; then result "$part" OK cow:unchanged; else result "$part" FAIL cow:unchanged "the LV changed: $(cat /tmp/cmp.out)"; fi
+        t 60 vgchange -q -an "$vg" >/dev/null
+    else
+        result "$part" FAIL cow:write "mount -o cow: status $?: $(cat /tmp/mount.out)"
+    fi
+    # LVs and snapshots made and removed while mounted show and go within a few seconds.
+    if t 180 "$poolfs" mount --type logical -o rw "$vg" "$m" > /tmp/mount.out 2>&1; then
+        t 60 lvcreate -q -y -Zn -L 8M -n rwlv "$vg" >/dev/null 2>&1
+        t 60 lvcreate -q -y -s -n thinsnap3 "$vg/thin" >/dev/null 2>&1
+        seen=""
+        for i in 1 2 3 4 5 6 7 8 9 10; do
+            if [ -e "$m/rwlv" ] && t 10 ls "$m/.snapshots/thin" | grep -qx thinsnap3; then seen=yes; break; fi
+            sleep 0.5
+        done
+        if [ -n "$seen" ]; then result "$part" OK live:create; else result "$part" FAIL live:create "after 5 s: $(t 10 ls "$m" "$m/.snapshots/thin" 2>&1)"; fi
+        # -o rw: a volume's bytes change through its device; a snapshot refuses writes.
+        if t 60 dd if=/tmp/pattern of="$m/rwlv" bs=65536 seek=32 conv=notrunc,fsync status=none 2>/tmp/dd.err \
+            && t 60 dd if="/dev/$vg/rwlv" bs=65536 skip=32 count=16 iflag=direct status=none 2>/dev/null | cmp -s - /tmp/pattern; then
+            result "$part" OK rw:write
+        else
+            result "$part" FAIL rw:write "$(cat /tmp/dd.err)"
+        fi
+        if t 60 dd if=/tmp/pattern of="$m/.snapshots/thin/thinsnap3" bs=65536 count=1 conv=notrunc status=none 2>/tmp/dd.err; then
+            result "$part" FAIL rw:snapshot "a write to a snapshot through -o rw succeeded"
+        else
+            result "$part" OK rw:snapshot "$(cat /tmp/dd.err)"
+        fi
+        t 60 lvremove -q -y "$vg/thinsnap3" >/dev/null 2>&1
+        gone=""
+        for i in 1 2 3 4 5 6 7 8 9 10; do
+            if ! t 10 ls "$m/.snapshots/thin" | grep -qx thinsnap3; then gone=yes; break; fi
+            sleep 0.5
+        done
+        if [ -n "$gone" ]; then result "$part" OK live:remove; else result "$part" FAIL live:remove "after 5 s: $(t 10 ls "$m/.snapshots/thin" 2>&1)"; fi
+        t 120 "$poolfs" unmount "$m" >/dev/null 2>&1
+        cleanup_mount "$part" "$m"
+        t 60 lvremove -q -y "$vg/rwlv" >/dev/null 2>&1
+    else
+        result "$part" FAIL live:create "mount -o rw: status $?: $(cat /tmp/mount.out)"
+    fi
+    t 60 vgchange -q -an "$vg" >/dev/null
+}
+check_live
 
 echo "check-in-vm: poolfs's syslog:"
 grep -a -i poolfs "$out/syslog.txt" | tail -n 60 | LC_ALL=C tr -c '[:print:]\n' '?'
