@@ -7,7 +7,6 @@ import Testing
 /// readers; once the last handle is closed, writing them works again.
 @Suite("backing files of open overlays", .serialized)
 struct BackingLockMountTests {
-    static let refusal = #"Failed to get "write" lock"#
 
     /// base.qcow2 <- mid.qcow2 <- over.qcow2 (with a snapshot), and other.qcow2 over base.qcow2.
     static func makePool(in scratch: Scratch) throws {
@@ -49,25 +48,11 @@ struct BackingLockMountTests {
         deinit { close() }
     }
 
-    static func run(_ command: String, in scratch: Scratch) -> (ok: Bool, output: String) {
-        do {
-            return (true, try scratch.sh(command))
-        } catch let error as ShellError {
-            return (false, error.output)
-        } catch {
-            return (false, "\(error)")
-        }
-    }
 
-    /// Whether qemu-io fails to open `file` of the pool for writing with QEMU's lock error.
-    static func qemuWriteRefused(_ file: String, in scratch: Scratch) -> Bool {
-        let write = run("qemu-io -c 'write -P 0x11 0 4k' pool/\(file)", in: scratch)
-        return !write.ok && write.output.contains(refusal)
-    }
 
     /// Waits (the kernel sends a release after close returns) until qemu-io writes `file`.
     static func qemuWrites(_ file: String, in scratch: Scratch) -> Bool {
-        FileLocks.wait { run("qemu-io -c 'write -P 0x11 0 4k' pool/\(file)", in: scratch).ok }
+        FileLocks.wait { scratch.attempt("qemu-io -c 'write -P 0x11 0 4k' pool/\(file)").ok }
     }
 
     /// 0 when `path` opens with `flags` (and is closed again), else the errno.
@@ -95,11 +80,11 @@ struct BackingLockMountTests {
         #expect(Self.qemuWrites("base.qcow2", in: scratch), "a base stays writable while no overlay is open")
 
         let over = try Holder(mount.path("over.qcow2"), in: scratch)
-        #expect(Self.qemuWriteRefused("base.qcow2", in: scratch), "qemu-io wrote the base of an open overlay")
-        #expect(Self.qemuWriteRefused("mid.qcow2", in: scratch), "qemu-io wrote the middle of an open overlay's chain")
-        let resize = Self.run("qemu-img resize -q pool/base.qcow2 8M", in: scratch)
-        #expect(!resize.ok && resize.output.contains(Self.refusal), "qemu-img resized the base of an open overlay: \(resize.output)")
-        let read = Self.run("qemu-io -r -c 'read -P 0x11 0 1M' pool/base.qcow2", in: scratch)
+        #expect(FileLocks.qemuWriteRefused("pool/base.qcow2", in: scratch), "qemu-io wrote the base of an open overlay")
+        #expect(FileLocks.qemuWriteRefused("pool/mid.qcow2", in: scratch), "qemu-io wrote the middle of an open overlay's chain")
+        let resize = scratch.attempt("qemu-img resize -q pool/base.qcow2 8M")
+        #expect(!resize.ok && resize.output.contains(FileLocks.qemuRefusal), "qemu-img resized the base of an open overlay: \(resize.output)")
+        let read = scratch.attempt("qemu-io -r -c 'read -P 0x11 0 1M' pool/base.qcow2")
         #expect(read.ok && !read.output.contains("failed"), "qemu-io -r must still read the base: \(read.output)")
         #expect(Self.openError(mount.path("base.qcow2"), O_RDONLY) == 0, "the mount still reads the base")
         if rw {
@@ -110,16 +95,16 @@ struct BackingLockMountTests {
 
         // The overlay changes on disk (its top is shared with writers) and the mount reopens its
         // image: the lock belongs to the open file, not to the image that was cached.
-        #expect(Self.run("qemu-io -c 'write -P 0x44 64k 4k' pool/over.qcow2", in: scratch).ok, "the overlay itself stays writable")
+        #expect(scratch.attempt("qemu-io -c 'write -P 0x44 64k 4k' pool/over.qcow2").ok, "the overlay itself stays writable")
         let reread = try scratch.sh("head -c 69632 '\(mount.path("over.qcow2"))' | tail -c 4096 | tr -d '\\104' | wc -c")
         #expect(reread == "0\n", "the mount reads the overlay as changed")
-        #expect(Self.qemuWriteRefused("base.qcow2", in: scratch), "reopening the overlay's image dropped the lock")
+        #expect(FileLocks.qemuWriteRefused("pool/base.qcow2", in: scratch), "reopening the overlay's image dropped the lock")
 
         // A second overlay of the same base: closing the first leaves the base locked.
         let other = try Holder(mount.path("other.qcow2"), in: scratch)
         over.close()
         #expect(Self.qemuWrites("mid.qcow2", in: scratch), "mid.qcow2 stayed locked after over.qcow2 was closed")
-        #expect(Self.qemuWriteRefused("base.qcow2", in: scratch), "closing one overlay unlocked the base of another")
+        #expect(FileLocks.qemuWriteRefused("pool/base.qcow2", in: scratch), "closing one overlay unlocked the base of another")
         if rw {
             #expect(Self.openError(mount.path("base.qcow2"), O_RDWR) == EBUSY)
             #expect(Self.log(mount).contains("base.qcow2 is a backing file of other.qcow2"), "\(Self.log(mount))")
@@ -131,13 +116,13 @@ struct BackingLockMountTests {
             #expect(fd >= 0, "the mount refuses to write the base with no overlay open: errno \(errno)")
             #expect(pwrite(fd, [UInt8](repeating: 0x55, count: 4096), 4096, 0) == 4096)
             close(fd)
-            #expect(FileLocks.wait { Self.run("qemu-io -r -c 'read -P 0x55 0 4k' pool/base.qcow2", in: scratch).output.contains("read 4096/4096") },
+            #expect(FileLocks.wait { scratch.attempt("qemu-io -r -c 'read -P 0x55 0 4k' pool/base.qcow2").output.contains("read 4096/4096") },
                     "the write through the mount is in the base")
         }
 
         // An internal snapshot of the overlay reads the same chain.
         let snapshot = try Holder(mount.path(".snapshots/over.qcow2/snap"), in: scratch)
-        #expect(Self.qemuWriteRefused("base.qcow2", in: scratch), "an open snapshot of the overlay left its base writable")
+        #expect(FileLocks.qemuWriteRefused("pool/base.qcow2", in: scratch), "an open snapshot of the overlay left its base writable")
         snapshot.close()
         #expect(Self.qemuWrites("base.qcow2", in: scratch))
     }
@@ -164,7 +149,7 @@ struct BackingLockMountTests {
             #expect(FileLocks.wait { FileLocks.bytes(of: scratch.path("pool/base.qcow2")).contains(101) }, "qemu-io did not lock the base")
             #expect(Self.openError(mount.path("over.qcow2"), O_RDONLY) == EBUSY)
             #expect(Self.log(mount).contains("holds 'write'"), "\(Self.log(mount))")
-            let qemuRead = Self.run("qemu-io -r -c 'read 0 4k' pool/over.qcow2", in: scratch)
+            let qemuRead = scratch.attempt("qemu-io -r -c 'read 0 4k' pool/over.qcow2")
             #expect(!qemuRead.ok && qemuRead.output.contains(#"Failed to get shared "write" lock"#), "QEMU agrees: \(qemuRead.output)")
             #expect(Self.openError(mount.path("base.qcow2"), O_RDONLY) == 0, "the base itself still reads")
         }
@@ -176,7 +161,7 @@ struct BackingLockMountTests {
         #expect(Self.openError(mount.path("over.qcow2"), O_RDONLY) == EBUSY)
         #expect(Self.openError(mount.path("other.qcow2"), O_RDWR) == EBUSY)
         #expect(Self.log(mount).contains("its backing file base.qcow2 is open for writing through this mount"), "\(Self.log(mount))")
-        let qemuRead = Self.run("qemu-io -r -c 'read 0 4k' pool/over.qcow2", in: scratch)
+        let qemuRead = scratch.attempt("qemu-io -r -c 'read 0 4k' pool/over.qcow2")
         #expect(!qemuRead.ok && qemuRead.output.contains(#"Failed to get shared "write" lock"#), "QEMU agrees: \(qemuRead.output)")
         close(base)
         #expect(FileLocks.wait { Self.openError(mount.path("over.qcow2"), O_RDONLY) == 0 })

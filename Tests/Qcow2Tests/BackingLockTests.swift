@@ -9,7 +9,6 @@ import Testing
 @Suite("backing chain locks", .serialized)
 struct BackingLockTests {
     static let cache = BlockCache(capacityBytes: 1 << 20)
-    static let refusal = #"Failed to get "write" lock"#
 
     /// base.qcow2 <- mid.qcow2 <- top.qcow2, and other.qcow2 over base.qcow2 too.
     static func chain(in scratch: Scratch) throws {
@@ -21,22 +20,7 @@ struct BackingLockTests {
             """)
     }
 
-    /// Runs `command` in `scratch`; its status and output.
-    static func run(_ command: String, in scratch: Scratch) -> (ok: Bool, output: String) {
-        do {
-            return (true, try scratch.sh(command))
-        } catch let error as ShellError {
-            return (false, error.output)
-        } catch {
-            return (false, "\(error)")
-        }
-    }
 
-    /// Whether qemu-io fails to open `file` for writing with QEMU's lock error.
-    static func qemuWriteRefused(_ file: String, in scratch: Scratch) -> Bool {
-        let write = run("qemu-io -c 'write -P 0x22 0 4k' \(file)", in: scratch)
-        return !write.ok && write.output.contains(refusal)
-    }
 
     /// qemu-io holding `file` open (`qemu-io -r` with `readOnly`) until stopped, its locks in place.
     static func qemuHolding(_ file: String, readOnly: Bool, in scratch: Scratch) throws -> Process {
@@ -101,10 +85,10 @@ struct BackingLockTests {
             #expect(FileLocks.bytes(of: file) == [100, 201, 203], "\(file)")
             #expect(Set(theirs).isSubset(of: [100, 201, 203]), "QEMU takes nothing more: \(file) \(theirs)")
         }
-        #expect(Self.qemuWriteRefused("-f raw base.raw", in: scratch))
-        #expect(Self.qemuWriteRefused("-f raw mid.data", in: scratch))
+        #expect(FileLocks.qemuWriteRefused("-f raw base.raw", in: scratch))
+        #expect(FileLocks.qemuWriteRefused("-f raw mid.data", in: scratch))
         lock.release()
-        #expect(Self.run("qemu-io -f raw -c 'write 0 4k' base.raw", in: scratch).ok)
+        #expect(scratch.attempt("qemu-io -f raw -c 'write 0 4k' base.raw").ok)
     }
 
     /// While held, qemu-io and qemu-img cannot write or resize a backing file, at any depth;
@@ -115,16 +99,16 @@ struct BackingLockTests {
         try Self.chain(in: scratch)
         let image = try Image.open(path: scratch.path("top.qcow2"), cache: Self.cache)
         let lock = try image.lockBackingChain()
-        #expect(Self.qemuWriteRefused("base.qcow2", in: scratch))
-        #expect(Self.qemuWriteRefused("mid.qcow2", in: scratch))
-        let resize = Self.run("qemu-img resize -q base.qcow2 8M", in: scratch)
-        #expect(!resize.ok && resize.output.contains(Self.refusal), "\(resize.output)")
-        let read = Self.run("qemu-io -r -c 'read -P 0x11 0 1M' base.qcow2", in: scratch)
+        #expect(FileLocks.qemuWriteRefused("base.qcow2", in: scratch))
+        #expect(FileLocks.qemuWriteRefused("mid.qcow2", in: scratch))
+        let resize = scratch.attempt("qemu-img resize -q base.qcow2 8M")
+        #expect(!resize.ok && resize.output.contains(FileLocks.qemuRefusal), "\(resize.output)")
+        let read = scratch.attempt("qemu-io -r -c 'read -P 0x11 0 1M' base.qcow2")
         #expect(read.ok && !read.output.contains("failed"), "\(read.output)")
-        #expect(Self.run("qemu-io -c 'write -P 0x33 0 4k' top.qcow2", in: scratch).ok)
+        #expect(scratch.attempt("qemu-io -c 'write -P 0x33 0 4k' top.qcow2").ok)
         lock.release()
-        #expect(Self.run("qemu-io -c 'write -P 0x22 0 4k' base.qcow2", in: scratch).ok)
-        #expect(Self.run("qemu-io -c 'write -P 0x22 0 4k' mid.qcow2", in: scratch).ok)
+        #expect(scratch.attempt("qemu-io -c 'write -P 0x22 0 4k' base.qcow2").ok)
+        #expect(scratch.attempt("qemu-io -c 'write -P 0x22 0 4k' mid.qcow2").ok)
     }
 
     /// Two overlays of one base each hold their own lock on it: releasing one, closing its image,
@@ -142,10 +126,10 @@ struct BackingLockTests {
             // top's image, its lock and a passing open of the base all close their descriptors here.
             _ = try HostFile(path: scratch.path("base.qcow2"))
         }
-        #expect(Self.qemuWriteRefused("base.qcow2", in: scratch), "other.qcow2 still reads base.qcow2")
-        #expect(Self.run("qemu-io -c 'write -P 0x22 0 4k' mid.qcow2", in: scratch).ok, "only top.qcow2 read mid.qcow2")
+        #expect(FileLocks.qemuWriteRefused("base.qcow2", in: scratch), "other.qcow2 still reads base.qcow2")
+        #expect(scratch.attempt("qemu-io -c 'write -P 0x22 0 4k' mid.qcow2").ok, "only top.qcow2 read mid.qcow2")
         otherLock.release()
-        #expect(Self.run("qemu-io -c 'write -P 0x22 0 4k' base.qcow2", in: scratch).ok)
+        #expect(scratch.attempt("qemu-io -c 'write -P 0x22 0 4k' base.qcow2").ok)
     }
 
     /// A writer of a backing file, QEMU or this process through another descriptor, keeps the
@@ -159,7 +143,7 @@ struct BackingLockTests {
             let qemu = try Self.qemuHolding("base.qcow2", readOnly: false, in: scratch)
             defer { Self.stop(qemu) }
             #expect(throws: Qcow2Error.self) { try image.lockBackingChain() }
-            let overlay = Self.run("qemu-io -r -c 'read 0 4k' top.qcow2", in: scratch)
+            let overlay = scratch.attempt("qemu-io -r -c 'read 0 4k' top.qcow2")
             #expect(!overlay.ok && overlay.output.contains(#"Failed to get shared "write" lock"#), "QEMU agrees: \(overlay.output)")
         }
         #expect(FileLocks.wait { FileLocks.on(scratch.path("base.qcow2")).isEmpty }, "a failed lock holds nothing")

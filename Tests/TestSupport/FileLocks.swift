@@ -36,6 +36,16 @@ public enum FileLocks {
         Array(Set(on(path).flatMap { $0.end - $0.start < 4096 ? Array($0.start...$0.end) : [$0.start] })).sorted()
     }
 
+    /// What qemu-io and qemu-img say when another program's lock refuses them "write".
+    public static let qemuRefusal = #"Failed to get "write" lock"#
+
+    /// Whether `qemu-io` (with `arguments`: the file, and options such as `-f raw`) fails to open
+    /// it for writing with QEMU's lock error.
+    public static func qemuWriteRefused(_ arguments: String, in scratch: Scratch) -> Bool {
+        let write = scratch.attempt("qemu-io -c 'write -P 0x22 0 4k' \(arguments)")
+        return !write.ok && write.output.contains(qemuRefusal)
+    }
+
     /// Waits up to `seconds` for `condition`; whether it came true.
     public static func wait(seconds: Double = 5, until condition: () -> Bool) -> Bool {
         let deadline = Date().addingTimeInterval(seconds)

@@ -20,6 +20,17 @@ public final class Scratch {
         try Shell.run(command, in: dir)
     }
 
+    /// Runs `command` like `sh`, for a command that may fail: whether it succeeded, and its output.
+    public func attempt(_ command: String) -> (ok: Bool, output: String) {
+        do {
+            return (true, try sh(command))
+        } catch let error as ShellError {
+            return (false, error.output)
+        } catch {
+            return (false, "\(error)")
+        }
+    }
+
     public func bytes(_ name: String) throws -> [UInt8] {
         [UInt8](try Data(contentsOf: URL(fileURLWithPath: path(name))))
     }
