@@ -244,8 +244,11 @@ public final class VolumeStore: Sendable {
                 return
             }
             writing[name] = nil
-            volumes.withLock { if $0[name] === open.volume { $0[name] = nil } }
+            // Flushed before it leaves the table: until then readers get the writer's image, whose
+            // tables the file does not have yet; an image opened from the file now would be older
+            // than what the writer acknowledged.
             close(open.volume)
+            volumes.withLock { if $0[name] === open.volume { $0[name] = nil } }
         }
     }
 
