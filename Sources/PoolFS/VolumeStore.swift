@@ -286,8 +286,8 @@ public final class VolumeStore: Sendable {
             volumes.withLock { $0[name] = nil }
             return nil
         }
-        if let known = volumes.withLock({ $0[name] }), known.path == path,
-           !known.isStale(currentIdentity: FileIdentity(path: path), generation: pool.generation(of: name), now: now) {
+        if let known = volumes.withLock({ $0[name] }), known.writer != nil || (known.path == path
+           && !known.isStale(currentIdentity: FileIdentity(path: path), generation: pool.generation(of: name), now: now)) {
             known.pathCheckedAt.store(now, ordering: .relaxed)
             return known
         }
@@ -295,8 +295,13 @@ public final class VolumeStore: Sendable {
         let fresh = OpenVolume(name: name, path: path, pool: pool, cache: cache)
         fresh.pathCheckedAt.store(now, ordering: .relaxed)
         if logsFailures, let error = fresh.error { Log.warning("volume \(name): \(error)") }
-        volumes.withLock { $0[name] = fresh }
-        return fresh
+        return volumes.withLock { volumes in
+            // Opened for writing meanwhile: the writer's image is the only current one; the
+            // file does not have its unflushed tables.
+            if let current = volumes[name], current.writer != nil { return current }
+            volumes[name] = fresh
+            return fresh
+        }
     }
 
     public func volumeNames() -> [String] {

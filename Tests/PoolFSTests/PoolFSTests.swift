@@ -236,6 +236,28 @@ final class ZfsRunner: CommandRunner {
 /// close has flushed it: reads never come from an image opened from the file in between, whose
 /// tables would be older than what the writer acknowledged. Found by the soak (stale reads).
 @Suite struct WriterHandoverTests {
+    /// A directory pool that runs `hook` (once) in the middle of opening a volume read-only.
+    final class HookedPool: Pool {
+        let base: DirectoryPool
+        let hook = Mutex<(@Sendable () -> Void)?>(nil)
+        init(_ base: DirectoryPool) { self.base = base }
+        var displayName: String { base.displayName }
+        var statisticsPath: String { base.statisticsPath }
+        func volumeNames() throws -> [String] { try base.volumeNames() }
+        func volumePath(_ name: String) -> String? { base.volumePath(name) }
+        func openWritableImage(_ name: String, path: String, cache: BlockCache) throws -> Image {
+            try base.openWritableImage(name, path: path, cache: cache)
+        }
+        func openImage(_ name: String, path: String, cache: BlockCache) throws -> Image {
+            let image = try base.openImage(name, path: path, cache: cache)
+            hook.withLock { hook in
+                defer { hook = nil }
+                return hook
+            }?()
+            return image
+        }
+    }
+
     static let data = [UInt8](repeating: 0x5a, count: 4096)
 
     static func makePool(_ scratch: Scratch) throws -> DirectoryPool {
@@ -260,6 +282,23 @@ final class ZfsRunner: CommandRunner {
         let seen = reads.withLock { $0 }
         #expect(!seen.isEmpty && seen.allSatisfy { $0 }, "reads during the last close's flush: \(seen)")
         #expect(try store.volume("vm.qcow2")?.image?.live.read(at: 1 << 20, count: 4096) == Self.data)
+    }
+
+    @Test func aReopenUnderWayNeverReplacesTheWriter() throws {
+        let scratch = try Scratch()
+        let pool = HookedPool(try Self.makePool(scratch))
+        let store = VolumeStore(pool: pool, cache: BlockCache(capacityBytes: 1 << 20), logsFailures: false, writesImages: true)
+        _ = store.volume("vm.qcow2")
+        // The file changes, so the next lookup reopens it; while it does, the volume is opened
+        // for writing.
+        try scratch.sh("touch -d '2001-01-01' pool/vm.qcow2")
+        pool.hook.withLock { $0 = { try? store.openForWriting("vm.qcow2") } }
+        _ = store.volume("vm.qcow2")
+        let writer = store.volume("vm.qcow2")?.writer
+        #expect(writer != nil, "the volume open for writing was replaced by a read-only image")
+        try Self.data.withUnsafeBytes { try writer?.write($0, at: 0) }
+        #expect(try store.volume("vm.qcow2")?.image?.live.read(at: 0, count: 4096) == Self.data)
+        store.releaseWriting("vm.qcow2")
     }
 }
 
