@@ -186,6 +186,8 @@ final class SoakRun: Sendable {
             let i = writable.randomElement(using: &rng)!
             let model = models[i]
             guard let fd = fds.open(i, path(model), O_RDWR | Self.oDirect, &tally, failing: fail) else { return }
+            // Out of 100: 5 fsync, 8 punch hole, 8 zero range, 10 writes of zeros, 7 of a byte
+            // pattern, 62 of random bytes.
             let roll = Int.random(in: 0..<100, using: &rng)
             if roll < 5 {
                 guard fsync(fd) == 0 else { return fail("\(model.path): fsync: \(Self.describe(errno))") }
