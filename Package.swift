@@ -35,6 +35,6 @@ let package = Package(
         .testTarget(name: "PoolFSTests", dependencies: ["PoolFS", "Pools", "FuseKit", "Qcow2", "TestSupport"]),
         .testTarget(name: "PoolsTests", dependencies: ["Pools", "Qcow2", "TestSupport"], resources: [.copy("Fixtures")]),
         // Mounts the built `poolfs` binary through FUSE and compares with qemu-img.
-        .testTarget(name: "MountTests", dependencies: ["Qcow2", "FuseKit", "TestSupport"], exclude: ["dm-vm"]),
+        .testTarget(name: "MountTests", dependencies: ["Qcow2", "FuseKit", "TestSupport", "CHostIO"], exclude: ["dm-vm"]),
     ]
 )

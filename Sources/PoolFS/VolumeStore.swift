@@ -244,8 +244,11 @@ public final class VolumeStore: Sendable {
                 return
             }
             writing[name] = nil
-            volumes.withLock { if $0[name] === open.volume { $0[name] = nil } }
+            // Flushed before it leaves the table: until then readers get the writer's image, whose
+            // tables the file does not have yet; an image opened from the file now would be older
+            // than what the writer acknowledged.
             close(open.volume)
+            volumes.withLock { if $0[name] === open.volume { $0[name] = nil } }
         }
     }
 
@@ -283,8 +286,8 @@ public final class VolumeStore: Sendable {
             volumes.withLock { $0[name] = nil }
             return nil
         }
-        if let known = volumes.withLock({ $0[name] }), known.path == path,
-           !known.isStale(currentIdentity: FileIdentity(path: path), generation: pool.generation(of: name), now: now) {
+        if let known = volumes.withLock({ $0[name] }), known.writer != nil || (known.path == path
+           && !known.isStale(currentIdentity: FileIdentity(path: path), generation: pool.generation(of: name), now: now)) {
             known.pathCheckedAt.store(now, ordering: .relaxed)
             return known
         }
@@ -292,8 +295,13 @@ public final class VolumeStore: Sendable {
         let fresh = OpenVolume(name: name, path: path, pool: pool, cache: cache)
         fresh.pathCheckedAt.store(now, ordering: .relaxed)
         if logsFailures, let error = fresh.error { Log.warning("volume \(name): \(error)") }
-        volumes.withLock { $0[name] = fresh }
-        return fresh
+        return volumes.withLock { volumes in
+            // Opened for writing meanwhile: the writer's image is the only current one; the
+            // file does not have its unflushed tables.
+            if let current = volumes[name], current.writer != nil { return current }
+            volumes[name] = fresh
+            return fresh
+        }
     }
 
     public func volumeNames() -> [String] {

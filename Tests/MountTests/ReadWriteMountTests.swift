@@ -149,6 +149,9 @@ struct ReadWriteMountTests {
             python.arguments = ["python3", writer, mount.path("vm.qcow2"), "\(round * perRound)", "\(perRound)", log]
             python.standardError = FileHandle.nullDevice
             try python.run()
+            // From the first acknowledged write on: python's start-up alone can take longer than
+            // the delay on a loaded machine (the soak runs beside this test).
+            _ = FileLocks.wait(seconds: 30) { !python.isRunning || ((try? Data(contentsOf: URL(fileURLWithPath: log)))?.isEmpty == false) }
             usleep(UInt32.random(in: 50_000...500_000, using: &rng))
             kill(mount.process.processIdentifier, SIGKILL)
             python.waitUntilExit()

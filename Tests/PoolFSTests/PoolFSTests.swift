@@ -232,6 +232,76 @@ final class ZfsRunner: CommandRunner {
     }
 }
 
+/// A volume open for writing is the one every operation sees, from the open until its last
+/// close has flushed it: reads never come from an image opened from the file in between, whose
+/// tables would be older than what the writer acknowledged. Found by the soak (stale reads).
+@Suite struct WriterHandoverTests {
+    /// A directory pool that runs `hook` (once) in the middle of opening a volume read-only.
+    final class HookedPool: Pool {
+        let base: DirectoryPool
+        let hook = Mutex<(@Sendable () -> Void)?>(nil)
+        init(_ base: DirectoryPool) { self.base = base }
+        var displayName: String { base.displayName }
+        var statisticsPath: String { base.statisticsPath }
+        func volumeNames() throws -> [String] { try base.volumeNames() }
+        func volumePath(_ name: String) -> String? { base.volumePath(name) }
+        func openWritableImage(_ name: String, path: String, cache: BlockCache) throws -> Image {
+            try base.openWritableImage(name, path: path, cache: cache)
+        }
+        func openImage(_ name: String, path: String, cache: BlockCache) throws -> Image {
+            let image = try base.openImage(name, path: path, cache: cache)
+            hook.withLock { hook in
+                defer { hook = nil }
+                return hook
+            }?()
+            return image
+        }
+    }
+
+    static let data = [UInt8](repeating: 0x5a, count: 4096)
+
+    static func makePool(_ scratch: Scratch) throws -> DirectoryPool {
+        try scratch.sh("mkdir pool && qemu-img create -q -f qcow2 pool/vm.qcow2 4M")
+        return try DirectoryPool(path: scratch.path("pool"))
+    }
+
+    @Test func theLastCloseFlushesBeforeReadsGoBackToTheFile() throws {
+        let scratch = try Scratch()
+        let store = VolumeStore(pool: try Self.makePool(scratch), cache: BlockCache(capacityBytes: 1 << 20),
+                                logsFailures: false, writesImages: true)
+        try store.openForWriting("vm.qcow2")
+        let volume = try #require(store.volume("vm.qcow2"))
+        try Self.data.withUnsafeBytes { try volume.writer!.write($0, at: 1 << 20) }
+        // Each change the flush of the last close makes, a reader comes in.
+        let reads = Mutex<[Bool]>([])
+        volume.image!.hostFiles[0].observeChanges { _ in
+            let read = try? store.volume("vm.qcow2")?.image?.live.read(at: 1 << 20, count: 4096)
+            reads.withLock { $0.append(read == Self.data) }
+        }
+        store.releaseWriting("vm.qcow2")
+        let seen = reads.withLock { $0 }
+        #expect(!seen.isEmpty && seen.allSatisfy { $0 }, "reads during the last close's flush: \(seen)")
+        #expect(try store.volume("vm.qcow2")?.image?.live.read(at: 1 << 20, count: 4096) == Self.data)
+    }
+
+    @Test func aReopenUnderWayNeverReplacesTheWriter() throws {
+        let scratch = try Scratch()
+        let pool = HookedPool(try Self.makePool(scratch))
+        let store = VolumeStore(pool: pool, cache: BlockCache(capacityBytes: 1 << 20), logsFailures: false, writesImages: true)
+        _ = store.volume("vm.qcow2")
+        // The file changes, so the next lookup reopens it; while it does, the volume is opened
+        // for writing.
+        try scratch.sh("touch -d '2001-01-01' pool/vm.qcow2")
+        pool.hook.withLock { $0 = { try? store.openForWriting("vm.qcow2") } }
+        _ = store.volume("vm.qcow2")
+        let writer = store.volume("vm.qcow2")?.writer
+        #expect(writer != nil, "the volume open for writing was replaced by a read-only image")
+        try Self.data.withUnsafeBytes { try writer?.write($0, at: 0) }
+        #expect(try store.volume("vm.qcow2")?.image?.live.read(at: 0, count: 4096) == Self.data)
+        store.releaseWriting("vm.qcow2")
+    }
+}
+
 extension Result {
     var isSuccess: Bool { if case .success = self { return true } else { return false } }
     var failure: Failure? { if case .failure(let e) = self { return e } else { return nil } }

@@ -227,6 +227,23 @@ struct WriterTests {
         try scratch.sh("qemu-img check img.qcow2")
     }
 
+    /// Found by the soak: zeros where no L2 table exists yet get a new table at the end of the file
+    /// and write nothing else, so until a flush the table lies past the file's end; reads must
+    /// take it from the writer, not refuse it as corrupt.
+    @Test("zeros that need a new L2 table read back before the table is written")
+    func zerosInANewTableReadBack() throws {
+        let scratch = try Scratch()
+        try scratch.sh("qemu-img create -q -f qcow2 -o cluster_size=512 img.qcow2 1M && qemu-io -c 'write -P 7 0 4k' img.qcow2 >/dev/null")
+        let image = try Image.open(path: scratch.path("img.qcow2"), cache: BlockCache(capacityBytes: 64 << 10), writable: true)
+        let writer = try image.makeWriter()
+        try writer.zero(at: 512 << 10, length: 4096)
+        try [UInt8](repeating: 0, count: 1024).withUnsafeBytes { try writer.write($0, at: 768 << 10) }
+        #expect(try image.live.read(at: 512 << 10, count: 4096) == [UInt8](repeating: 0, count: 4096))
+        #expect(try image.live.read(at: 768 << 10, count: 1024) == [UInt8](repeating: 0, count: 1024))
+        try writer.close()
+        try scratch.sh("qemu-img check img.qcow2")
+    }
+
     /// Hostile images: the live state claims metadata as its own (COPIED, refcount 1).
     static let hostile: [(String, @Sendable (_ l1: UInt64, _ l2: UInt64, _ refcountTable: UInt64) -> (at: UInt64, value: UInt64))] = [
         ("a data cluster that is the L1 table", { l1, l2, _ in (l2, l1 | 1 << 63) }),
