@@ -72,10 +72,11 @@ public final class HostFile: Sendable {
 
     deinit { close(fd) }
 
-    /// Reads exactly `buffer.count` bytes at `offset` with pread(2). Bytes past the end of the
-    /// file read as zeros, as QEMU's file driver does; `fillsPastEOF: false` makes that an error.
-    public func read(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64,
-                     fillsPastEOF: Bool = true) throws(Qcow2Error) {
+    /// Reads exactly `buffer.count` bytes at `offset` with pread(2). The end of the file comes
+    /// first only when the file is shorter than its reader thought (a table past the end, or a
+    /// file truncated since the read was planned): an error, never zeros. Where QEMU reads zeros
+    /// past the end, the plan says so (`ReadPlan.appendHost`).
+    public func read(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) throws(Qcow2Error) {
         var done = 0
         while done < buffer.count {
             let n = retryingEINTR {
@@ -83,11 +84,7 @@ public final class HostFile: Sendable {
             }
             if n < 0 { throw .io(errno: Glibc.errno, operation: "pread", path: path) }
             if n == 0 {
-                guard fillsPastEOF else {
-                    throw .corrupt("read of \(buffer.count) bytes runs past the end of \(path)", offset: offset)
-                }
-                (buffer.baseAddress! + done).initializeMemory(as: UInt8.self, repeating: 0, count: buffer.count - done)
-                return
+                throw .corrupt("read of \(buffer.count) bytes runs past the end of \(path)", offset: offset)
             }
             done += n
         }
@@ -101,7 +98,7 @@ public final class HostFile: Sendable {
         var bytes = [UInt8](repeating: 0, count: count)
         var failure: Qcow2Error?
         bytes.withUnsafeMutableBytes { buffer in
-            do throws(Qcow2Error) { try read(into: buffer, at: offset, fillsPastEOF: false) } catch { failure = error }
+            do throws(Qcow2Error) { try read(into: buffer, at: offset) } catch { failure = error }
         }
         if let failure { throw failure }
         return bytes
