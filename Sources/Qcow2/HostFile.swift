@@ -24,7 +24,8 @@ public final class HostFile: Sendable {
 
     private static let nextID = Atomic<UInt64>(1)
 
-    /// What a writer did to the file, in order, for tests that replay a power loss.
+    /// What a writer did to the file, in order, for tests that replay a power loss or make a
+    /// write fail.
     public enum Change: Sendable {
         case write(offset: UInt64, bytes: [UInt8])
         /// The range reads as zeros now (a hole punched or zeroed).
@@ -33,6 +34,7 @@ public final class HostFile: Sendable {
         case barrier
     }
     private let observer = Mutex<(@Sendable (Change) -> Void)?>(nil)
+    private let faults = Mutex<(@Sendable (Change) -> Int32?)?>(nil)
     private let observed = Atomic<Bool>(false)
 
     /// Calls `body` with each change this process makes to the file from now on (tests).
@@ -41,10 +43,23 @@ public final class HostFile: Sendable {
         observed.store(true, ordering: .releasing)
     }
 
+    /// Asks `body` before each write and fdatasync from now on (tests): an errno it returns
+    /// fails the call, as a full disk or a failing device would, and nothing is written.
+    public func injectFaults(_ body: @escaping @Sendable (Change) -> Int32?) {
+        faults.withLock { $0 = body }
+        observed.store(true, ordering: .releasing)
+    }
+
     private func report(_ change: @autoclosure () -> Change) {
         guard observed.load(ordering: .acquiring) else { return }
         let body = observer.withLock { $0 }
         body?(change())
+    }
+
+    /// The errno a test makes this change fail with, if any.
+    private func injectedFault(_ change: @autoclosure () -> Change) -> Int32? {
+        guard observed.load(ordering: .acquiring), let body = faults.withLock({ $0 }) else { return nil }
+        return body(change())
     }
 
     /// Wraps open(2) with O_RDONLY (or O_RDWR) | O_CLOEXEC, then fstat(2).
@@ -106,6 +121,9 @@ public final class HostFile: Sendable {
 
     /// Writes all of `buffer` at `offset` with pwrite(2); the file grows as needed.
     public func write(_ buffer: UnsafeRawBufferPointer, at offset: UInt64) throws(Qcow2Error) {
+        if let code = injectedFault(.write(offset: offset, bytes: Array(buffer))) {
+            throw .io(errno: code, operation: "pwrite", path: path)
+        }
         report(.write(offset: offset, bytes: Array(buffer)))
         var done = 0
         while done < buffer.count {
@@ -134,6 +152,7 @@ public final class HostFile: Sendable {
 
     /// fdatasync(2): everything written so far is on stable storage.
     public func syncData() throws(Qcow2Error) {
+        if let code = injectedFault(.barrier) { throw .io(errno: code, operation: "fdatasync", path: path) }
         guard retryingEINTR({ fdatasync(fd) }) == 0 else { throw .io(errno: Glibc.errno, operation: "fdatasync", path: path) }
         report(.barrier)
     }

@@ -98,11 +98,13 @@ public final class Qcow2Image: Sendable {
         guard offset & (size - 1) == 0 else {
             throw Qcow2Error.corrupt("L1 entry points to unaligned L2 table offset \(offset)", offset: entryOffset)
         }
-        guard offset <= file.size, size <= file.size - offset else {
-            throw Qcow2Error.corrupt("L2 table at \(offset) lies past the end of the file", offset: entryOffset)
-        }
         return try metadataBlock(.init(file: file.id, offset: offset, kind: .l2)) {
-            try CachedBlock.read(file, at: offset, count: Int(size))
+            // Checked only when read from the file: a table a writer allocated at the end of the
+            // file lives in memory until its flush, which a full disk may delay.
+            guard offset <= file.size, size <= file.size - offset else {
+                throw Qcow2Error.corrupt("L2 table at \(offset) lies past the end of the file", offset: entryOffset)
+            }
+            return try CachedBlock.read(file, at: offset, count: Int(size))
         }
     }
 
