@@ -1,9 +1,22 @@
 #if canImport(Glibc)
 import Glibc
 #endif
+import FuseKit
 import Pools
 import Qcow2
 import Synchronization
+
+/// A volume's name and the file it named when the kernel looked it up. An image replaced under
+/// the same name (renamed over, deleted and made again) is another file: another key, so another
+/// node and another inode number. The kernel then keeps the two files' page caches apart, and
+/// what is open on the old file stays on it.
+public struct VolumeKey: Hashable, Sendable, CustomStringConvertible {
+    public let name: String
+    public let device: UInt64
+    public let inode: UInt64
+
+    public var description: String { name }
+}
 
 /// One volume as last opened: the image or why it failed, and what is derived from it lazily.
 public final class OpenVolume: Sendable {
@@ -12,6 +25,7 @@ public final class OpenVolume: Sendable {
     /// The image file as stat'ed when opened; a different stat means reopen.
     public let identity: FileIdentity
     public let fileStat: stat
+    public let key: VolumeKey
     public let image: Image?
     public let error: String?
     public let snapshotFiles: [(file: String, snapshot: Snapshot)]
@@ -36,10 +50,16 @@ public final class OpenVolume: Sendable {
         self.name = name
         self.writer = writer
         self.path = path
+        // The stat of the file opened, not of the path: a file renamed over the path between the
+        // open and a stat must not lend the image its identity.
         var st = Glibc.stat()
-        _ = stat(path, &st)
+        if case .success(let image) = opened, let file = image.hostFiles.first, fstat(file.fd, &st) == 0 {
+        } else {
+            _ = stat(path, &st)
+        }
         self.fileStat = st
         self.identity = FileIdentity(st)
+        self.key = VolumeKey(name: name, device: identity.device, inode: identity.inode)
         self.openedAt = Self.monotonicNanoseconds()
         self.generation = pool.generation(of: name)
         self.poolSnapshots = pool.snapshots(of: name).map { snapshot in
@@ -119,6 +139,12 @@ public final class OpenVolume: Sendable {
 
 /// Volumes by name, opened on first use and reopened whenever their files change, so that no
 /// reader sees metadata older than the file. Nothing is opened at mount.
+///
+/// A name stands for one file at a time, the one it names now. What the kernel has open is
+/// counted per file (`VolumeKey`): when the name comes to name another file, or nothing, the
+/// volume of the old file is kept, with its descriptors, for as long as something has it open,
+/// so an open image replaced or deleted in the pool keeps reading (and writing) the old file
+/// until closed, as a local file would.
 public final class VolumeStore: Sendable {
     public let pool: any Pool
     public let cache: BlockCache
@@ -126,9 +152,28 @@ public final class VolumeStore: Sendable {
     let logsFailures: Bool
     /// `-o rw`: volumes opened for writing write into their images.
     public let writesImages: Bool
-    private let volumes = Mutex<[String: OpenVolume]>([:])
-    /// Volumes open for writing and their open handles; the writer closes with the last.
-    private let writing = Mutex<[String: (volume: OpenVolume, handles: Int)]>([:])
+
+    private struct State {
+        /// The volume each name stands for now.
+        var current: [String: OpenVolume] = [:]
+        /// Handles the kernel has open, per file.
+        var handles: [VolumeKey: Int] = [:]
+        /// Volumes of files with open handles that their name no longer names.
+        var kept: [VolumeKey: OpenVolume] = [:]
+
+        /// Makes `name` stand for `fresh` (nil: nothing); the volume it stood for is kept while
+        /// handles are open on its file.
+        mutating func replace(_ name: String, with fresh: OpenVolume?) {
+            if let old = current[name], old.key != fresh?.key, handles[old.key, default: 0] > 0 {
+                kept[old.key] = old
+            }
+            if let fresh { kept[fresh.key] = nil }
+            current[name] = fresh
+        }
+    }
+    private let state = Mutex(State())
+    /// Volumes open for writing and their write handles, per file; the writer closes with the last.
+    private let writing = Mutex<[VolumeKey: (volume: OpenVolume, handles: Int)]>([:])
 
     public init(pool: any Pool, cache: BlockCache, logsFailures: Bool = true, writesImages: Bool = false) {
         self.pool = pool
@@ -137,36 +182,68 @@ public final class VolumeStore: Sendable {
         self.writesImages = writesImages
     }
 
-    /// Opens volume `name` for writing, or counts one more handle on its open writer. Fails when
-    /// another program holds the image (a running VM), or it cannot be written safely.
-    public func openForWriting(_ name: String) throws {
+    // MARK: Handles
+
+    /// Counts one more open handle on the file `key` stands for.
+    public func retain(_ key: VolumeKey) {
+        state.withLock { $0.handles[key, default: 0] += 1 }
+    }
+
+    /// Ends one handle; with the last, a volume kept for the file is let go (its descriptors close).
+    public func release(_ key: VolumeKey) {
+        let dropped: OpenVolume? = state.withLock { s in
+            let left = s.handles[key, default: 1] - 1
+            guard left <= 0 else {
+                s.handles[key] = left
+                return nil
+            }
+            s.handles[key] = nil
+            return s.kept.removeValue(forKey: key)
+        }
+        _ = dropped  // released outside the lock
+    }
+
+    /// Opens the file `key` stands for for writing, or counts one more handle on its open
+    /// writer. Fails when another program holds the image (a running VM), or it cannot be
+    /// written safely, or the name names another file now (ESTALE: the kernel looks it up again).
+    public func openForWriting(_ key: VolumeKey) throws {
         try writing.withLock { writing in
-            if let open = writing[name] {
-                writing[name]!.handles = open.handles + 1
+            if let open = writing[key] {
+                writing[key]!.handles = open.handles + 1
                 return
             }
-            guard let path = pool.volumePath(name) else { throw PoolError.notFound(name) }
-            let image = try pool.openWritableImage(name, path: path, cache: cache)
+            guard let path = pool.volumePath(key.name) else { throw PoolError.notFound(key.name) }
+            let image = try pool.openWritableImage(key.name, path: path, cache: cache)
+            guard let opened = image.hostFiles.first?.identity ?? FileIdentity(path: path),
+                  opened.device == key.device, opened.inode == key.inode else { throw Errno.stale }
             let writer = try image.makeWriter()
-            let volume = OpenVolume(name: name, path: path, pool: pool, opened: .success(image), writer: writer)
-            volumes.withLock { $0[name] = volume }
-            writing[name] = (volume, 1)
+            let volume = OpenVolume(name: key.name, path: path, pool: pool, opened: .success(image), writer: writer)
+            state.withLock { $0.replace(key.name, with: volume) }
+            writing[key] = (volume, 1)
         }
     }
 
     /// Ends one write handle; the last flushes the volume, marks it clean and unlocks it. The
     /// next use reopens it read-only.
-    public func releaseWriting(_ name: String) {
+    public func releaseWriting(_ key: VolumeKey) {
         writing.withLock { writing in
-            guard let open = writing[name] else { return }
+            guard let open = writing[key] else { return }
             if open.handles > 1 {
-                writing[name]!.handles = open.handles - 1
+                writing[key]!.handles = open.handles - 1
                 return
             }
-            writing[name] = nil
-            volumes.withLock { if $0[name] === open.volume { $0[name] = nil } }
+            writing[key] = nil
+            state.withLock { s in
+                if s.current[key.name] === open.volume { s.current[key.name] = nil }
+                if s.kept[key] === open.volume { s.kept[key] = nil }
+            }
             close(open.volume)
         }
+    }
+
+    /// The writer of the file `key` stands for, while it is open for writing.
+    public func writer(_ key: VolumeKey) -> (any VolumeWriter)? {
+        writing.withLock { $0[key]?.volume.writer }
     }
 
     /// At unmount: flushes and closes every volume still open for writing.
@@ -186,24 +263,53 @@ public final class VolumeStore: Sendable {
         }
     }
 
+    // MARK: Lookups
+
     /// How often a volume's path is looked up again: an image modified in place is seen at once
     /// (fstat of its descriptors on every call); one replaced or renamed in the pool within this.
     static let pathCheckInterval: Int64 = 100_000_000
 
+    /// The volume `key` stands for: the name's current volume while the name still names that
+    /// file, or the volume kept for handles still open on it. Fails with ESTALE when the name
+    /// names another file now and nothing is open on the old one (the kernel looks the name up
+    /// again), with ENOENT when the name names nothing, and with EIO when a kept file was
+    /// changed since it was replaced (its cached metadata cannot be trusted, and the name no
+    /// longer leads to it to open it again).
+    public func volume(_ key: VolumeKey) -> Result<OpenVolume, Errno> {
+        let current = volume(key.name)
+        if let current, current.key == key { return .success(current) }
+        guard let kept = state.withLock({ $0.kept[key] }) else {
+            return .failure(current == nil ? .noEntry : .stale)
+        }
+        if kept.writer == nil, let image = kept.image, image.hostFiles.contains(where: { $0.contentChanged() }) {
+            Log.error("volume \(key.name): the file it named when opened was replaced in the pool, then changed; close it and open it again")
+            return .failure(.io)
+        }
+        return .success(kept)
+    }
+
     /// The current state of volume `name`, or nil when the pool has no such volume.
     public func volume(_ name: String) -> OpenVolume? {
         let now = OpenVolume.monotonicNanoseconds()
-        let known = volumes.withLock { $0[name] }
-        if let known, known.writer != nil { return known }
-        if let known,
-           known.isFreshByDescriptors(generation: pool.generation(of: name), now: now, pathCheckInterval: Self.pathCheckInterval) {
+        let known = state.withLock { $0.current[name] }
+        if let known, known.writer != nil {
+            // Written through us: its file changes only through us, so only whether the name
+            // still names it is checked.
+            if now - known.pathCheckedAt.load(ordering: .relaxed) < Self.pathCheckInterval { return known }
+            if let path = pool.volumePath(name), let id = FileIdentity(path: path),
+               id.device == known.key.device, id.inode == known.key.inode {
+                known.pathCheckedAt.store(now, ordering: .relaxed)
+                return known
+            }
+        } else if let known,
+                  known.isFreshByDescriptors(generation: pool.generation(of: name), now: now, pathCheckInterval: Self.pathCheckInterval) {
             return known
         }
         guard let path = pool.volumePath(name) else {
-            volumes.withLock { $0[name] = nil }
+            state.withLock { $0.replace(name, with: nil) }
             return nil
         }
-        if let known = volumes.withLock({ $0[name] }), known.path == path,
+        if let known = state.withLock({ $0.current[name] }), known.writer == nil, known.path == path,
            !known.isStale(currentIdentity: FileIdentity(path: path), generation: pool.generation(of: name), now: now) {
             known.pathCheckedAt.store(now, ordering: .relaxed)
             return known
@@ -212,16 +318,21 @@ public final class VolumeStore: Sendable {
         let fresh = OpenVolume(name: name, path: path, pool: pool, cache: cache)
         fresh.pathCheckedAt.store(now, ordering: .relaxed)
         if logsFailures, let error = fresh.error { Log.warning("volume \(name): \(error)") }
-        volumes.withLock { $0[name] = fresh }
+        state.withLock { $0.replace(name, with: fresh) }
         return fresh
+    }
+
+    /// What `name` stood for when last looked at, without looking again (readdir's inode hints).
+    func lastKnownVolume(_ name: String) -> OpenVolume? {
+        state.withLock { $0.current[name] }
     }
 
     public func volumeNames() -> [String] {
         let names = (try? pool.volumeNames()) ?? []
-        // Forget volumes that left the pool, so their files close.
+        // Forget volumes that left the pool, so their files close (unless open).
         let present = Set(names)
-        volumes.withLock { open in
-            for (name, volume) in open where !present.contains(name) && volume.writer == nil { open[name] = nil }
+        state.withLock { s in
+            for name in s.current.keys where !present.contains(name) { s.replace(name, with: nil) }
         }
         return names
     }

@@ -209,6 +209,16 @@ public final class HostFile: Sendable {
         return FileIdentity(st) != identity
     }
 
+    /// Whether the open file's size or modification time changed since it was opened (fstat(2)
+    /// of its descriptor). Unlike `modifiedInPlace`, blind to the ctime that a rename over the
+    /// file or its deletion changes: for a file no name leads to any more.
+    public func contentChanged() -> Bool {
+        var st = stat()
+        guard fstat(fd, &st) == 0 else { return true }
+        let now = FileIdentity(st)
+        return now.size != identity.size || now.mtime.tv_sec != identity.mtime.tv_sec || now.mtime.tv_nsec != identity.mtime.tv_nsec
+    }
+
     private static func blockDeviceSize(_ fd: Int32) -> UInt64 {
         let end = lseek(fd, 0, SEEK_END)
         return end < 0 ? 0 : UInt64(end)
