@@ -264,6 +264,15 @@ public final class PoolFileSystem: FileSystemOperations {
                     return .success(try overlay.read(at: offset, length: n, base: device))
                 }
                 let plan = try device.plan(at: offset, length: n)
+                if plan.readsBlockDevice {
+                    // Devices are read here, not spliced: a device that fails (the loop device
+                    // of a PV whose file is gone) then fails in this process, which logs it and
+                    // answers EIO, rather than inside libfuse's splice, which answers EIO and
+                    // tells no one.
+                    let buffer = ReplyBuffer(count: n)
+                    try plan.execute(into: buffer.bytes)
+                    return .success(ReadData(segments: [.memory(UnsafeRawBufferPointer(buffer.bytes))], owner: buffer))
+                }
                 // The plan holds the files and cached blocks that the segments point into.
                 return .success(ReadData(segments: Self.replySegments(plan), owner: plan))
             } catch {
@@ -441,3 +450,10 @@ public final class PoolFileSystem: FileSystemOperations {
     }
 }
 
+/// Bytes read into memory for one reply, freed with the reply.
+// SAFETY: written once, before the reply is built; only read afterwards.
+final class ReplyBuffer: @unchecked Sendable {
+    let bytes: UnsafeMutableRawBufferPointer
+    init(count: Int) { bytes = .allocate(byteCount: count, alignment: 4096) }
+    deinit { bytes.deallocate() }
+}

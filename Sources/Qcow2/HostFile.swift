@@ -18,6 +18,8 @@ public final class HostFile: Sendable {
     private let currentSize: Atomic<UInt64>
     /// Opened for writing as well as reading.
     public let writable: Bool
+    /// A block device (an LVM physical volume, a zvol), not a regular file.
+    public let isBlockDevice: Bool
     public let identity: FileIdentity
     /// Bytes the file really occupies on disk (st_blocks × 512) when it was opened.
     public let allocatedBytes: UInt64
@@ -81,7 +83,8 @@ public final class HostFile: Sendable {
         self.id = Self.nextID.add(1, ordering: .relaxed).oldValue
         self.identity = FileIdentity(st)
         self.allocatedBytes = UInt64(st.st_blocks) * 512
-        self.currentSize = Atomic((st.st_mode & S_IFMT) == S_IFBLK ? Self.blockDeviceSize(fd) : UInt64(st.st_size))
+        self.isBlockDevice = (st.st_mode & S_IFMT) == S_IFBLK
+        self.currentSize = Atomic(isBlockDevice ? Self.blockDeviceSize(fd) : UInt64(st.st_size))
         self.writable = writable
     }
 

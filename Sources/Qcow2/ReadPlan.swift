@@ -52,6 +52,14 @@ public struct ReadPlan: Sendable {
         length += n
     }
 
+    /// Whether any host run reads a block device.
+    public var readsBlockDevice: Bool {
+        segments.contains { segment in
+            if case .host(let file, _, _) = segment { return file.isBlockDevice }
+            return false
+        }
+    }
+
     /// Copies the planned bytes into `buffer`, which must hold `length` bytes.
     public func execute(into buffer: UnsafeMutableRawBufferPointer) throws(Qcow2Error) {
         precondition(buffer.count >= length, "read buffer smaller than its plan")

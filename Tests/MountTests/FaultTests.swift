@@ -300,4 +300,45 @@ struct FaultTests {
         try scratch.sh("mv base.away base.qcow2 && sleep 2.2")
         #expect(try scratch.sh("timeout 10 head -c 1 '\(mount.path("over.qcow2"))' | od -An -tx1") == " 66\n")
     }
+
+    // MARK: 6. An LVM physical volume vanishes
+
+    /// A VG on two loop devices mounted with `-o noactivate`: after the first PV's loop device is
+    /// detached (deferred while poolfs holds it open) and its file truncated, reads of the LV on
+    /// it fail with EIO at once, logged; the LV on the other PV reads on.
+    @Test func aVanishedPhysicalVolumeGivesEIOWithoutHanging() throws {
+        let scratch = try Scratch()
+        let group = try LoopVolumeGroup("poolfsflt\(getpid())", in: scratch)
+        let loops = group.loops
+        defer {
+            group.remove()
+            _ = try? scratch.sh("losetup -d \(loops.joined(separator: " ")) 2>/dev/null")
+        }
+        let vg = group.name, lvm = LoopVolumeGroup.lvm
+        try group.createVolume("-L 12M -n data")
+        try scratch.sh("\(lvm) lvcreate -q --driverloaded n -an -Zn -L 8M -n other \(vg) \(loops[1])")
+        #expect(try scratch.sh("\(lvm) lvs --noheadings -o seg_pe_ranges \(vg)/other").trimmingCharacters(in: .whitespacesAndNewlines) == "\(loops[1]):0-1")
+        // pe_start is 1 MiB: `data` is pv0's bytes 1-13 MiB, `other` pv1's bytes 1-9 MiB.
+        try scratch.sh("""
+            head -c 12582912 /dev/urandom > data.expected && dd if=data.expected of=pv0 bs=1M seek=1 conv=notrunc status=none &&
+            head -c 8388608 /dev/urandom > other.expected && dd if=other.expected of=pv1 bs=1M seek=1 conv=notrunc status=none
+            """)
+        let mount = try PoolMount(vg, in: scratch, options: ["type=logical", "noactivate"])
+        defer { mount.unmount() }
+        try scratch.sh("timeout 20 cmp '\(mount.path("data"))' data.expected && timeout 20 cmp '\(mount.path("other"))' other.expected")
+
+        // The kernel keeps the detach until poolfs closes the device; its cached pages go too.
+        try scratch.sh("losetup -d \(loops[0]) && truncate -s 0 pv0 && blockdev --flushbufs \(loops[0])")
+        let started = Date()
+        do {
+            try scratch.sh("timeout 20 dd if='\(mount.path("data"))' of=/dev/null bs=64k iflag=direct status=none")
+            Issue.record("reading an LV whose PV is gone succeeded")
+        } catch let error as ShellError {
+            #expect(error.status == 1 && error.output.contains("Input/output error"), "\(error)")
+        }
+        #expect(Date().timeIntervalSince(started) < 10, "the failing read took \(Date().timeIntervalSince(started)) s")
+        #expect(Self.log(of: mount).contains("volume data: pread \(loops[0]): Input/output error"), "\(Self.log(of: mount))")
+        try scratch.sh("timeout 20 cmp '\(mount.path("other"))' other.expected")
+        #expect(try scratch.sh("timeout 10 ls '\(mount.mountpoint)'").split(separator: "\n").sorted() == ["data", "other"])
+    }
 }
