@@ -162,13 +162,16 @@ public final class VolumeStore: Sendable {
         var kept: [VolumeKey: OpenVolume] = [:]
 
         /// Makes `name` stand for `fresh` (nil: nothing); the volume it stood for is kept while
-        /// handles are open on its file.
-        mutating func replace(_ name: String, with fresh: OpenVolume?) {
+        /// handles are open on its file. Returns the volume kept, if any.
+        mutating func replace(_ name: String, with fresh: OpenVolume?) -> OpenVolume? {
+            var keeping: OpenVolume?
             if let old = current[name], old.key != fresh?.key, handles[old.key, default: 0] > 0 {
                 kept[old.key] = old
+                keeping = old
             }
             if let fresh { kept[fresh.key] = nil }
             current[name] = fresh
+            return keeping
         }
     }
     private let state = Mutex(State())
@@ -218,7 +221,7 @@ public final class VolumeStore: Sendable {
                   opened.device == key.device, opened.inode == key.inode else { throw Errno.stale }
             let writer = try image.makeWriter()
             let volume = OpenVolume(name: key.name, path: path, pool: pool, opened: .success(image), writer: writer)
-            state.withLock { $0.replace(key.name, with: volume) }
+            replace(key.name, with: volume)
             writing[key] = (volume, 1)
         }
     }
@@ -306,7 +309,7 @@ public final class VolumeStore: Sendable {
             return known
         }
         guard let path = pool.volumePath(name) else {
-            state.withLock { $0.replace(name, with: nil) }
+            replace(name, with: nil)
             return nil
         }
         if let known = state.withLock({ $0.current[name] }), known.writer == nil, known.path == path,
@@ -318,7 +321,7 @@ public final class VolumeStore: Sendable {
         let fresh = OpenVolume(name: name, path: path, pool: pool, cache: cache)
         fresh.pathCheckedAt.store(now, ordering: .relaxed)
         if logsFailures, let error = fresh.error { Log.warning("volume \(name): \(error)") }
-        state.withLock { $0.replace(name, with: fresh) }
+        replace(name, with: fresh)
         return fresh
     }
 
@@ -331,10 +334,16 @@ public final class VolumeStore: Sendable {
         let names = (try? pool.volumeNames()) ?? []
         // Forget volumes that left the pool, so their files close (unless open).
         let present = Set(names)
-        state.withLock { s in
-            for name in s.current.keys where !present.contains(name) { s.replace(name, with: nil) }
-        }
+        let gone = state.withLock { $0.current.keys.filter { !present.contains($0) } }
+        for name in gone { replace(name, with: nil) }
         return names
+    }
+
+    /// `State.replace`, saying in the log when an open file is kept.
+    private func replace(_ name: String, with fresh: OpenVolume?) {
+        guard let kept = state.withLock({ $0.replace(name, with: fresh) }) else { return }
+        let what = fresh == nil ? "left the pool" : "names another file now"
+        Log.info("volume \(name): \(what) while open; what is open stays on the old file (\(kept.path), inode \(kept.key.inode)) until closed")
     }
 }
 

@@ -204,6 +204,7 @@ struct FaultTests {
         #expect(result["old_size"] as? Int == 4 << 20)
         #expect(result["new"] as? String == "22" && result["new_size"] as? Int == 6 << 20, "the tree shows the new file: \(result)")
         #expect(result["same_inode"] as? Bool == false)
+        #expect(Self.log(of: mount).contains("volume a.qcow2: names another file now while open; what is open stays on the old file"), "\(Self.log(of: mount))")
         usleep(300_000)  // the kernel sends the release after close returns
         #expect(try Self.deletedFilesHeld(by: mount, in: scratch).isEmpty, "the old file stays open after its last close")
     }
@@ -269,6 +270,7 @@ struct FaultTests {
                     && result["later"] as? String == pattern, "\(volume): \(result)")
             #expect(result["size"] as? Int == 4 << 20)
             #expect(result["listed"] as? Bool == false && result["exists"] as? Bool == false, "\(volume) left the tree: \(result)")
+            #expect(Self.log(of: mount).contains("volume \(volume): left the pool while open"), "\(Self.log(of: mount))")
         }
         usleep(300_000)
         #expect(try Self.deletedFilesHeld(by: mount, in: scratch).isEmpty, "a deleted image stays open after its last close")
