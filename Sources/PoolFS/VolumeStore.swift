@@ -50,13 +50,7 @@ public final class OpenVolume: Sendable {
         self.name = name
         self.writer = writer
         self.path = path
-        // The stat of the file opened, not of the path: a file renamed over the path between the
-        // open and a stat must not lend the image its identity.
-        var st = Glibc.stat()
-        if case .success(let image) = opened, let file = image.hostFiles.first, fstat(file.fd, &st) == 0 {
-        } else {
-            _ = stat(path, &st)
-        }
+        let st = Self.fileStatus(of: try? opened.get(), path: path)
         self.fileStat = st
         self.identity = FileIdentity(st)
         self.key = VolumeKey(name: name, device: identity.device, inode: identity.inode)
@@ -77,6 +71,16 @@ public final class OpenVolume: Sendable {
             self.error = "\(error)"
             self.snapshotFiles = []
         }
+    }
+
+    /// The stat of the file opened (fstat of its descriptor), not of the path: a file renamed
+    /// over the path between the open and a stat must not lend the image its identity. The path
+    /// for volumes without a file of their own (LVs read through their PVs) or that failed to open.
+    static func fileStatus(of image: Image?, path: String) -> Glibc.stat {
+        var st = Glibc.stat()
+        if let file = image?.hostFiles.first, fstat(file.fd, &st) == 0 { return st }
+        _ = stat(path, &st)
+        return st
     }
 
     public func snapshot(file: String) -> Snapshot? {
