@@ -149,7 +149,15 @@ struct ReadWriteMountTests {
             python.arguments = ["python3", writer, mount.path("vm.qcow2"), "\(round * perRound)", "\(perRound)", log]
             python.standardError = FileHandle.nullDevice
             try python.run()
-            usleep(UInt32.random(in: 50_000...500_000, using: &rng))
+            // The kill lands at a random moment of the workload, counted from its first
+            // acknowledged write: on a busy host the interpreter alone can take longer to start
+            // than the whole delay, and the kill then found nothing to interrupt.
+            let deadline = Date().addingTimeInterval(20)
+            while python.isRunning, Date() < deadline,
+                  ((try? FileManager.default.attributesOfItem(atPath: log)[.size]) as? UInt64 ?? 0) == 0 {
+                usleep(5_000)
+            }
+            usleep(UInt32.random(in: 0...450_000, using: &rng))
             kill(mount.process.processIdentifier, SIGKILL)
             python.waitUntilExit()
             mount.unmount()
