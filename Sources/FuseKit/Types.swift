@@ -19,6 +19,7 @@ public struct Errno: Error, Equatable, Sendable {
     public static let noSpace = Errno(ENOSPC)
     public static let notSupported = Errno(EOPNOTSUPP)
     public static let badDescriptor = Errno(EBADF)
+    public static let stale = Errno(ESTALE)
 }
 
 /// The attributes of an inode, as `stat` reports them.

@@ -6,18 +6,30 @@ import Pools
 import Qcow2
 
 /// The tree: volumes at the top, `.snapshots/<volume>/<snapshot>` below, all read-only.
-public enum Node: Hashable, Sendable {
+/// Volumes and snapshot files are nodes of the file their volume's name named when looked up
+/// (`VolumeKey`): a name that comes to name another file is another node.
+public enum Node: Hashable, Sendable, CustomStringConvertible {
     case root
     case snapshots
-    case volume(String)
+    case volume(VolumeKey)
     case snapshotDirectory(volume: String)
-    case snapshot(volume: String, file: String)
+    case snapshot(VolumeKey, file: String)
 
-    /// The volume a file belongs to: itself, or the volume a snapshot is of.
-    var volumeName: String? {
+    /// The volume file the node reads, for volumes and snapshots.
+    var volumeKey: VolumeKey? {
         switch self {
-        case .volume(let name), .snapshot(let name, _): return name
-        case .root, .snapshots, .snapshotDirectory: return nil
+        case .volume(let key), .snapshot(let key, _): return key
+        default: return nil
+        }
+    }
+
+    public var description: String {
+        switch self {
+        case .root: return "/"
+        case .snapshots: return PoolFileSystem.snapshotsName
+        case .volume(let key): return "volume \(key.name)"
+        case .snapshotDirectory(let volume): return "\(PoolFileSystem.snapshotsName)/\(volume)"
+        case .snapshot(let key, let file): return "snapshot \(key.name)/\(file)"
         }
     }
 }
@@ -62,16 +74,19 @@ public final class PoolFileSystem: FileSystemOperations {
             var a = directoryAttributes(from: rootStat)
             a.mode = S_IFDIR | 0o555
             return .success(.directory(a))
-        case .volume(let name):
-            guard let volume = store.volume(name) else { return .failure(.noEntry) }
-            return .success(.volume(volume))
+        case .volume(let key):
+            return store.volume(key).map { .volume($0) }
         case .snapshotDirectory(let name):
             guard let volume = store.volume(name) else { return .failure(.noEntry) }
             var a = directoryAttributes(from: volume.fileStat)
             a.mode = S_IFDIR | 0o555
             return .success(.directory(a))
-        case .snapshot(let name, let file):
-            guard let volume = store.volume(name) else { return .failure(.noEntry) }
+        case .snapshot(let key, let file):
+            let volume: OpenVolume
+            switch store.volume(key) {
+            case .success(let v): volume = v
+            case .failure(let e): return .failure(e)
+            }
             if let snapshot = volume.snapshot(file: file) { return .success(.snapshot(volume, snapshot)) }
             if let pooled = volume.poolSnapshots.first(where: { $0.file == file }) {
                 return .success(.poolSnapshot(volume, file: file, pooled.device))
@@ -153,12 +168,17 @@ public final class PoolFileSystem: FileSystemOperations {
         guard let parentNode = inodes.key(of: parent) else { return .failure(.noEntry) }
         let child: Node
         switch parentNode {
+        case .root where name == Self.snapshotsName:
+            child = .snapshots
         case .root:
-            child = name == Self.snapshotsName ? .snapshots : .volume(name)
+            // The name leads to the file it names now.
+            guard let volume = store.volume(name) else { return .failure(.noEntry) }
+            child = .volume(volume.key)
         case .snapshots:
             child = .snapshotDirectory(volume: name)
-        case .snapshotDirectory(let volume):
-            child = .snapshot(volume: volume, file: name)
+        case .snapshotDirectory(let volumeName):
+            guard let volume = store.volume(volumeName) else { return .failure(.noEntry) }
+            child = .snapshot(volume.key, file: name)
         case .volume, .snapshot:
             return .failure(.notDirectory)
         }
@@ -182,47 +202,51 @@ public final class PoolFileSystem: FileSystemOperations {
         }
     }
 
-    /// Every open of a volume or of its snapshots counts as a use of the volume's chain: while
-    /// one is open, its backing files refuse writers (`VolumeStore.openHandle`).
+    /// Opens a volume or snapshot file. The handle is counted on the file the node stands for,
+    /// before anything else, so that the file stays readable through it even when the pool
+    /// replaces or deletes it from here on.
     public func open(inode: UInt64, writing: Bool) -> Result<Void, Errno> {
-        guard let name = inodes.key(of: inode)?.volumeName else { return openFile(inode: inode, writing: writing) }
+        guard let node = inodes.key(of: inode) else { return .failure(.noEntry) }
+        guard let key = node.volumeKey else { return device(inode).map { _ in () } }
         do {
-            try store.openHandle(name)
+            // The first handle also locks the chain's backing files against writers.
+            try store.retain(key)
         } catch {
             return .failure(fail(error, inode: inode))
         }
-        let opened = openFile(inode: inode, writing: writing)
-        if case .failure = opened { store.releaseHandle(name) }
+        let opened = openHandle(inode: inode, node: node, key: key, writing: writing)
+        if case .failure = opened { store.release(key) }
         return opened
     }
 
-    func openFile(inode: UInt64, writing: Bool) -> Result<Void, Errno> {
+    private func openHandle(inode: UInt64, node: Node, key: VolumeKey, writing: Bool) -> Result<Void, Errno> {
         guard writing, store.writesImages else {
             // A device made on first use (an LV to activate) is made now, so that open fails, not the reads.
             return device(inode).flatMap { device in
                 Result { try (device as? DeferredDevice)?.device() }.map { _ in () }.mapError { fail($0, inode: inode) }
             }
         }
-        guard let node = inodes.key(of: inode) else { return .failure(.noEntry) }
-        guard case .volume(let name) = node else { return .failure(.readOnly) }
+        guard case .volume = node else { return .failure(.readOnly) }
         do {
-            try store.openForWriting(name)
+            try store.openForWriting(key)
             return .success(())
+        } catch let error as Errno {
+            return .failure(error)
         } catch {
             return .failure(fail(error, inode: inode))
         }
     }
 
     public func release(inode: UInt64, writing: Bool) {
-        guard let node = inodes.key(of: inode), let name = node.volumeName else { return }
-        if writing, store.writesImages, case .volume = node { store.releaseWriting(name) }
-        store.releaseHandle(name)
+        guard let node = inodes.key(of: inode), let key = node.volumeKey else { return }
+        if writing, store.writesImages, case .volume = node { store.releaseWriting(key) }
+        store.release(key)
     }
 
     /// The writer of a volume open for writing (`-o rw`).
     func writer(_ inode: UInt64) -> Result<any VolumeWriter, Errno> {
-        guard case .volume(let name)? = inodes.key(of: inode) else { return .failure(.readOnly) }
-        guard let writer = store.volume(name)?.writer else { return .failure(.badDescriptor) }
+        guard case .volume(let key)? = inodes.key(of: inode) else { return .failure(.readOnly) }
+        guard let writer = store.writer(key) else { return .failure(.badDescriptor) }
         return .success(writer)
     }
 
@@ -245,6 +269,15 @@ public final class PoolFileSystem: FileSystemOperations {
                     return .success(try overlay.read(at: offset, length: n, base: device))
                 }
                 let plan = try device.plan(at: offset, length: n)
+                if plan.readsBlockDevice {
+                    // Devices are read here, not spliced: a device that fails (the loop device
+                    // of a PV whose file is gone) then fails in this process, which logs it and
+                    // answers EIO, rather than inside libfuse's splice, which answers EIO and
+                    // tells no one.
+                    let buffer = ReplyBuffer(count: n)
+                    try plan.execute(into: buffer.bytes)
+                    return .success(ReadData(segments: [.memory(UnsafeRawBufferPointer(buffer.bytes))], owner: buffer))
+                }
                 // The plan holds the files and cached blocks that the segments point into.
                 return .success(ReadData(segments: Self.replySegments(plan), owner: plan))
             } catch {
@@ -315,20 +348,21 @@ public final class PoolFileSystem: FileSystemOperations {
         guard let node = inodes.key(of: inode) else { return .failure(.noEntry) }
         var entries = [DirectoryEntry(name: ".", inode: inode, mode: S_IFDIR),
                        DirectoryEntry(name: "..", inode: 1, mode: S_IFDIR)]
-        func add(_ name: String, _ child: Node, _ mode: UInt32) {
-            entries.append(DirectoryEntry(name: name, inode: inodes.inode(of: child) ?? 0xffff_ffff, mode: mode))
+        func add(_ name: String, _ child: Node?, _ mode: UInt32) {
+            entries.append(DirectoryEntry(name: name, inode: child.flatMap { inodes.inode(of: $0) } ?? 0xffff_ffff, mode: mode))
         }
         switch node {
         case .root:
             add(Self.snapshotsName, .snapshots, S_IFDIR)
-            for name in store.volumeNames() { add(name, .volume(name), S_IFREG) }
+            // Inode numbers are hints here (a lookup gives the real one): no volume is opened.
+            for name in store.volumeNames() { add(name, store.lastKnownVolume(name).map { .volume($0.key) }, S_IFREG) }
         case .snapshots:
             for name in store.volumeNames() { add(name, .snapshotDirectory(volume: name), S_IFDIR) }
         case .snapshotDirectory(let volume):
             // A listing waits (briefly) for the pool's current state, so new snapshots show.
             guard store.volumeNames().contains(volume), let open = store.volume(volume) else { return .failure(.noEntry) }
-            for (file, _) in open.snapshotFiles { add(file, .snapshot(volume: volume, file: file), S_IFREG) }
-            for (file, _) in open.poolSnapshots { add(file, .snapshot(volume: volume, file: file), S_IFREG) }
+            for (file, _) in open.snapshotFiles { add(file, .snapshot(open.key, file: file), S_IFREG) }
+            for (file, _) in open.poolSnapshots { add(file, .snapshot(open.key, file: file), S_IFREG) }
         case .volume, .snapshot:
             return .failure(.notDirectory)
         }
@@ -417,6 +451,14 @@ public final class PoolFileSystem: FileSystemOperations {
     func fail(_ error: any Error, inode: UInt64) -> Errno {
         let what = inodes.key(of: inode).map { "\($0)" } ?? "inode \(inode)"
         Log.error("\(what): \(error)")
-        return Errno((error as? Qcow2Error)?.errno ?? EIO)
+        return (error as? Errno) ?? Errno((error as? Qcow2Error)?.errno ?? EIO)
     }
+}
+
+/// Bytes read into memory for one reply, freed with the reply.
+// SAFETY: written once, before the reply is built; only read afterwards.
+final class ReplyBuffer: @unchecked Sendable {
+    let bytes: UnsafeMutableRawBufferPointer
+    init(count: Int) { bytes = .allocate(byteCount: count, alignment: 4096) }
+    deinit { bytes.deallocate() }
 }

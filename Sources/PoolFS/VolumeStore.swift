@@ -1,9 +1,22 @@
 #if canImport(Glibc)
 import Glibc
 #endif
+import FuseKit
 import Pools
 import Qcow2
 import Synchronization
+
+/// A volume's name and the file it named when the kernel looked it up. An image replaced under
+/// the same name (renamed over, deleted and made again) is another file: another key, so another
+/// node and another inode number. The kernel then keeps the two files' page caches apart, and
+/// what is open on the old file stays on it.
+public struct VolumeKey: Hashable, Sendable, CustomStringConvertible {
+    public let name: String
+    public let device: UInt64
+    public let inode: UInt64
+
+    public var description: String { name }
+}
 
 /// One volume as last opened: the image or why it failed, and what is derived from it lazily.
 public final class OpenVolume: Sendable {
@@ -12,6 +25,7 @@ public final class OpenVolume: Sendable {
     /// The image file as stat'ed when opened; a different stat means reopen.
     public let identity: FileIdentity
     public let fileStat: stat
+    public let key: VolumeKey
     public let image: Image?
     public let error: String?
     public let snapshotFiles: [(file: String, snapshot: Snapshot)]
@@ -36,10 +50,10 @@ public final class OpenVolume: Sendable {
         self.name = name
         self.writer = writer
         self.path = path
-        var st = Glibc.stat()
-        _ = stat(path, &st)
+        let st = Self.fileStatus(of: try? opened.get(), path: path)
         self.fileStat = st
         self.identity = FileIdentity(st)
+        self.key = VolumeKey(name: name, device: identity.device, inode: identity.inode)
         self.openedAt = Self.monotonicNanoseconds()
         self.generation = pool.generation(of: name)
         self.poolSnapshots = pool.snapshots(of: name).map { snapshot in
@@ -57,6 +71,16 @@ public final class OpenVolume: Sendable {
             self.error = "\(error)"
             self.snapshotFiles = []
         }
+    }
+
+    /// The stat of the file opened (fstat of its descriptor), not of the path: a file renamed
+    /// over the path between the open and a stat must not lend the image its identity. The path
+    /// for volumes without a file of their own (LVs read through their PVs) or that failed to open.
+    static func fileStatus(of image: Image?, path: String) -> Glibc.stat {
+        var st = Glibc.stat()
+        if let file = image?.hostFiles.first, fstat(file.fd, &st) == 0 { return st }
+        _ = stat(path, &st)
+        return st
     }
 
     public func snapshot(file: String) -> Snapshot? {
@@ -119,6 +143,12 @@ public final class OpenVolume: Sendable {
 
 /// Volumes by name, opened on first use and reopened whenever their files change, so that no
 /// reader sees metadata older than the file. Nothing is opened at mount.
+///
+/// A name stands for one file at a time, the one it names now. What the kernel has open is
+/// counted per file (`VolumeKey`): when the name comes to name another file, or nothing, the
+/// volume of the old file is kept, with its descriptors, for as long as something has it open,
+/// so an open image replaced or deleted in the pool keeps reading (and writing) the old file
+/// until closed, as a local file would.
 public final class VolumeStore: Sendable {
     public let pool: any Pool
     public let cache: BlockCache
@@ -126,15 +156,37 @@ public final class VolumeStore: Sendable {
     let logsFailures: Bool
     /// `-o rw`: volumes opened for writing write into their images.
     public let writesImages: Bool
-    private let volumes = Mutex<[String: OpenVolume]>([:])
-    /// Volumes open for writing and their open handles; the writer closes with the last.
-    private let writing = Mutex<[String: (volume: OpenVolume, handles: Int)]>([:])
-    /// Volumes open through the mount (any mode) and their open handles: while one is open, its
-    /// backing files are locked for consistent reading, as QEMU locks them. They follow the
-    /// kernel's open and release of the file, not the cached `OpenVolume`, which a stat alone
-    /// opens and which outlives every use: writing a backing file stays allowed whenever no
-    /// overlay above it is open, as it is with QEMU.
-    private let opened = Mutex<[String: (lock: BackingChainLock, handles: Int)]>([:])
+
+    private struct State {
+        /// The volume each name stands for now.
+        var current: [String: OpenVolume] = [:]
+        /// Handles the kernel has open, per file.
+        var handles: [VolumeKey: Int] = [:]
+        /// Volumes of files with open handles that their name no longer names.
+        var kept: [VolumeKey: OpenVolume] = [:]
+        /// While a file has handles open, its backing files are locked for consistent reading,
+        /// as QEMU locks them. The locks follow the kernel's open and release of the file, not
+        /// the cached `OpenVolume`, which a stat alone opens and which outlives every use:
+        /// writing a backing file stays allowed whenever no overlay above it is open, as it is
+        /// with QEMU.
+        var locks: [VolumeKey: BackingChainLock] = [:]
+
+        /// Makes `name` stand for `fresh` (nil: nothing); the volume it stood for is kept while
+        /// handles are open on its file. Returns the volume kept, if any.
+        mutating func replace(_ name: String, with fresh: OpenVolume?) -> OpenVolume? {
+            var keeping: OpenVolume?
+            if let old = current[name], old.key != fresh?.key, handles[old.key, default: 0] > 0 {
+                kept[old.key] = old
+                keeping = old
+            }
+            if let fresh { kept[fresh.key] = nil }
+            current[name] = fresh
+            return keeping
+        }
+    }
+    private let state = Mutex(State())
+    /// Volumes open for writing and their write handles, per file; the writer closes with the last.
+    private let writing = Mutex<[VolumeKey: (volume: OpenVolume, handles: Int)]>([:])
 
     public init(pool: any Pool, cache: BlockCache, logsFailures: Bool = true, writesImages: Bool = false) {
         self.pool = pool
@@ -143,60 +195,60 @@ public final class VolumeStore: Sendable {
         self.writesImages = writesImages
     }
 
-    /// Counts one more open handle on volume `name` (for reading or writing); the first locks
-    /// the backing files of its chain for consistent reading (`BackingChainLock`). Fails when
-    /// another program, or this mount, writes one of them.
-    public func openHandle(_ name: String) throws {
-        if opened.withLock({ opened in
-            guard opened[name] != nil else { return false }
-            opened[name]!.handles += 1
-            return true
-        }) { return }
-        guard let image = volume(name)?.image else {
-            // Nothing to read: the reads will fail, the count must still match the releases.
-            return count(BackingChainLock(), for: name)
-        }
-        do {
-            count(try image.lockBackingChain(), for: name)
-        } catch {
-            throw writerInThisMount(of: image).map { Qcow2Error.inUse("its backing file \($0) is open for writing through this mount") } ?? error
-        }
-    }
+    // MARK: Handles
 
-    /// Adds a handle with `lock`, or drops `lock` when another open took one meanwhile.
-    private func count(_ lock: BackingChainLock, for name: String) {
-        let extra: BackingChainLock? = opened.withLock { opened in
-            guard opened[name] != nil else {
-                opened[name] = (lock, 1)
-                return nil
+    /// Counts one more open handle on the file `key` stands for (for reading or writing); the
+    /// first locks the backing files of its chain for consistent reading (`BackingChainLock`).
+    /// Fails when another program, or this mount, writes one of them.
+    public func retain(_ key: VolumeKey) throws {
+        let counted = state.withLock { s in
+            guard s.handles[key, default: 0] > 0 else { return false }
+            s.handles[key]! += 1
+            return true
+        }
+        if counted { return }
+        var lock = BackingChainLock()
+        // Nothing to read: the reads will fail, the count must still match the releases.
+        if let image = try? volume(key).get().image {
+            do {
+                lock = try image.lockBackingChain()
+            } catch {
+                throw writerInThisMount(of: image).map { Qcow2Error.inUse("its backing file \($0) is open for writing through this mount") } ?? error
             }
-            opened[name]!.handles += 1
-            return lock
+        }
+        // Another open may have taken the first handle meanwhile: its lock stands, this one goes.
+        let extra: BackingChainLock? = state.withLock { s in
+            s.handles[key, default: 0] += 1
+            guard s.locks[key] == nil else { return lock }
+            s.locks[key] = lock
+            return nil
         }
         extra?.release()
     }
 
-    /// Ends one handle of `openHandle`; the last unlocks the backing files.
-    public func releaseHandle(_ name: String) {
-        let last: BackingChainLock? = opened.withLock { opened in
-            guard let open = opened[name] else { return nil }
-            guard open.handles == 1 else {
-                opened[name]!.handles = open.handles - 1
+    /// Ends one handle; the last unlocks the backing files, and a volume kept for the file is let
+    /// go (its descriptors close).
+    public func release(_ key: VolumeKey) {
+        let last: (lock: BackingChainLock?, kept: OpenVolume?)? = state.withLock { s in
+            let left = s.handles[key, default: 1] - 1
+            guard left <= 0 else {
+                s.handles[key] = left
                 return nil
             }
-            opened[name] = nil
-            return open.lock
+            s.handles[key] = nil
+            return (s.locks.removeValue(forKey: key), s.kept.removeValue(forKey: key))
         }
-        last?.release()
+        // Released outside the lock.
+        last?.lock?.release()
     }
 
     /// The open volumes whose chain has the file at `path` below their top, by name.
     func overlaysHolding(_ path: String) -> [String] {
         guard let target = FileIdentity(path: path) else { return [] }
-        return opened.withLock { opened in
-            opened.filter { _, open in
-                open.lock.files.contains { $0.identity.device == target.device && $0.identity.inode == target.inode }
-            }.keys.sorted()
+        return state.withLock { s in
+            s.locks.filter { _, lock in
+                lock.files.contains { $0.identity.device == target.device && $0.identity.inode == target.inode }
+            }.keys.map(\.name).sorted()
         }
     }
 
@@ -207,49 +259,60 @@ public final class VolumeStore: Sendable {
             writing.first { _, open in
                 guard let top = open.volume.image?.hostFiles.first?.identity else { return false }
                 return below.contains { $0.device == top.device && $0.inode == top.inode }
-            }?.key
+            }?.key.name
         }
     }
 
-    /// Opens volume `name` for writing, or counts one more handle on its open writer. Fails when
-    /// another program holds the image (a running VM), when an overlay open through this mount
-    /// reads it as a backing file, or when it cannot be written safely.
-    public func openForWriting(_ name: String) throws {
+    /// Opens the file `key` stands for for writing, or counts one more handle on its open
+    /// writer. Fails when another program holds the image (a running VM), when an overlay open
+    /// through this mount reads it as a backing file, or it cannot be written safely, or the
+    /// name names another file now (ESTALE: the kernel looks it up again).
+    public func openForWriting(_ key: VolumeKey) throws {
         try writing.withLock { writing in
-            if let open = writing[name] {
-                writing[name]!.handles = open.handles + 1
+            if let open = writing[key] {
+                writing[key]!.handles = open.handles + 1
                 return
             }
-            guard let path = pool.volumePath(name) else { throw PoolError.notFound(name) }
+            guard let path = pool.volumePath(key.name) else { throw PoolError.notFound(key.name) }
             // The lock would refuse it too; this says which overlay holds it.
             let overlays = overlaysHolding(path)
             if !overlays.isEmpty {
-                throw Qcow2Error.inUse("\(name) is a backing file of \(overlays.joined(separator: ", ")), open through this mount: it stays read-only until they are closed")
+                throw Qcow2Error.inUse("\(key.name) is a backing file of \(overlays.joined(separator: ", ")), open through this mount: it stays read-only until they are closed")
             }
-            let image = try pool.openWritableImage(name, path: path, cache: cache)
+            let image = try pool.openWritableImage(key.name, path: path, cache: cache)
+            guard let opened = image.hostFiles.first?.identity ?? FileIdentity(path: path),
+                  opened.device == key.device, opened.inode == key.inode else { throw Errno.stale }
             let writer = try image.makeWriter()
-            let volume = OpenVolume(name: name, path: path, pool: pool, opened: .success(image), writer: writer)
-            volumes.withLock { $0[name] = volume }
-            writing[name] = (volume, 1)
+            let volume = OpenVolume(name: key.name, path: path, pool: pool, opened: .success(image), writer: writer)
+            replace(key.name, with: volume)
+            writing[key] = (volume, 1)
         }
     }
 
     /// Ends one write handle; the last flushes the volume, marks it clean and unlocks it. The
     /// next use reopens it read-only.
-    public func releaseWriting(_ name: String) {
+    public func releaseWriting(_ key: VolumeKey) {
         writing.withLock { writing in
-            guard let open = writing[name] else { return }
+            guard let open = writing[key] else { return }
             if open.handles > 1 {
-                writing[name]!.handles = open.handles - 1
+                writing[key]!.handles = open.handles - 1
                 return
             }
-            writing[name] = nil
+            writing[key] = nil
             // Flushed before it leaves the table: until then readers get the writer's image, whose
             // tables the file does not have yet; an image opened from the file now would be older
             // than what the writer acknowledged.
             close(open.volume)
-            volumes.withLock { if $0[name] === open.volume { $0[name] = nil } }
+            state.withLock { s in
+                if s.current[key.name] === open.volume { s.current[key.name] = nil }
+                if s.kept[key] === open.volume { s.kept[key] = nil }
+            }
         }
+    }
+
+    /// The writer of the file `key` stands for, while it is open for writing.
+    public func writer(_ key: VolumeKey) -> (any VolumeWriter)? {
+        writing.withLock { $0[key]?.volume.writer }
     }
 
     /// At unmount: flushes and closes every volume still open for writing.
@@ -269,25 +332,54 @@ public final class VolumeStore: Sendable {
         }
     }
 
+    // MARK: Lookups
+
     /// How often a volume's path is looked up again: an image modified in place is seen at once
     /// (fstat of its descriptors on every call); one replaced or renamed in the pool within this.
     static let pathCheckInterval: Int64 = 100_000_000
 
+    /// The volume `key` stands for: the name's current volume while the name still names that
+    /// file, or the volume kept for handles still open on it. Fails with ESTALE when the name
+    /// names another file now and nothing is open on the old one (the kernel looks the name up
+    /// again), with ENOENT when the name names nothing, and with EIO when a kept file was
+    /// changed since it was replaced (its cached metadata cannot be trusted, and the name no
+    /// longer leads to it to open it again).
+    public func volume(_ key: VolumeKey) -> Result<OpenVolume, Errno> {
+        let current = volume(key.name)
+        if let current, current.key == key { return .success(current) }
+        guard let kept = state.withLock({ $0.kept[key] }) else {
+            return .failure(current == nil ? .noEntry : .stale)
+        }
+        if kept.writer == nil, let image = kept.image, image.hostFiles.contains(where: { $0.contentChanged() }) {
+            Log.error("volume \(key.name): the file it named when opened was replaced in the pool, then changed; close it and open it again")
+            return .failure(.io)
+        }
+        return .success(kept)
+    }
+
     /// The current state of volume `name`, or nil when the pool has no such volume.
     public func volume(_ name: String) -> OpenVolume? {
         let now = OpenVolume.monotonicNanoseconds()
-        let known = volumes.withLock { $0[name] }
-        if let known, known.writer != nil { return known }
-        if let known,
-           known.isFreshByDescriptors(generation: pool.generation(of: name), now: now, pathCheckInterval: Self.pathCheckInterval) {
+        let known = state.withLock { $0.current[name] }
+        if let known, known.writer != nil {
+            // Written through us: its file changes only through us, so only whether the name
+            // still names it is checked.
+            if now - known.pathCheckedAt.load(ordering: .relaxed) < Self.pathCheckInterval { return known }
+            if let path = pool.volumePath(name), let id = FileIdentity(path: path),
+               id.device == known.key.device, id.inode == known.key.inode {
+                known.pathCheckedAt.store(now, ordering: .relaxed)
+                return known
+            }
+        } else if let known,
+                  known.isFreshByDescriptors(generation: pool.generation(of: name), now: now, pathCheckInterval: Self.pathCheckInterval) {
             return known
         }
         guard let path = pool.volumePath(name) else {
-            volumes.withLock { $0[name] = nil }
+            replace(name, with: nil)
             return nil
         }
-        if let known = volumes.withLock({ $0[name] }), known.writer != nil || (known.path == path
-           && !known.isStale(currentIdentity: FileIdentity(path: path), generation: pool.generation(of: name), now: now)) {
+        if let known = state.withLock({ $0.current[name] }), known.writer == nil, known.path == path,
+           !known.isStale(currentIdentity: FileIdentity(path: path), generation: pool.generation(of: name), now: now) {
             known.pathCheckedAt.store(now, ordering: .relaxed)
             return known
         }
@@ -295,23 +387,37 @@ public final class VolumeStore: Sendable {
         let fresh = OpenVolume(name: name, path: path, pool: pool, cache: cache)
         fresh.pathCheckedAt.store(now, ordering: .relaxed)
         if logsFailures, let error = fresh.error { Log.warning("volume \(name): \(error)") }
-        return volumes.withLock { volumes in
-            // Opened for writing meanwhile: the writer's image is the only current one; the
-            // file does not have its unflushed tables.
-            if let current = volumes[name], current.writer != nil { return current }
-            volumes[name] = fresh
-            return fresh
-        }
+        return replace(name, with: fresh, unlessWritten: true) ?? fresh
+    }
+
+    /// What `name` stood for when last looked at, without looking again (readdir's inode hints).
+    func lastKnownVolume(_ name: String) -> OpenVolume? {
+        state.withLock { $0.current[name] }
     }
 
     public func volumeNames() -> [String] {
         let names = (try? pool.volumeNames()) ?? []
-        // Forget volumes that left the pool, so their files close.
+        // Forget volumes that left the pool, so their files close (unless open).
         let present = Set(names)
-        volumes.withLock { open in
-            for (name, volume) in open where !present.contains(name) && volume.writer == nil { open[name] = nil }
-        }
+        let gone = state.withLock { $0.current.filter { !present.contains($0.key) && $0.value.writer == nil }.keys }
+        for name in gone { replace(name, with: nil) }
         return names
+    }
+
+    /// `State.replace`, saying in the log when an open file is kept.
+    /// With `unlessWritten`, a volume opened for writing meanwhile stays (the file does not have
+    /// its writer's unflushed tables) and is returned instead.
+    @discardableResult
+    private func replace(_ name: String, with fresh: OpenVolume?, unlessWritten: Bool = false) -> OpenVolume? {
+        let (writer, kept): (OpenVolume?, OpenVolume?) = state.withLock { s in
+            if unlessWritten, let current = s.current[name], current.writer != nil { return (current, nil) }
+            return (nil, s.replace(name, with: fresh))
+        }
+        if let writer { return writer }
+        guard let kept else { return nil }
+        let what = fresh == nil ? "left the pool" : "names another file now"
+        Log.info("volume \(name): \(what) while open; what is open stays on the old file (\(kept.path), inode \(kept.key.inode)) until closed")
+        return nil
     }
 }
 

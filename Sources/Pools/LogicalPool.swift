@@ -104,8 +104,9 @@ public final class LogicalPool: Pool {
         cached.fresh.report.volumes.filter { !$0.isInternal && !$0.isSnapshot }.map(\.name).sorted()
     }
 
-    /// The LV's device while it exists; otherwise a PV it lives on (an inactive LV, or any LV
-    /// without device-mapper), so that mode, owner and times are a block device's.
+    /// A PV the LV lives on, so that mode, owner and times are a block device's. Not the LV's own
+    /// device, which comes and goes with activation: the file a name stands for must not change
+    /// when its first open activates it.
     public func volumePath(_ name: String) -> String? {
         let report = report()
         guard let lv = report.volumes.first(where: { $0.name == name && !$0.isInternal && !$0.isSnapshot }) else { return nil }
@@ -113,7 +114,6 @@ public final class LogicalPool: Pool {
     }
 
     func statPath(of lv: VolumeGroupReport.LogicalVolume, in report: VolumeGroupReport) -> String {
-        if mode == .devices, access(deviceRoot + lv.path, F_OK) == 0 { return deviceRoot + lv.path }
         var current = lv
         for _ in 0..<8 {
             if let device = current.segments.first?.ranges.first?.device { return deviceRoot + device }

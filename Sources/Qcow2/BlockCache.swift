@@ -149,7 +149,7 @@ public final class CachedBlock: @unchecked Sendable {
 
     /// `count` bytes of `file` at `offset`, all inside the file.
     static func read(_ file: HostFile, at offset: UInt64, count: Int) throws -> CachedBlock {
-        try CachedBlock(count: count) { try file.read(into: $0, at: offset, fillsPastEOF: false) }
+        try CachedBlock(count: count) { try file.read(into: $0, at: offset) }
     }
 
     deinit { BlockMemory.release(UnsafeMutableRawPointer(mutating: bytes.baseAddress!), count: bytes.count) }

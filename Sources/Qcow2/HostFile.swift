@@ -18,13 +18,16 @@ public final class HostFile: Sendable {
     private let currentSize: Atomic<UInt64>
     /// Opened for writing as well as reading.
     public let writable: Bool
+    /// A block device (an LVM physical volume, a zvol), not a regular file.
+    public let isBlockDevice: Bool
     public let identity: FileIdentity
     /// Bytes the file really occupies on disk (st_blocks × 512) when it was opened.
     public let allocatedBytes: UInt64
 
     private static let nextID = Atomic<UInt64>(1)
 
-    /// What a writer did to the file, in order, for tests that replay a power loss.
+    /// What a writer did to the file, in order, for tests that replay a power loss or make a
+    /// write fail.
     public enum Change: Sendable {
         case write(offset: UInt64, bytes: [UInt8])
         /// The range reads as zeros now (a hole punched or zeroed).
@@ -33,6 +36,7 @@ public final class HostFile: Sendable {
         case barrier
     }
     private let observer = Mutex<(@Sendable (Change) -> Void)?>(nil)
+    private let faults = Mutex<(@Sendable (Change) -> Int32?)?>(nil)
     private let observed = Atomic<Bool>(false)
 
     /// Calls `body` with each change this process makes to the file from now on (tests).
@@ -41,10 +45,23 @@ public final class HostFile: Sendable {
         observed.store(true, ordering: .releasing)
     }
 
+    /// Asks `body` before each write and fdatasync from now on (tests): an errno it returns
+    /// fails the call, as a full disk or a failing device would, and nothing is written.
+    public func injectFaults(_ body: @escaping @Sendable (Change) -> Int32?) {
+        faults.withLock { $0 = body }
+        observed.store(true, ordering: .releasing)
+    }
+
     private func report(_ change: @autoclosure () -> Change) {
         guard observed.load(ordering: .acquiring) else { return }
         let body = observer.withLock { $0 }
         body?(change())
+    }
+
+    /// The errno a test makes this change fail with, if any.
+    private func injectedFault(_ change: @autoclosure () -> Change) -> Int32? {
+        guard observed.load(ordering: .acquiring), let body = faults.withLock({ $0 }) else { return nil }
+        return body(change())
     }
 
     /// Wraps open(2) with O_RDONLY (or O_RDWR) | O_CLOEXEC, then fstat(2).
@@ -85,16 +102,18 @@ public final class HostFile: Sendable {
         self.id = Self.nextID.add(1, ordering: .relaxed).oldValue
         self.identity = FileIdentity(st)
         self.allocatedBytes = UInt64(st.st_blocks) * 512
-        self.currentSize = Atomic((st.st_mode & S_IFMT) == S_IFBLK ? Self.blockDeviceSize(fd) : UInt64(st.st_size))
+        self.isBlockDevice = (st.st_mode & S_IFMT) == S_IFBLK
+        self.currentSize = Atomic(isBlockDevice ? Self.blockDeviceSize(fd) : UInt64(st.st_size))
         self.writable = writable
     }
 
     deinit { close(fd) }
 
-    /// Reads exactly `buffer.count` bytes at `offset` with pread(2). Bytes past the end of the
-    /// file read as zeros, as QEMU's file driver does; `fillsPastEOF: false` makes that an error.
-    public func read(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64,
-                     fillsPastEOF: Bool = true) throws(Qcow2Error) {
+    /// Reads exactly `buffer.count` bytes at `offset` with pread(2). The end of the file comes
+    /// first only when the file is shorter than its reader thought (a table past the end, or a
+    /// file truncated since the read was planned): an error, never zeros. Where QEMU reads zeros
+    /// past the end, the plan says so (`ReadPlan.appendHost`).
+    public func read(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) throws(Qcow2Error) {
         var done = 0
         while done < buffer.count {
             let n = retryingEINTR {
@@ -102,11 +121,7 @@ public final class HostFile: Sendable {
             }
             if n < 0 { throw .io(errno: Glibc.errno, operation: "pread", path: path) }
             if n == 0 {
-                guard fillsPastEOF else {
-                    throw .corrupt("read of \(buffer.count) bytes runs past the end of \(path)", offset: offset)
-                }
-                (buffer.baseAddress! + done).initializeMemory(as: UInt8.self, repeating: 0, count: buffer.count - done)
-                return
+                throw .corrupt("read of \(buffer.count) bytes runs past the end of \(path)", offset: offset)
             }
             done += n
         }
@@ -120,7 +135,7 @@ public final class HostFile: Sendable {
         var bytes = [UInt8](repeating: 0, count: count)
         var failure: Qcow2Error?
         bytes.withUnsafeMutableBytes { buffer in
-            do throws(Qcow2Error) { try read(into: buffer, at: offset, fillsPastEOF: false) } catch { failure = error }
+            do throws(Qcow2Error) { try read(into: buffer, at: offset) } catch { failure = error }
         }
         if let failure { throw failure }
         return bytes
@@ -128,6 +143,9 @@ public final class HostFile: Sendable {
 
     /// Writes all of `buffer` at `offset` with pwrite(2); the file grows as needed.
     public func write(_ buffer: UnsafeRawBufferPointer, at offset: UInt64) throws(Qcow2Error) {
+        if let code = injectedFault(.write(offset: offset, bytes: Array(buffer))) {
+            throw .io(errno: code, operation: "pwrite", path: path)
+        }
         report(.write(offset: offset, bytes: Array(buffer)))
         var done = 0
         while done < buffer.count {
@@ -156,6 +174,7 @@ public final class HostFile: Sendable {
 
     /// fdatasync(2): everything written so far is on stable storage.
     public func syncData() throws(Qcow2Error) {
+        if let code = injectedFault(.barrier) { throw .io(errno: code, operation: "fdatasync", path: path) }
         guard retryingEINTR({ fdatasync(fd) }) == 0 else { throw .io(errno: Glibc.errno, operation: "fdatasync", path: path) }
         report(.barrier)
     }
@@ -210,6 +229,16 @@ public final class HostFile: Sendable {
         var st = stat()
         guard fstat(fd, &st) == 0 else { return true }
         return FileIdentity(st) != identity
+    }
+
+    /// Whether the open file's size or modification time changed since it was opened (fstat(2)
+    /// of its descriptor). Unlike `modifiedInPlace`, blind to the ctime that a rename over the
+    /// file or its deletion changes: for a file no name leads to any more.
+    public func contentChanged() -> Bool {
+        var st = stat()
+        guard fstat(fd, &st) == 0 else { return true }
+        let now = FileIdentity(st)
+        return now.size != identity.size || now.mtime.tv_sec != identity.mtime.tv_sec || now.mtime.tv_nsec != identity.mtime.tv_nsec
     }
 
     private static func blockDeviceSize(_ fd: Int32) -> UInt64 {

@@ -167,7 +167,7 @@ public final class Qcow2Image: Sendable {
         // Read into memory that is neither zeroed first nor kept: it is overwritten at once.
         let input = UnsafeMutableRawBufferPointer.allocate(byteCount: stored, alignment: 16)
         defer { input.deallocate() }
-        try file.read(into: input, at: offset, fillsPastEOF: false)
+        try file.read(into: input, at: offset)
         return try CachedBlock(count: clusterSize) { output in
             try Decompressor.decompress(UnsafeRawBufferPointer(input), into: output, kind: header.compression, offset: offset)
         }
@@ -250,7 +250,7 @@ public struct Qcow2View: BlockDevice {
         let clusterMask = image.layout.clusterSize - 1
         var pendingStart: UInt64 = 0
         var pendingLength: UInt64 = 0
-        for (run, guest, n, _) in runs {
+        for (run, guest, n, entryOffset) in runs {
             if case .unallocated = run {
                 if pendingLength == 0 { pendingStart = guest }
                 pendingLength += n
@@ -266,6 +266,7 @@ public struct Qcow2View: BlockDevice {
             case .zero:
                 plan.appendZero(Int(n))
             case .data(let host):
+                try checkInsideFile(dataFile, host: host, guest: guest, entryOffset: entryOffset)
                 plan.appendHost(dataFile, offset: host, length: Int(n))
             case .compressed(let entry):
                 plan.appendBytes(decoded[entry]!, start: Int(guest & clusterMask), length: Int(n))
@@ -273,6 +274,20 @@ public struct Qcow2View: BlockDevice {
         }
         if pendingLength > 0 {
             try planBeneath(backing, at: pendingStart, length: Int(pendingLength), into: &plan)
+        }
+    }
+
+    /// A data cluster must start inside the file that holds it. The last cluster may end past
+    /// the end of the file (QEMU reads zeros there, and `qemu-img check` allows less than a
+    /// cluster), but a cluster that starts at or past the end is data the file has lost (an image
+    /// truncated while in use): reading it as zeros would make lost data look like an empty disk.
+    /// Checked against the size the file had when opened, or grew to by this process's writes;
+    /// a file that shrank since is reopened before the next read.
+    func checkInsideFile(_ file: HostFile, host: UInt64, guest: UInt64, entryOffset: UInt64) throws {
+        let cluster = host & ~(image.layout.clusterSize - 1)
+        guard cluster < file.size else {
+            throw Qcow2Error.corrupt("the data of guest offset \(guest) is at \(host), past the end of \(file.path) (\(file.size) bytes)",
+                                     offset: entryOffset)
         }
     }
 

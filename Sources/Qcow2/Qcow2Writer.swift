@@ -91,7 +91,7 @@ final class Qcow2WriteState {
     var pendingFrees: [UInt64] = []
     /// L2 tables the live L1 points at, for the overlap check.
     var liveTables: Set<UInt64>
-    /// Why writing stopped: the image was found corrupt.
+    /// Why writing stopped: the image was found corrupt, or a barrier failed.
     var failure: Qcow2Error?
     var closed = false
     /// Bytes of changed L2 tables kept before a write flushes them (bounds memory).
@@ -142,15 +142,29 @@ final class Qcow2WriteState {
     // MARK: Errors
 
     /// Runs `body`; corruption found on the way marks the image corrupt and stops all writing.
+    ///
+    /// Other errors leave the writer as it was, so a write that fails for want of space (ENOSPC
+    /// from pwrite) fails alone and the next one may succeed: every step writes what nothing on
+    /// disk refers to yet before what refers to it, and memory changes only once the disk did, so
+    /// a failed step costs at most leaked clusters. A failed fdatasync is different: Linux may
+    /// drop the pages it could not write and the next fdatasync then succeeds without them, so
+    /// nothing written since the last good barrier can be trusted to be on disk. Writing stops
+    /// (the image is not marked corrupt: what is on disk is consistent) until the volume is
+    /// opened again.
     func guarded<R>(_ body: (Qcow2WriteState) throws -> R) throws -> R {
         if closed { throw Qcow2Error.writeRefused("\(file.path) is closed for writing") }
         if let failure { throw failure }
         do {
             return try body(self)
         } catch let error as Qcow2Error {
-            if case .corrupt = error {
+            switch error {
+            case .corrupt:
                 failure = error
                 markCorrupt()
+            case .io(_, "fdatasync", _):
+                failure = .writeRefused("\(error) earlier, so what reached the disk since the last flush is unknown; close the file and open it again")
+            default:
+                break
             }
             throw error
         }

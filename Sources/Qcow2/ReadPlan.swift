@@ -19,7 +19,9 @@ public struct ReadPlan: Sendable {
 
     public init() {}
 
-    /// Host bytes; a run that crosses the end of the file reads zeros past it, as QEMU does.
+    /// Host bytes; a run that crosses the end of the file reads zeros past it, as QEMU does (the
+    /// last cluster of an image may end past the end of the file). Callers decide whether a run
+    /// that starts past the end is legitimate (`Qcow2View.checkInsideFile`).
     public mutating func appendHost(_ file: HostFile, offset: UInt64, length n: Int) {
         guard n > 0 else { return }
         let inside = offset >= file.size ? 0 : Int(min(UInt64(n), file.size - offset))
@@ -48,6 +50,14 @@ public struct ReadPlan: Sendable {
         guard n > 0 else { return }
         segments.append(.bytes(block, start: start, length: n))
         length += n
+    }
+
+    /// Whether any host run reads a block device.
+    public var readsBlockDevice: Bool {
+        segments.contains { segment in
+            if case .host(let file, _, _) = segment { return file.isBlockDevice }
+            return false
+        }
     }
 
     /// Copies the planned bytes into `buffer`, which must hold `length` bytes.

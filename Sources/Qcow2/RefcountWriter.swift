@@ -102,8 +102,9 @@ final class RefcountWriter {
         var block = try loadBlock(b)
         let e = index % entriesPerBlock
         let (byteStart, byteCount) = RefcountBlock.set(&block, e, value, bits: bits)
-        blocks[b] = block
+        // Memory follows the disk: a write that fails (no space left) changes neither.
         try file.write(Array(block[byteStart..<byteStart + byteCount]), at: table[Int(b)] + UInt64(byteStart))
+        blocks[b] = block
     }
 
     private func loadBlock(_ b: UInt64) throws(Qcow2Error) -> [UInt8] {
@@ -132,8 +133,10 @@ final class RefcountWriter {
         blocks[b] = block
         if !selfCovered { try increment(at) }
         try file.syncData()
-        table[Int(b)] = at * clusterSize
+        // Linked in memory only once linked on disk: a block the disk's table does not point at
+        // must never receive counts (they would be lost, and the clusters counted there with them).
         try file.write(bigEndianBytes(at * clusterSize), at: tableOffset + b * 8)
+        table[Int(b)] = at * clusterSize
     }
 
     /// Moves the table to a larger one at the end of the file, able to index block `b`.
@@ -155,16 +158,26 @@ final class RefcountWriter {
             throw .writeRefused("the refcount table would grow past \(Header.maxRefcountTableBytes) bytes")
         }
         nextFree = at + clusters
+        let oldTable = table
         table += [UInt64](repeating: 0, count: Int(clusters * clusterSize / 8) - table.count)
         // From here on, new blocks are linked in the new table, which nothing points at yet.
         tableOffset = at * clusterSize
-        for i in at..<at + clusters { try increment(i) }
-        var bytes: [UInt8] = []
-        bytes.reserveCapacity(table.count * 8)
-        for entry in table { bytes += bigEndianBytes(entry) }
-        try file.write(bytes, at: tableOffset)
-        try file.syncData()
-        try file.write(bigEndianBytes(tableOffset) + bigEndianBytes(UInt32(clusters)), at: 48)
+        do {
+            for i in at..<at + clusters { try increment(i) }
+            var bytes: [UInt8] = []
+            bytes.reserveCapacity(table.count * 8)
+            for entry in table { bytes += bigEndianBytes(entry) }
+            try file.write(bytes, at: tableOffset)
+            try file.syncData()
+            try file.write(bigEndianBytes(tableOffset) + bigEndianBytes(UInt32(clusters)), at: 48)
+        } catch {
+            // The header still names the old table: so does memory again. What the attempt
+            // counted (the new table's clusters, blocks linked only in it) is leaked, no worse.
+            tableOffset = oldOffset
+            table = oldTable
+            blocks = blocks.filter { b, _ in b < UInt64(oldTable.count) && oldTable[Int(b)] != 0 }
+            throw error
+        }
         try file.syncData()
         for i in oldOffset / clusterSize..<oldOffset / clusterSize + oldClusters where try decrement(i) == 0 {
             file.punchHole(at: i * clusterSize, length: clusterSize)

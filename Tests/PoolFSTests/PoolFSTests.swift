@@ -214,7 +214,7 @@ final class ZfsRunner: CommandRunner {
         #expect(FileLocks.bytes(of: baseFile) == [100, 201, 203])
         #expect(fs.open(inode: base, writing: true).failure == Errno(EBUSY))
         #expect(throws: Qcow2Error.inUse("base.qcow2 is a backing file of over.qcow2, open through this mount: it stays read-only until they are closed")) {
-            try store.openForWriting("base.qcow2")
+            try store.openForWriting(try #require(store.volume("base.qcow2")).key)
         }
         fs.release(inode: over, writing: true)
         #expect(fs.open(inode: base, writing: true).failure == Errno(EBUSY), "one handle of over.qcow2 is still open")
@@ -224,7 +224,7 @@ final class ZfsRunner: CommandRunner {
         #expect(fs.open(inode: base, writing: true).isSuccess)
         #expect(fs.open(inode: other, writing: false).failure == Errno(EBUSY))
         #expect(throws: Qcow2Error.inUse("its backing file base.qcow2 is open for writing through this mount")) {
-            try store.openHandle("other.qcow2")
+            try store.retain(try #require(store.volume("other.qcow2")).key)
         }
         fs.release(inode: base, writing: true)
         #expect(fs.open(inode: other, writing: false).isSuccess)
@@ -269,7 +269,7 @@ final class ZfsRunner: CommandRunner {
         let scratch = try Scratch()
         let store = VolumeStore(pool: try Self.makePool(scratch), cache: BlockCache(capacityBytes: 1 << 20),
                                 logsFailures: false, writesImages: true)
-        try store.openForWriting("vm.qcow2")
+        try store.openForWriting(try #require(store.volume("vm.qcow2")).key)
         let volume = try #require(store.volume("vm.qcow2"))
         try Self.data.withUnsafeBytes { try volume.writer!.write($0, at: 1 << 20) }
         // Each change the flush of the last close makes, a reader comes in.
@@ -278,7 +278,7 @@ final class ZfsRunner: CommandRunner {
             let read = try? store.volume("vm.qcow2")?.image?.live.read(at: 1 << 20, count: 4096)
             reads.withLock { $0.append(read == Self.data) }
         }
-        store.releaseWriting("vm.qcow2")
+        store.releaseWriting(try #require(store.volume("vm.qcow2")).key)
         let seen = reads.withLock { $0 }
         #expect(!seen.isEmpty && seen.allSatisfy { $0 }, "reads during the last close's flush: \(seen)")
         #expect(try store.volume("vm.qcow2")?.image?.live.read(at: 1 << 20, count: 4096) == Self.data)
@@ -292,13 +292,13 @@ final class ZfsRunner: CommandRunner {
         // The file changes, so the next lookup reopens it; while it does, the volume is opened
         // for writing.
         try scratch.sh("touch -d '2001-01-01' pool/vm.qcow2")
-        pool.hook.withLock { $0 = { try? store.openForWriting("vm.qcow2") } }
+        pool.hook.withLock { $0 = { try? store.openForWriting(try #require(store.volume("vm.qcow2")).key) } }
         _ = store.volume("vm.qcow2")
         let writer = store.volume("vm.qcow2")?.writer
         #expect(writer != nil, "the volume open for writing was replaced by a read-only image")
         try Self.data.withUnsafeBytes { try writer?.write($0, at: 0) }
         #expect(try store.volume("vm.qcow2")?.image?.live.read(at: 0, count: 4096) == Self.data)
-        store.releaseWriting("vm.qcow2")
+        store.releaseWriting(try #require(store.volume("vm.qcow2")).key)
     }
 }
 
