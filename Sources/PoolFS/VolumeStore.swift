@@ -399,18 +399,18 @@ public final class VolumeStore: Sendable {
         let names = (try? pool.volumeNames()) ?? []
         // Forget volumes that left the pool, so their files close (unless open).
         let present = Set(names)
-        let gone = state.withLock { $0.current.filter { !present.contains($0.key) && $0.value.writer == nil }.keys }
+        let gone = state.withLock { $0.current.keys.filter { !present.contains($0) } }
         for name in gone { replace(name, with: nil) }
         return names
     }
 
     /// `State.replace`, saying in the log when an open file is kept.
-    /// With `unlessWritten`, a volume opened for writing meanwhile stays (the file does not have
-    /// its writer's unflushed tables) and is returned instead.
+    /// With `unlessWritten`, a volume of the same file opened for writing meanwhile stays (the
+    /// file does not have its writer's unflushed tables) and is returned instead.
     @discardableResult
     private func replace(_ name: String, with fresh: OpenVolume?, unlessWritten: Bool = false) -> OpenVolume? {
         let (writer, kept): (OpenVolume?, OpenVolume?) = state.withLock { s in
-            if unlessWritten, let current = s.current[name], current.writer != nil { return (current, nil) }
+            if unlessWritten, let current = s.current[name], current.writer != nil, current.key == fresh?.key { return (current, nil) }
             return (nil, s.replace(name, with: fresh))
         }
         if let writer { return writer }

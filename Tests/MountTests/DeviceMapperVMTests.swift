@@ -48,10 +48,12 @@ struct DeviceMapperVMTests {
             try scratch.sh("cp '\(poolfs)' poolfs")
             poolfs = scratch.path("poolfs")
         }
-        try scratch.sh("truncate -s 96M disk0.img disk1.img && mkdir out")
+        // So are the scripts when the checkout is there (CI clones anywhere): they go with the disks.
+        try scratch.sh("truncate -s 96M disk0.img disk1.img && mkdir out && cp '\(Self.scripts)'/*.sh .")
+        let scripts = scratch.dir
         try """
-            VG=\(vg) sh '\(Self.scripts)/make-matrix.sh' '\(scratch.path("out"))' || { echo "make-matrix.sh failed: $?"; exit 1; }
-            sh '\(Self.scripts)/check-in-vm.sh' '\(scratch.path("out"))' '\(poolfs)' \(vg)
+            VG=\(vg) sh '\(scripts)/make-matrix.sh' '\(scratch.path("out"))' || { echo "make-matrix.sh failed: $?"; exit 1; }
+            sh '\(scripts)/check-in-vm.sh' '\(scratch.path("out"))' '\(poolfs)' \(vg)
 
             """.write(toFile: scratch.path("run.sh"), atomically: true, encoding: .utf8)
 

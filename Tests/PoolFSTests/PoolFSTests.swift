@@ -186,6 +186,11 @@ final class ZfsRunner: CommandRunner {
         // A snapshot taken while mounted shows without a remount; one destroyed goes away.
         try scratch.sh("head -c 4194304 /dev/urandom > 'dev/zvol/tank/vms/web@tuesday'")
         runner.outputs.withLock { $0["zfs list"] = "tank/vms/web\tvolume\t4194304\t1763800000\ntank/vms/web@monday\tsnapshot\t2097152\t1763810000\ntank/vms/web@tuesday\tsnapshot\t4194304\t1763890000\n" }
+        // Within the attribute timeout: a listing waits 0.5 s for the refresh, a loaded machine longer.
+        let deadline = Date().addingTimeInterval(5)
+        while try fs.list(directory: webSnapshots.attributes.inode).get().map(\.name) != [".", "..", "monday", "tuesday"], Date() < deadline {
+            usleep(50_000)
+        }
         #expect(try fs.list(directory: webSnapshots.attributes.inode).get().map(\.name) == [".", "..", "monday", "tuesday"])
     }
 }
