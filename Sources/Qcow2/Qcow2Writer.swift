@@ -91,6 +91,9 @@ final class Qcow2WriteState {
     var pendingFrees: [UInt64] = []
     /// L2 tables the live L1 points at, for the overlap check.
     var liveTables: Set<UInt64>
+    /// L2 tables known to refer to no cluster this session allocates: tables read from disk whose
+    /// entries were checked when first read (`checkPredates`), and tables made here.
+    var checkedTables: Set<UInt64> = []
     /// Why writing stopped: the image was found corrupt.
     var failure: Qcow2Error?
     var closed = false
@@ -414,6 +417,7 @@ final class Qcow2WriteState {
         let fresh = try refcounts.allocate()
         tables[fresh] = content
         newTables.insert(fresh)
+        checkedTables.insert(fresh)
         if offset != 0 {
             // A snapshot keeps the old table; the live state stops counting it.
             pendingFrees.append(offset / clusterSize)
@@ -429,7 +433,44 @@ final class Qcow2WriteState {
     func tableBytes(_ offset: UInt64, entryOffset: UInt64) throws -> [UInt8] {
         if let t = tables[offset] { return t }
         let block = try image.l2Table(at: offset, entryOffset: entryOffset)
-        return Array(block.bytes)
+        let bytes = Array(block.bytes)
+        if !checkedTables.contains(offset) {
+            try checkPredates(table: bytes, at: offset, entryOffset: entryOffset)
+            checkedTables.insert(offset)
+        }
+        return bytes
+    }
+
+    /// An L2 table that was on disk before this session, and every cluster its entries refer to,
+    /// must start before the end of the file as it was opened (QEMU's check allows a reference
+    /// to run past the end by less than a cluster). Allocation hands out clusters from that end
+    /// on: a reference beyond it would reach a cluster this writer gives to other data, and a
+    /// write or a free through it would silently change that data. So it is corruption, found
+    /// the first time the table is read, before anything is written through it.
+    func checkPredates(table: [UInt8], at offset: UInt64, entryOffset: UInt64) throws {
+        let first = refcounts.firstNewCluster
+        guard offset / clusterSize < first else {
+            throw Qcow2Error.corrupt("L2 table at \(offset) lies past the end of the file", offset: entryOffset)
+        }
+        if externalData { return }  // data clusters are in the data file: nothing allocates them
+        try table.withUnsafeBytes { bytes in
+            for at in stride(from: 0, to: bytes.count, by: layout.l2EntryBytes) {
+                let entry = bytes.bigEndianU64(at: at)
+                let last: UInt64
+                if entry & ClusterLayout.compressedFlag != 0 {
+                    let (start, length) = layout.compressedExtent(entry)
+                    last = (start + length - 1) / clusterSize
+                } else {
+                    let host = entry & ClusterLayout.offsetMask
+                    guard host != 0 else { continue }
+                    last = host / clusterSize
+                }
+                guard last < first else {
+                    throw Qcow2Error.corrupt("L2 entry refers to host cluster \(last), past the end of the file (\(first) clusters)",
+                                            offset: offset + UInt64(at))
+                }
+            }
+        }
     }
 
     func setEntry(_ table: UInt64, _ at: Int, _ entry: UInt64, bitmap: UInt64) {
