@@ -348,6 +348,7 @@ final class Qcow2WriteState {
             }
             let first = start / clusterSize
             let last = (end - 1) / clusterSize
+            for cluster in first...last { try checkNotMetadata(cluster * clusterSize, entryOffset: entryOffset) }
             pendingFrees += Array(first...last)
             return
         }
@@ -361,6 +362,7 @@ final class Qcow2WriteState {
         guard host & (clusterSize - 1) == 0 else {
             throw Qcow2Error.corrupt("L2 entry points to unaligned cluster offset \(host)", offset: entryOffset)
         }
+        try checkNotMetadata(host, entryOffset: entryOffset)
         pendingFrees.append(host / clusterSize)
     }
 
@@ -375,6 +377,12 @@ final class Qcow2WriteState {
         guard refcount == 1 else {
             throw Qcow2Error.corrupt("data cluster at \(host) is marked COPIED but its refcount is \(refcount)", offset: entryOffset)
         }
+        try checkNotMetadata(host, entryOffset: entryOffset)
+    }
+
+    /// A data cluster that an L2 entry at `entryOffset` names, to be written or freed, must not be
+    /// metadata: freeing it would drop the metadata's refcount to 0 and punch it out of the file.
+    func checkNotMetadata(_ host: UInt64, entryOffset: UInt64) throws {
         guard !overlapsMetadata(host) && !liveTables.contains(host) else {
             throw Qcow2Error.corrupt("data cluster at \(host) overlaps the image's metadata", offset: entryOffset)
         }

@@ -27,4 +27,24 @@ struct Qcow2FuzzRegressionTests {
         #expect(try scratch.bytes("img.qcow2")[79] & 2 == 2, "not marked corrupt")
         #expect(try scratch.bytes("img.qcow2").count == 6 * 512, "something was written past the end")
     }
+
+    /// FuzzQcow2Write: an L2 entry (COPIED) naming its own L2 table as a data cluster. Zeroing
+    /// that guest cluster freed the "data" cluster: after the flush its refcount dropped to 0 and
+    /// the hole punched into it erased the L2 table with every other mapping in it.
+    @Test func writerRefusesToFreeMetadataThroughAnL2Entry() throws {
+        let scratch = try Scratch()
+        var tiny = TinyImage()
+        tiny.l2Entry0 = tiny.cluster(4) | 1 << 63  // guest cluster 0 → host cluster 4: the L2 table itself
+        try scratch.write("img.qcow2", tiny.bytes())
+        let l2Table = Array(tiny.bytes()[2048..<2560])
+        let image = try Image.open(path: scratch.path("img.qcow2"), cache: BlockCache(capacityBytes: 64 << 10), writable: true)
+        let writer = try image.makeWriter()
+        #expect(throws: Qcow2Error.corrupt("data cluster at 2048 overlaps the image's metadata", offset: tiny.cluster(4))) {
+            try writer.zero(at: 0, length: 512)
+        }
+        try? writer.close()
+        let after = try scratch.bytes("img.qcow2")
+        #expect(Array(after[2048..<2560]) == l2Table, "the L2 table changed")
+        #expect(after[79] & 2 == 2, "not marked corrupt")
+    }
 }
