@@ -47,4 +47,33 @@ struct Qcow2FuzzRegressionTests {
         #expect(Array(after[2048..<2560]) == l2Table, "the L2 table changed")
         #expect(after[79] & 2 == 2, "not marked corrupt")
     }
+
+    /// FuzzQcow2Read (a timeout): a snapshot whose disk size (extra data, byte 8) is 2^61 while
+    /// its L1 table maps nothing. Its status walked the range past the table one L2 span (32 KiB
+    /// here) at a time, 2^46 steps, and st_blocks took it in 4 GiB windows, 2^29 calls.
+    @Test func snapshotLargerThanItsL1TableIsMappedAtOnce() throws {
+        let scratch = try Scratch()
+        var tiny = TinyImage()
+        tiny.nbSnapshots = 1
+        tiny.snapshotsOffset = tiny.cluster(6)
+        var entry = [UInt8](repeating: 0, count: 512)  // the snapshot table, in cluster 6
+        put64(&entry, 0, 0)        // l1_table_offset
+        put32(&entry, 8, 0)        // l1_size: the table maps nothing
+        put16(&entry, 12, 1)       // id_str_size
+        put16(&entry, 14, 3)       // name_size
+        put32(&entry, 36, 16)      // extra_data_size
+        put64(&entry, 48, 1 << 61) // extra data byte 8: disk_size
+        entry.replaceSubrange(56..<60, with: Array("1big".utf8))  // id, name
+        tiny.tail = entry
+        try scratch.write("img.qcow2", tiny.bytes())
+        let image = try Image.open(path: scratch.path("img.qcow2"), cache: BlockCache(capacityBytes: 64 << 10))
+        let snapshot = try #require(image.snapshots.first)
+        let view = try #require(image.device(of: snapshot))
+        #expect(view.size == 1 << 61)
+        let start = ContinuousClock.now
+        #expect(try view.status() == [MapExtent(start: 0, length: 1 << 61, depth: 0, present: false, zero: true, data: false)])
+        #expect(try view.allocatedBytes() == 0)
+        #expect(try view.read(at: (1 << 61) - 512, count: 512) == [UInt8](repeating: 0, count: 512))
+        #expect(ContinuousClock.now - start < .seconds(5))
+    }
 }
