@@ -363,6 +363,15 @@ final class Qcow2WriteState {
             throw Qcow2Error.corrupt("L2 entry points to unaligned cluster offset \(host)", offset: entryOffset)
         }
         try checkNotMetadata(host, entryOffset: entryOffset)
+        if entry & ClusterLayout.copiedFlag == 0 {
+            // Not COPIED: a snapshot shares the cluster, so it is counted more than once (QEMU
+            // sets COPIED exactly when the refcount is 1). At 1, the free would drop it to 0 and
+            // punch out data that another reference still reads.
+            let refcount = try refcounts.refcount(ofCluster: host / clusterSize)
+            guard refcount >= 2 else {
+                throw Qcow2Error.corrupt("data cluster at \(host) is shared (not COPIED) but its refcount is \(refcount)", offset: entryOffset)
+            }
+        }
         pendingFrees.append(host / clusterSize)
     }
 

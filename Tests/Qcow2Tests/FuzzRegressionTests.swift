@@ -76,4 +76,26 @@ struct Qcow2FuzzRegressionTests {
         #expect(try view.read(at: (1 << 61) - 512, count: 512) == [UInt8](repeating: 0, count: 512))
         #expect(ContinuousClock.now - start < .seconds(5))
     }
+
+    /// FuzzQcow2Write: a preallocated zero cluster entry (not COPIED) naming the data cluster of
+    /// another guest cluster, refcount 1. Writing it copied it elsewhere and freed the old
+    /// cluster: its refcount fell to 0 and the hole punched into it erased the other guest
+    /// cluster's data. A cluster that is not COPIED must be counted at least twice.
+    @Test func writerRefusesToFreeAnUnsharedClusterThroughAnEntryMarkedShared() throws {
+        let scratch = try Scratch()
+        let tiny = TinyImage()  // L2 entry 0: guest cluster 0 → data cluster 5 (0xab), COPIED, refcount 1
+        var bytes = tiny.bytes()
+        put64(&bytes, Int(tiny.cluster(4)) + 8, tiny.cluster(5) | 1)  // entry 1: zero, allocated at cluster 5, not COPIED
+        try scratch.write("img.qcow2", bytes)
+        let image = try Image.open(path: scratch.path("img.qcow2"), cache: BlockCache(capacityBytes: 64 << 10), writable: true)
+        let writer = try image.makeWriter()
+        let data = [UInt8](repeating: 0x11, count: 512)
+        #expect(throws: Qcow2Error.corrupt("data cluster at 2560 is shared (not COPIED) but its refcount is 1",
+                                           offset: tiny.cluster(4) + 8)) {
+            try data.withUnsafeBytes { try writer.write($0, at: 512) }
+        }
+        try? writer.close()
+        let reopened = try Image.open(path: scratch.path("img.qcow2"), cache: BlockCache(capacityBytes: 64 << 10))
+        #expect(try reopened.live.read(at: 0, count: 512) == [UInt8](repeating: 0xab, count: 512))
+    }
 }
