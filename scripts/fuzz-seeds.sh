@@ -152,6 +152,15 @@ row() { printf '{"lv_name":"%s", "vg_name":"testvg", "lv_size":"%s", "lv_attr":"
     printf '{"report":[{"vg":[{"vg_name":"testvg", "vg_extent_size":"2097152"}]}]}\0'
     printf '{"report":[{"pv":[{"pv_name":"/dev/loop0", "vg_name":"testvg", "pe_start":"1048576"},{"pv_name":"/dev/loop1", "vg_name":"testvg", "pe_start":"1048576"}]}]}'
 } > "$out/lvm-report/constructed"
+# Extreme numbers, for mutations to start from (digits mutate slowly into 20-digit ones).
+{
+    printf '{"report":[{"lv":['
+    row big 18446744073709551615 -wi-a----- "" "" striped 0 9223372036854775808 9223372036854775808 "/dev/loop0:4611686018427387904-18446744073709551614 /dev/loop1:0-4398046511103" big "" "" "" "" 0; printf ','
+    row big 18446744073709551615 -wi-a----- "" "" linear 9223372036854775808 9223372036854775807 0 "/dev/loop1:18446744073709551614-18446744073709551614" big "" "" "" "" 0
+    printf ']}]}\0'
+    printf '{"report":[{"vg":[{"vg_name":"testvg", "vg_extent_size":"9223372036854775808"}]}]}\0'
+    printf '{"report":[{"pv":[{"pv_name":"/dev/loop0", "vg_name":"testvg", "pe_start":"18446744073709551615"},{"pv_name":"/dev/loop1", "vg_name":"testvg", "pe_start":"0"}]}]}'
+} > "$out/lvm-report/extremes"
 
 # --- libvirt pool definitions and -o option lists.
 printf "<pool type='dir'>\n  <name>default</name>\n  <target>\n    <path>/var/lib/libvirt/images</path>\n  </target>\n</pool>\n" > "$out/libvirt-xml/dir"
