@@ -91,9 +91,10 @@ final class Qcow2WriteState {
     var pendingFrees: [UInt64] = []
     /// L2 tables the live L1 points at, for the overlap check.
     var liveTables: Set<UInt64>
-    /// L2 tables known to refer to no cluster this session allocates: tables read from disk whose
-    /// entries were checked when first read (`checkPredates`), and tables made here.
-    var checkedTables: Set<UInt64> = []
+    /// L2 tables known to refer to no cluster this session allocates, with the L1 index each
+    /// serves: tables read from disk whose entries were checked when first read
+    /// (`checkPredates`), and tables made here.
+    var checkedTables: [UInt64: Int] = [:]
     /// Why writing stopped: the image was found corrupt.
     var failure: Qcow2Error?
     var closed = false
@@ -417,6 +418,10 @@ final class Qcow2WriteState {
         let entry = l1[i]
         let offset = entry & ClusterLayout.offsetMask
         let entryOffset = l1Offset + UInt64(i) * 8
+        if offset != 0, let owner = checkedTables[offset], owner != i {
+            // Two guest ranges writing through one table would each change the other's data.
+            throw Qcow2Error.corrupt("L2 table at \(offset) is also the table of L1 entry \(owner)", offset: entryOffset)
+        }
         if offset != 0, entry & ClusterLayout.copiedFlag != 0 {
             if tables[offset] == nil {
                 let refcount = try refcounts.refcount(ofCluster: offset / clusterSize)
@@ -426,15 +431,16 @@ final class Qcow2WriteState {
                 guard offset & (clusterSize - 1) == 0, !overlapsMetadata(offset) else {
                     throw Qcow2Error.corrupt("L2 table at \(offset) is unaligned or overlaps other metadata", offset: entryOffset)
                 }
-                tables[offset] = try tableBytes(offset, entryOffset: entryOffset)
+                tables[offset] = try tableBytes(offset, l1Index: i, entryOffset: entryOffset)
             }
             return offset
         }
-        let content = offset == 0 ? [UInt8](repeating: 0, count: Int(clusterSize)) : try tableBytes(offset, entryOffset: entryOffset)
+        let content = offset == 0 ? [UInt8](repeating: 0, count: Int(clusterSize))
+            : try tableBytes(offset, l1Index: i, entryOffset: entryOffset)
         let fresh = try refcounts.allocate()
         tables[fresh] = content
         newTables.insert(fresh)
-        checkedTables.insert(fresh)
+        checkedTables[fresh] = i
         if offset != 0 {
             // A snapshot keeps the old table; the live state stops counting it.
             pendingFrees.append(offset / clusterSize)
@@ -447,13 +453,14 @@ final class Qcow2WriteState {
         return fresh
     }
 
-    func tableBytes(_ offset: UInt64, entryOffset: UInt64) throws -> [UInt8] {
+    /// The table at `offset` as L1 entry `l1Index` (at `entryOffset`) sees it now.
+    func tableBytes(_ offset: UInt64, l1Index: Int, entryOffset: UInt64) throws -> [UInt8] {
         if let t = tables[offset] { return t }
         let block = try image.l2Table(at: offset, entryOffset: entryOffset)
         let bytes = Array(block.bytes)
-        if !checkedTables.contains(offset) {
-            try checkPredates(table: bytes, at: offset, entryOffset: entryOffset)
-            checkedTables.insert(offset)
+        if checkedTables[offset] == nil {
+            try checkPredates(table: bytes, at: offset, l1Index: l1Index, entryOffset: entryOffset)
+            checkedTables[offset] = l1Index
         }
         return bytes
     }
@@ -464,12 +471,33 @@ final class Qcow2WriteState {
     /// on: a reference beyond it would reach a cluster this writer gives to other data, and a
     /// write or a free through it would silently change that data. So it is corruption, found
     /// the first time the table is read, before anything is written through it.
-    func checkPredates(table: [UInt8], at offset: UInt64, entryOffset: UInt64) throws {
+    ///
+    /// With an external data file nothing counts data clusters: a cluster is allocated at its
+    /// guest offset, as QEMU does, so every entry must map one to one, or an allocation lands on
+    /// data another entry maps; and QEMU writes no compressed clusters there.
+    func checkPredates(table: [UInt8], at offset: UInt64, l1Index: Int, entryOffset: UInt64) throws {
         let first = refcounts.firstNewCluster
         guard offset / clusterSize < first else {
             throw Qcow2Error.corrupt("L2 table at \(offset) lies past the end of the file", offset: entryOffset)
         }
-        if externalData { return }  // data clusters are in the data file: nothing allocates them
+        if externalData {
+            let tableStart = UInt64(l1Index) << (layout.clusterBits + layout.l2Bits)
+            try table.withUnsafeBytes { bytes in
+                for (n, at) in stride(from: 0, to: bytes.count, by: layout.l2EntryBytes).enumerated() {
+                    let entry = bytes.bigEndianU64(at: at)
+                    let host = entry & ClusterLayout.offsetMask
+                    let guest = tableStart + UInt64(n) << layout.clusterBits
+                    if entry & ClusterLayout.compressedFlag != 0 {
+                        throw Qcow2Error.corrupt("compressed cluster in an image with an external data file", offset: offset + UInt64(at))
+                    }
+                    guard host == guest || (host == 0 && entry & ClusterLayout.copiedFlag == 0) else {
+                        throw Qcow2Error.corrupt("L2 entry maps guest offset \(guest) to \(host) in the external data file, not one to one",
+                                                offset: offset + UInt64(at))
+                    }
+                }
+            }
+            return
+        }
         try table.withUnsafeBytes { bytes in
             for at in stride(from: 0, to: bytes.count, by: layout.l2EntryBytes) {
                 let entry = bytes.bigEndianU64(at: at)

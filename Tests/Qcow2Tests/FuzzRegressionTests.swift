@@ -98,4 +98,49 @@ struct Qcow2FuzzRegressionTests {
         let reopened = try Image.open(path: scratch.path("img.qcow2"), cache: BlockCache(capacityBytes: 64 << 10))
         #expect(try reopened.live.read(at: 0, count: 512) == [UInt8](repeating: 0xab, count: 512))
     }
+
+    /// FuzzQcow2Write: an image with an external data file (data_file_raw) whose L2 entries map
+    /// guest clusters to other guest clusters' offsets in the data file. Nothing counts data
+    /// file clusters; the writer allocates a cluster at its guest offset, as QEMU does, so a
+    /// write there landed on data another entry maps, and reads of it changed.
+    @Test func writerRefusesExternalDataNotMappedOneToOne() throws {
+        let scratch = try Scratch()
+        var tiny = TinyImage()
+        tiny.incompatible = 1 << 2  // external data file
+        tiny.extensions = TinyImage.extensionBytes(type: 0x4441_5441, data: Array("data.raw".utf8))
+        tiny.l2Entry0 = tiny.cluster(6) | 1 << 63  // guest cluster 0 → data file offset 3072 (guest cluster 6's)
+        try scratch.write("img.qcow2", tiny.bytes())
+        try scratch.write("data.raw", [UInt8](repeating: 0x5a, count: 4096))
+        let image = try Image.open(path: scratch.path("img.qcow2"), cache: BlockCache(capacityBytes: 64 << 10), writable: true)
+        let writer = try image.makeWriter()
+        let data = [UInt8](repeating: 0x11, count: 512)
+        #expect(throws: Qcow2Error.corrupt("L2 entry maps guest offset 0 to 3072 in the external data file, not one to one",
+                                           offset: tiny.cluster(4))) {
+            try data.withUnsafeBytes { try writer.write($0, at: 3072) }
+        }
+        try? writer.close()
+        #expect(try scratch.bytes("data.raw") == [UInt8](repeating: 0x5a, count: 4096))
+    }
+
+    /// Found while fixing the one above, by reading: two L1 entries naming one L2 table (COPIED,
+    /// refcount 1). Each guest range wrote through the other's table, so a write at 32 KiB
+    /// overwrote guest cluster 0 in place.
+    @Test func writerRefusesAnL2TableSharedByTwoL1Entries() throws {
+        let scratch = try Scratch()
+        var tiny = TinyImage()
+        tiny.size = 64 << 10  // two L1 entries of 32 KiB each
+        var bytes = tiny.bytes()
+        put64(&bytes, Int(tiny.cluster(3)) + 8, tiny.cluster(4) | 1 << 63)  // L1[1] → the L2 table of L1[0]
+        try scratch.write("img.qcow2", bytes)
+        let image = try Image.open(path: scratch.path("img.qcow2"), cache: BlockCache(capacityBytes: 64 << 10), writable: true)
+        let writer = try image.makeWriter()
+        let data = [UInt8](repeating: 0x11, count: 512)
+        try data.withUnsafeBytes { try writer.write($0, at: 512) }
+        #expect(throws: Qcow2Error.corrupt("L2 table at 2048 is also the table of L1 entry 0", offset: tiny.cluster(3) + 8)) {
+            try data.withUnsafeBytes { try writer.write($0, at: 32 << 10) }
+        }
+        try? writer.close()
+        let reopened = try Image.open(path: scratch.path("img.qcow2"), cache: BlockCache(capacityBytes: 64 << 10))
+        #expect(try reopened.live.read(at: 0, count: 512) == [UInt8](repeating: 0xab, count: 512))
+    }
 }
