@@ -1,4 +1,5 @@
-import Qcow2
+import Glibc
+@testable import Qcow2
 import TestSupport
 import Testing
 
@@ -143,4 +144,32 @@ struct Qcow2FuzzRegressionTests {
         let reopened = try Image.open(path: scratch.path("img.qcow2"), cache: BlockCache(capacityBytes: 64 << 10))
         #expect(try reopened.live.read(at: 0, count: 512) == [UInt8](repeating: 0xab, count: 512))
     }
+
+    /// FuzzQcow2Write (LeakSanitizer, at the end of a run): each thread's decoders (libdeflate,
+    /// zstd) sat in a __thread pointer and were never freed, so every Dispatch worker that decoded
+    /// a compressed cluster and then exited leaked them: a long mount grew without bound. Other
+    /// tests decode on their own threads meanwhile, so the bound is loose: with the leak, each of
+    /// the 64 threads here left one set behind.
+    @Test func decodersOfExitedThreadsAreFreed() {
+        let before = Decompressor.liveDecoderSets
+        var threads: [pthread_t] = []
+        for _ in 0..<64 {
+            var thread = pthread_t()
+            #expect(pthread_create(&thread, nil, { _ in decodeOneStoredBlock(); return nil }, nil) == 0)
+            threads.append(thread)
+        }
+        for thread in threads { pthread_join(thread, nil) }
+        #expect(Decompressor.liveDecoderSets - before < 32)
+    }
+}
+
+/// Decodes a raw deflate stream of one final stored block (header 0x01, LEN 512, NLEN) of 512
+/// zero bytes, as a compressed cluster of a 512-byte-cluster image.
+private func decodeOneStoredBlock() {
+    let stream: [UInt8] = [0x01, 0x00, 0x02, 0xff, 0xfd] + [UInt8](repeating: 0, count: 512)
+    var output = [UInt8](repeating: 0xee, count: 512)
+    let ok = (try? stream.withUnsafeBytes { input in
+        try output.withUnsafeMutableBytes { try Decompressor.decompress(input, into: $0, kind: .zlib, offset: 0) }
+    }) != nil
+    precondition(ok && output.allSatisfy { $0 == 0 }, "the stored block did not decode")
 }
