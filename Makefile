@@ -5,7 +5,7 @@ PREFIX ?= /usr/local
 SWIFT_RELEASE := swift build -c release
 BIN_RELEASE = $(shell swift build -c release --show-bin-path 2>/dev/null)/poolfs
 
-.PHONY: all deps build release demo demo-stop test bench bench-quick install uninstall clean
+.PHONY: all deps build release demo demo-stop test fuzz bench bench-quick install uninstall clean
 
 all: release
 
@@ -25,12 +25,21 @@ demo: release
 demo-stop:
 	@scripts/demo.sh --stop
 
-# The whole suite: engine conformance against qemu-img, malformed images, and real FUSE mounts.
+# The whole suite: engine conformance against qemu-img, malformed images, and real FUSE mounts;
+# then a few seconds of each fuzz target (it fails on any crash).
 # Mount tests need root and /dev/fuse; in CI (CI=true) their absence is a failure, not a skip.
 test: deps
 	@if [ "$$CI" = "true" ] && [ "$$(id -u)" -ne 0 ]; then echo "make test: CI must run as root (FUSE and loop mounts)" >&2; exit 1; fi
 	swift build --build-tests
 	POOLFS_BIN="$$(swift build --show-bin-path)/poolfs" swift test
+	FUZZ_SMOKE_SECONDS=$(FUZZ_SMOKE_SECONDS) scripts/fuzz.sh smoke
+
+# libFuzzer + AddressSanitizer over every parser of untrusted input (Fuzz/): each target runs
+# FUZZ_SECONDS from its seeds and the corpus of earlier runs (fuzz/); crashes go to fuzz/crashes/.
+FUZZ_SECONDS ?= 600
+FUZZ_SMOKE_SECONDS ?= 3
+fuzz: deps
+	FUZZ_SECONDS=$(FUZZ_SECONDS) scripts/fuzz.sh run
 
 # poolfs against qemu-storage-daemon's FUSE export and qcowmount, same images, one run (bench/run.py).
 bench: release
@@ -51,4 +60,4 @@ uninstall:
 	rm -f "$(DESTDIR)$(PREFIX)/bin/poolfs" "$(DESTDIR)/sbin/mount.fuse.poolfs"
 
 clean:
-	rm -rf .build demo-pool demo-mnt bench-work
+	rm -rf .build .build-fuzz demo-pool demo-mnt bench-work fuzz

@@ -38,3 +38,24 @@ let package = Package(
         .testTarget(name: "MountTests", dependencies: ["Qcow2", "FuseKit", "TestSupport", "CHostIO"], exclude: ["dm-vm"]),
     ]
 )
+
+// libFuzzer targets (Fuzz/, `make fuzz`): declared only when POOLFS_FUZZ=1, so that a plain
+// `swift build` or `swift test` neither compiles nor links them. Their main calls libFuzzer's
+// driver, which only `-sanitize=fuzzer` links in, and they use `@testable import`: they build
+// with `-sanitize=fuzzer,address -enable-testing` (scripts/fuzz.sh).
+if Context.environment["POOLFS_FUZZ"] == "1" {
+    func fuzzTarget(_ name: String, _ dependencies: [Target.Dependency]) -> Target {
+        .executableTarget(name: "Fuzz\(name)", dependencies: dependencies + ["FuzzSupport"], path: "Fuzz/\(name)")
+    }
+    package.targets += [
+        .target(name: "CFuzzDriver", path: "Fuzz/Driver"),
+        .target(name: "FuzzSupport", dependencies: ["Qcow2", "CFuzzDriver"], path: "Fuzz/Support"),
+        fuzzTarget("Qcow2Read", ["Qcow2"]),
+        fuzzTarget("Qcow2Write", ["Qcow2"]),
+        fuzzTarget("LVMReport", ["Pools", "Qcow2"]),
+        fuzzTarget("SnapshotStore", ["Pools", "Qcow2"]),
+        fuzzTarget("ThinMetadata", ["Pools", "Qcow2"]),
+        fuzzTarget("LibvirtXML", ["Pools"]),
+        fuzzTarget("MountOptions", ["PoolFS"]),
+    ]
+}

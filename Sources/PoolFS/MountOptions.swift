@@ -27,12 +27,13 @@ public struct MountOptions: Sendable, Equatable {
         var o = MountOptions()
         for list in lists {
             for option in list.split(separator: ",").map(String.init) where !option.isEmpty {
-                let parts = option.split(separator: "=", maxSplits: 1).map(String.init)
+                let parts = option.split(separator: "=", maxSplits: 1, omittingEmptySubsequences: false).map(String.init)
                 let key = parts[0]
+                guard !key.isEmpty else { throw MountError.badOption("\(option): no option name before '='") }
                 let value = parts.count > 1 ? parts[1] : nil
                 switch key {
                 case "cache_size":
-                    o.cacheSize = try Int(size(value, option: option))
+                    o.cacheSize = try byteCount(value, option: option)
                 case "readahead":
                     o.readahead = UInt32(clamping: try size(value, option: option))
                 case "max_read":
@@ -56,7 +57,7 @@ public struct MountOptions: Sendable, Equatable {
                     guard let value, !value.isEmpty else { throw MountError.badOption("\(option): needs a directory") }
                     o.cacheDirectory = value
                 case "cow_memory":
-                    o.cowMemory = Int(try size(value, option: option))
+                    o.cowMemory = try byteCount(value, option: option)
                 case "type":
                     o.type = value
                 case "ro":
@@ -74,6 +75,14 @@ public struct MountOptions: Sendable, Equatable {
             throw MountError.badOption("rw,cow: choose one: rw writes into the images, cow keeps writes apart and drops them at unmount")
         }
         return o
+    }
+
+    /// A size that is held in memory, so it must fit an Int.
+    static func byteCount(_ text: String?, option: String) throws -> Int {
+        guard let bytes = Int(exactly: try size(text, option: option)) else {
+            throw MountError.badOption("\(option): '\(text ?? "")' is too large")
+        }
+        return bytes
     }
 
     /// "64M", "1G", "4096": bytes, with an optional K, M, G or T suffix (powers of 1024).

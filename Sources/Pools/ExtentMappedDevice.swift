@@ -48,25 +48,40 @@ public final class ExtentMappedDevice: BlockDevice {
             guard !segment.ranges.isEmpty else {
                 throw MapError.inconsistent(volume: volume.name, why: "a segment has no extents")
             }
+            // A linear segment reads one range from end to end; a striped one needs a chunk size.
+            guard stripeSize != 0 || segment.ranges.count == 1 else {
+                throw MapError.inconsistent(volume: volume.name, why: "a linear segment has \(segment.ranges.count) extent ranges")
+            }
             let perStripe = segment.size / UInt64(segment.ranges.count)
             var stripes: [(HostFile, UInt64)] = []
+            // Every number comes from the report: products and sums are checked, never trapped.
             for range in segment.ranges {
                 guard let start = group.extentStart[range.device] else { throw MapError.missingPhysicalVolume(range.device) }
-                guard range.extentCount * group.extentSize == perStripe else {
+                let (count, countOverflow) = (range.lastExtent - range.firstExtent).addingReportingOverflow(1)
+                let (bytes, bytesOverflow) = count.multipliedReportingOverflow(by: group.extentSize)
+                guard !countOverflow, !bytesOverflow, bytes == perStripe else {
                     throw MapError.inconsistent(volume: volume.name, why: "extents of \(range.device) do not match the segment size")
                 }
                 let file = try open(range.device)
-                let offset = start + range.firstExtent * group.extentSize
-                guard offset + perStripe <= file.size else {
+                let (skip, skipOverflow) = range.firstExtent.multipliedReportingOverflow(by: group.extentSize)
+                let (offset, offsetOverflow) = start.addingReportingOverflow(skip)
+                guard !skipOverflow, !offsetOverflow, offset <= file.size, perStripe <= file.size - offset else {
                     throw MapError.inconsistent(volume: volume.name, why: "extents run past the end of \(range.device)")
                 }
                 stripes.append((file, offset))
             }
-            if stripeSize != 0, perStripe % stripeSize != 0 || segment.size % (stripeSize * UInt64(stripes.count)) != 0 {
-                throw MapError.inconsistent(volume: volume.name, why: "stripe size \(stripeSize) does not divide the segment")
+            if stripeSize != 0 {
+                let (row, rowOverflow) = stripeSize.multipliedReportingOverflow(by: UInt64(stripes.count))
+                guard !rowOverflow, perStripe % stripeSize == 0, segment.size % row == 0 else {
+                    throw MapError.inconsistent(volume: volume.name, why: "stripe size \(stripeSize) does not divide the segment")
+                }
             }
             pieces.append(Piece(start: segment.start, size: segment.size, stripeSize: stripeSize, stripes: stripes))
-            covered += segment.size
+            let (end, endOverflow) = covered.addingReportingOverflow(segment.size)
+            guard !endOverflow else {
+                throw MapError.inconsistent(volume: volume.name, why: "segments run past 2^64 bytes")
+            }
+            covered = end
         }
         guard covered == volume.size else {
             throw MapError.inconsistent(volume: volume.name, why: "segments cover \(covered) of \(volume.size) bytes")

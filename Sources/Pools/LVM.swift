@@ -136,7 +136,9 @@ public struct VolumeGroupReport: Sendable, Equatable {
         for part in (row["seg_pe_ranges"] ?? "").split(separator: " ") {
             guard let colon = part.lastIndex(of: ":") else { throw ParseError.field("seg_pe_ranges", value: String(part)) }
             let bounds = part[part.index(after: colon)...].split(separator: "-")
-            guard bounds.count == 2, let first = UInt64(bounds[0]), let last = UInt64(bounds[1]), first <= last else {
+            // `extentCount` (last - first + 1) must fit a UInt64.
+            guard bounds.count == 2, let first = UInt64(bounds[0]), let last = UInt64(bounds[1]), first <= last,
+                  last < UInt64.max else {
                 throw ParseError.field("seg_pe_ranges", value: String(part))
             }
             ranges.append(ExtentRange(device: String(part[..<colon]), firstExtent: first, lastExtent: last))

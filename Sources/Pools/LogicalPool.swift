@@ -178,7 +178,12 @@ public final class LogicalPool: Pool {
                 throw LogicalPoolError.inconsistent(full, "its origin is not in the report")
             }
             var cow = lv
-            cow.size = lv.segments.reduce(0) { $0 + $1.size }
+            cow.size = 0
+            for segment in lv.segments {
+                let (size, overflow) = cow.size.addingReportingOverflow(segment.size)
+                guard !overflow else { throw LogicalPoolError.inconsistent(full, "its segments add up past 2^64 bytes") }
+                cow.size = size
+            }
             return try ClassicSnapshotDevice(
                 origin: extentDevice(of: origin, in: report, depth: depth + 1, open: open),
                 cow: ExtentMappedDevice(volume: cow, in: report, open: open), name: full)

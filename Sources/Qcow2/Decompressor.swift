@@ -13,4 +13,7 @@ enum Decompressor {
             throw Qcow2Error.corrupt("\(kind) compressed cluster does not decompress to \(output.count) bytes", offset: offset)
         }
     }
+
+    /// Threads that hold decoders now: each keeps its own, freed when it exits.
+    static var liveDecoderSets: Int { poolfs_live_decoder_sets() }
 }

@@ -207,10 +207,15 @@ public struct Qcow2View: BlockDevice {
         let end = offset + length
         while pos < end {
             let l1Index = pos >> (layout.clusterBits + layout.l2Bits)
-            let spanEnd = min(end, (l1Index + 1) * layout.l2Span)
             let l1EntryOffset = l1Offset + l1Index * 8
-            let l1 = l1Index < UInt64(l1Size)
-                ? try image.l1Entry(l1Offset: l1Offset, l1Size: l1Size, index: l1Index) : 0
+            guard l1Index < UInt64(l1Size) else {
+                // Past the L1 table (a snapshot's disk size may exceed what its table maps): all
+                // unallocated, in one run, however large: one L2 span at a time would never end.
+                try body(.unallocated, pos, end - pos, l1EntryOffset)
+                return
+            }
+            let spanEnd = min(end, (l1Index + 1) * layout.l2Span)
+            let l1 = try image.l1Entry(l1Offset: l1Offset, l1Size: l1Size, index: l1Index)
             let l2Offset = l1 & ClusterLayout.offsetMask
             guard l2Offset != 0 else {
                 try body(.unallocated, pos, spanEnd - pos, l1EntryOffset)

@@ -91,6 +91,10 @@ final class Qcow2WriteState {
     var pendingFrees: [UInt64] = []
     /// L2 tables the live L1 points at, for the overlap check.
     var liveTables: Set<UInt64>
+    /// L2 tables known to refer to no cluster this session allocates, with the L1 index each
+    /// serves: tables read from disk whose entries were checked when first read
+    /// (`checkPredates`), and tables made here.
+    var checkedTables: [UInt64: Int] = [:]
     /// Why writing stopped: the image was found corrupt, or a barrier failed.
     var failure: Qcow2Error?
     var closed = false
@@ -359,6 +363,7 @@ final class Qcow2WriteState {
             }
             let first = start / clusterSize
             let last = (end - 1) / clusterSize
+            for cluster in first...last { try checkNotMetadata(cluster * clusterSize, entryOffset: entryOffset) }
             pendingFrees += Array(first...last)
             return
         }
@@ -371,6 +376,16 @@ final class Qcow2WriteState {
         guard host != 0 else { return }
         guard host & (clusterSize - 1) == 0 else {
             throw Qcow2Error.corrupt("L2 entry points to unaligned cluster offset \(host)", offset: entryOffset)
+        }
+        try checkNotMetadata(host, entryOffset: entryOffset)
+        if entry & ClusterLayout.copiedFlag == 0 {
+            // Not COPIED: a snapshot shares the cluster, so it is counted more than once (QEMU
+            // sets COPIED exactly when the refcount is 1). At 1, the free would drop it to 0 and
+            // punch out data that another reference still reads.
+            let refcount = try refcounts.refcount(ofCluster: host / clusterSize)
+            guard refcount >= 2 else {
+                throw Qcow2Error.corrupt("data cluster at \(host) is shared (not COPIED) but its refcount is \(refcount)", offset: entryOffset)
+            }
         }
         pendingFrees.append(host / clusterSize)
     }
@@ -386,6 +401,12 @@ final class Qcow2WriteState {
         guard refcount == 1 else {
             throw Qcow2Error.corrupt("data cluster at \(host) is marked COPIED but its refcount is \(refcount)", offset: entryOffset)
         }
+        try checkNotMetadata(host, entryOffset: entryOffset)
+    }
+
+    /// A data cluster that an L2 entry at `entryOffset` names, to be written or freed, must not be
+    /// metadata: freeing it would drop the metadata's refcount to 0 and punch it out of the file.
+    func checkNotMetadata(_ host: UInt64, entryOffset: UInt64) throws {
         guard !overlapsMetadata(host) && !liveTables.contains(host) else {
             throw Qcow2Error.corrupt("data cluster at \(host) overlaps the image's metadata", offset: entryOffset)
         }
@@ -411,6 +432,10 @@ final class Qcow2WriteState {
         let entry = l1[i]
         let offset = entry & ClusterLayout.offsetMask
         let entryOffset = l1Offset + UInt64(i) * 8
+        if offset != 0, let owner = checkedTables[offset], owner != i {
+            // Two guest ranges writing through one table would each change the other's data.
+            throw Qcow2Error.corrupt("L2 table at \(offset) is also the table of L1 entry \(owner)", offset: entryOffset)
+        }
         if offset != 0, entry & ClusterLayout.copiedFlag != 0 {
             if tables[offset] == nil {
                 let refcount = try refcounts.refcount(ofCluster: offset / clusterSize)
@@ -420,14 +445,16 @@ final class Qcow2WriteState {
                 guard offset & (clusterSize - 1) == 0, !overlapsMetadata(offset) else {
                     throw Qcow2Error.corrupt("L2 table at \(offset) is unaligned or overlaps other metadata", offset: entryOffset)
                 }
-                tables[offset] = try tableBytes(offset, entryOffset: entryOffset)
+                tables[offset] = try tableBytes(offset, l1Index: i, entryOffset: entryOffset)
             }
             return offset
         }
-        let content = offset == 0 ? [UInt8](repeating: 0, count: Int(clusterSize)) : try tableBytes(offset, entryOffset: entryOffset)
+        let content = offset == 0 ? [UInt8](repeating: 0, count: Int(clusterSize))
+            : try tableBytes(offset, l1Index: i, entryOffset: entryOffset)
         let fresh = try refcounts.allocate()
         tables[fresh] = content
         newTables.insert(fresh)
+        checkedTables[fresh] = i
         if offset != 0 {
             // A snapshot keeps the old table; the live state stops counting it.
             pendingFrees.append(offset / clusterSize)
@@ -440,10 +467,69 @@ final class Qcow2WriteState {
         return fresh
     }
 
-    func tableBytes(_ offset: UInt64, entryOffset: UInt64) throws -> [UInt8] {
+    /// The table at `offset` as L1 entry `l1Index` (at `entryOffset`) sees it now.
+    func tableBytes(_ offset: UInt64, l1Index: Int, entryOffset: UInt64) throws -> [UInt8] {
         if let t = tables[offset] { return t }
         let block = try image.l2Table(at: offset, entryOffset: entryOffset)
-        return Array(block.bytes)
+        let bytes = Array(block.bytes)
+        if checkedTables[offset] == nil {
+            try checkPredates(table: bytes, at: offset, l1Index: l1Index, entryOffset: entryOffset)
+            checkedTables[offset] = l1Index
+        }
+        return bytes
+    }
+
+    /// An L2 table that was on disk before this session, and every cluster its entries refer to,
+    /// must start before the end of the file as it was opened (QEMU's check allows a reference
+    /// to run past the end by less than a cluster). Allocation hands out clusters from that end
+    /// on: a reference beyond it would reach a cluster this writer gives to other data, and a
+    /// write or a free through it would silently change that data. So it is corruption, found
+    /// the first time the table is read, before anything is written through it.
+    ///
+    /// With an external data file nothing counts data clusters: a cluster is allocated at its
+    /// guest offset, as QEMU does, so every entry must map one to one, or an allocation lands on
+    /// data another entry maps; and QEMU writes no compressed clusters there.
+    func checkPredates(table: [UInt8], at offset: UInt64, l1Index: Int, entryOffset: UInt64) throws {
+        let first = refcounts.firstNewCluster
+        guard offset / clusterSize < first else {
+            throw Qcow2Error.corrupt("L2 table at \(offset) lies past the end of the file", offset: entryOffset)
+        }
+        if externalData {
+            let tableStart = UInt64(l1Index) << (layout.clusterBits + layout.l2Bits)
+            try table.withUnsafeBytes { bytes in
+                for (n, at) in stride(from: 0, to: bytes.count, by: layout.l2EntryBytes).enumerated() {
+                    let entry = bytes.bigEndianU64(at: at)
+                    let host = entry & ClusterLayout.offsetMask
+                    let guest = tableStart + UInt64(n) << layout.clusterBits
+                    if entry & ClusterLayout.compressedFlag != 0 {
+                        throw Qcow2Error.corrupt("compressed cluster in an image with an external data file", offset: offset + UInt64(at))
+                    }
+                    guard host == guest || (host == 0 && entry & ClusterLayout.copiedFlag == 0) else {
+                        throw Qcow2Error.corrupt("L2 entry maps guest offset \(guest) to \(host) in the external data file, not one to one",
+                                                offset: offset + UInt64(at))
+                    }
+                }
+            }
+            return
+        }
+        try table.withUnsafeBytes { bytes in
+            for at in stride(from: 0, to: bytes.count, by: layout.l2EntryBytes) {
+                let entry = bytes.bigEndianU64(at: at)
+                let last: UInt64
+                if entry & ClusterLayout.compressedFlag != 0 {
+                    let (start, length) = layout.compressedExtent(entry)
+                    last = (start + length - 1) / clusterSize
+                } else {
+                    let host = entry & ClusterLayout.offsetMask
+                    guard host != 0 else { continue }
+                    last = host / clusterSize
+                }
+                guard last < first else {
+                    throw Qcow2Error.corrupt("L2 entry refers to host cluster \(last), past the end of the file (\(first) clusters)",
+                                            offset: offset + UInt64(at))
+                }
+            }
+        }
     }
 
     func setEntry(_ table: UInt64, _ at: Int, _ entry: UInt64, bitmap: UInt64) {

@@ -18,6 +18,11 @@ final class RefcountWriter {
     /// A cluster freed while mounted is never reused before a remount, so a read planned against
     /// the old mapping can never see another disk offset's data in it.
     private var nextFree: UInt64
+    /// The end of the file as opened, in clusters: the first cluster allocation may hand out.
+    /// Metadata from before this session must not refer to it or beyond.
+    let firstNewCluster: UInt64
+    /// Table indexes of the blocks this session added (they lie at or past `firstNewCluster`).
+    private var addedBlocks: Set<UInt64> = []
     /// Blocks kept in memory at most (they are clean: dropping them costs a reread).
     static let blockCacheLimit = 1024
 
@@ -31,6 +36,7 @@ final class RefcountWriter {
         let bytes = try file.readBytes(at: header.refcountTableOffset, count: Int(UInt64(header.refcountTableClusters) * clusterSize))
         table = stride(from: 0, to: bytes.count, by: 8).map { BigEndianReader(bytes: bytes).u64($0) }
         nextFree = (file.size + clusterSize - 1) / clusterSize
+        firstNewCluster = nextFree
     }
 
     // MARK: Reading and changing counts
@@ -115,6 +121,11 @@ final class RefcountWriter {
             throw .corrupt("refcount table entry has reserved bits set (\(offset))", offset: entryOffset)
         }
         try RefcountBlock.checkPlacement(offset, clusterSize: clusterSize, fileSize: file.size, entryOffset: entryOffset)
+        // A block from before this session past the end of the file as opened would be a cluster
+        // that allocation hands out to data (the file has grown over it since).
+        guard addedBlocks.contains(b) || offset / clusterSize < firstNewCluster else {
+            throw .corrupt("refcount block at \(offset) is unaligned or past the end of the file", offset: entryOffset)
+        }
         let block = try file.readBytes(at: offset, count: Int(clusterSize))
         if blocks.count >= Self.blockCacheLimit { blocks.removeAll(keepingCapacity: true) }
         blocks[b] = block
@@ -137,6 +148,7 @@ final class RefcountWriter {
         // must never receive counts (they would be lost, and the clusters counted there with them).
         try file.write(bigEndianBytes(at * clusterSize), at: tableOffset + b * 8)
         table[Int(b)] = at * clusterSize
+        addedBlocks.insert(b)
     }
 
     /// Moves the table to a larger one at the end of the file, able to index block `b`.

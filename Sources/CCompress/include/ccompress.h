@@ -10,4 +10,7 @@ int poolfs_inflate_raw(const void *src, size_t src_len, void *dst, size_t dst_le
 /// full is ignored, as qcow2 pads compressed clusters to a sector. Returns 0 or -1.
 int poolfs_zstd_decompress(const void *src, size_t src_len, void *dst, size_t dst_len);
 
+/// How many threads hold decoders now (each thread's are freed when it exits); for tests.
+long poolfs_live_decoder_sets(void);
+
 #endif
