@@ -4,6 +4,7 @@ import Glibc
 import Pools
 import Qcow2
 import Synchronization
+import Locking
 
 /// One volume as last opened: the image or why it failed, and what is derived from it lazily.
 public final class OpenVolume: Sendable {
@@ -26,7 +27,7 @@ public final class OpenVolume: Sendable {
     let openedAt: Int64
     /// When the volume's path was last checked (monotonic nanoseconds).
     let pathCheckedAt = Atomic<Int64>(0)
-    private let allocation = Mutex<[String: (bytes: UInt64, at: Int64)]>([:])
+    private let allocation = Locked<[String: (bytes: UInt64, at: Int64)]>([:])
 
     convenience init(name: String, path: String, pool: any Pool, cache: BlockCache) {
         self.init(name: name, path: path, pool: pool, opened: Result { try pool.openImage(name, path: path, cache: cache) }, writer: nil)
@@ -126,15 +127,15 @@ public final class VolumeStore: Sendable {
     let logsFailures: Bool
     /// `-o rw`: volumes opened for writing write into their images.
     public let writesImages: Bool
-    private let volumes = Mutex<[String: OpenVolume]>([:])
+    private let volumes = Locked<[String: OpenVolume]>([:])
     /// Volumes open for writing and their open handles; the writer closes with the last.
-    private let writing = Mutex<[String: (volume: OpenVolume, handles: Int)]>([:])
+    private let writing = Locked<[String: (volume: OpenVolume, handles: Int)]>([:])
     /// Volumes open through the mount (any mode) and their open handles: while one is open, its
     /// backing files are locked for consistent reading, as QEMU locks them. They follow the
     /// kernel's open and release of the file, not the cached `OpenVolume`, which a stat alone
     /// opens and which outlives every use: writing a backing file stays allowed whenever no
     /// overlay above it is open, as it is with QEMU.
-    private let opened = Mutex<[String: (lock: BackingChainLock, handles: Int)]>([:])
+    private let opened = Locked<[String: (lock: BackingChainLock, handles: Int)]>([:])
 
     public init(pool: any Pool, cache: BlockCache, logsFailures: Bool = true, writesImages: Bool = false) {
         self.pool = pool
