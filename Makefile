@@ -32,14 +32,15 @@ test: deps
 	swift build --build-tests
 	POOLFS_BIN="$$(swift build --show-bin-path)/poolfs" swift test
 
-# Not part of `test`: the concurrent engine, writer and pool tests under ThreadSanitizer, then the
+# Not part of `test`: the concurrent engine, writer and pool tests under ThreadSanitizer (TSan makes
+# the power-loss replay and the fuzzers take too long, and they run on one thread), then the
 # whole suite (mount tests included, against an ASan-built daemon) under AddressSanitizer. Each
 # sanitizer has its own scratch path. Reports from any process (the daemon's go nowhere once it
 # daemonizes) are written to $(SAN_REPORTS)/*.PID, and any such file fails the target.
 # The dm-vm test boots a VM for minutes and exercises nothing the other mount tests do not.
 SAN_REPORTS = $(CURDIR)/.build-sanitizer-reports
 SAN_FAIL = { cat "$(SAN_REPORTS)"/* 2>/dev/null; echo "test-sanitizers: failed (reports above, in $(SAN_REPORTS))" >&2; exit 1; }
-TSAN_TESTS := CompressedConcurrencyTests|MutationTests|WriterTests|BackingLockTests|ClassicSnapshotTests|ThinPoolTests|ThinHostileTests|LogicalPoolActivationTests|CommandRunnerTests|PoolFSTests
+TSAN_TESTS := CompressedConcurrencyTests|concurrentReadsAgree|readsSeeWritesUnderConcurrency|BackingLockTests|manyThreadsReadOneTable|ThinPoolTests|LogicalPoolActivationTests|CommandRunnerTests|PoolFSTests
 test-sanitizers: deps
 	rm -rf "$(SAN_REPORTS)" && mkdir -p "$(SAN_REPORTS)"
 	swift build --build-tests --sanitize=thread --scratch-path .build-tsan
