@@ -14,8 +14,8 @@ import Glibc
 public final class Locked<Value: ~Copyable>: @unchecked Sendable {
     // SAFETY: `value` is only touched between pthread_mutex_lock and pthread_mutex_unlock of
     // `mutex`, whose memory is fixed for the life of the object.
-    private let mutex: UnsafeMutablePointer<pthread_mutex_t>
-    private var value: Value
+    @usableFromInline let mutex: UnsafeMutablePointer<pthread_mutex_t>
+    @usableFromInline var value: Value
 
     public init(_ initial: consuming Value) {
         mutex = .allocate(capacity: 1)
@@ -31,9 +31,14 @@ public final class Locked<Value: ~Copyable>: @unchecked Sendable {
     }
 
     /// Runs `body` with the value, holding the lock (pthread_mutex_lock / pthread_mutex_unlock).
+    /// Inlinable, as `Mutex.withLock` is: the block cache takes it on every lookup, and a
+    /// cross-module generic call would box the closure and the value's metadata each time.
+    @inlinable
     public func withLock<R: ~Copyable, E: Error>(_ body: (inout Value) throws(E) -> R) throws(E) -> R {
-        // Only EINVAL/EDEADLK are possible, and either would be our own bug.
-        precondition(pthread_mutex_lock(mutex) == 0, "pthread_mutex_lock")
+        // Only EINVAL or EDEADLK can come back, and either would be our own bug. The call stays
+        // outside `precondition`, which -Ounchecked may drop whole.
+        let rc = pthread_mutex_lock(mutex)
+        precondition(rc == 0, "pthread_mutex_lock: \(rc)")
         defer { pthread_mutex_unlock(mutex) }
         return try body(&value)
     }
