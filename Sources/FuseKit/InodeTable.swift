@@ -1,4 +1,4 @@
-import Synchronization
+import Locking
 
 /// Inode numbers for keys, with the kernel's lookup counts: every entry reply adds one, `forget`
 /// takes them away, and a key whose count drops to zero loses its number. The root keeps inode 1
@@ -9,7 +9,7 @@ public final class InodeTable<Key: Hashable & Sendable>: Sendable {
         var keys: [UInt64: (key: Key, count: UInt64)] = [:]
         var next: UInt64 = 2
     }
-    private let state: Mutex<State>
+    private let state: Locked<State>
     public let rootKey: Key
 
     public init(root: Key) {
@@ -17,7 +17,7 @@ public final class InodeTable<Key: Hashable & Sendable>: Sendable {
         var s = State()
         s.inodes[root] = 1
         s.keys[1] = (root, 1)
-        state = Mutex(s)
+        state = Locked(s)
     }
 
     /// The inode for `key`, counting one more kernel reference to it.

@@ -4,6 +4,7 @@ import Glibc
 import FuseKit
 import Qcow2
 import Synchronization
+import Locking
 
 /// `-o cow`: writes to any volume or snapshot file land here, never in the images. Each file gets
 /// an overlay of 64 KiB blocks; a block is filled from the image on its first write, then kept in
@@ -17,8 +18,8 @@ public final class CowStore: Sendable {
     let memoryLimit: Int
     let spillDirectory: String
     let memoryUsed = Atomic<Int>(0)
-    let spill: Mutex<SpillFile?> = Mutex(nil)
-    let overlays = Mutex<[Node: CowOverlay]>([:])
+    let spill: Locked<SpillFile?> = Locked(nil)
+    let overlays = Locked<[Node: CowOverlay]>([:])
 
     public init(memoryLimit: Int, spillDirectory: String) {
         self.memoryLimit = memoryLimit
@@ -86,7 +87,7 @@ final class CowOverlay: @unchecked Sendable {
     // SAFETY: `blocks` is only touched under `lock`; block memory is written by pwrite/memcpy
     // outside it, as a disk's sectors are: concurrent readers of a block being written see old or
     // new bytes, never freed memory.
-    private let lock = Mutex<[UInt64: CowStore.Location]>([:])
+    private let lock = Locked<[UInt64: CowStore.Location]>([:])
     unowned let store: CowStore
 
     init(store: CowStore) { self.store = store }

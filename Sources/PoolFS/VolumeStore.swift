@@ -5,6 +5,7 @@ import FuseKit
 import Pools
 import Qcow2
 import Synchronization
+import Locking
 
 /// A volume's name and the file it named when the kernel looked it up. An image replaced under
 /// the same name (renamed over, deleted and made again) is another file: another key, so another
@@ -40,7 +41,7 @@ public final class OpenVolume: Sendable {
     let openedAt: Int64
     /// When the volume's path was last checked (monotonic nanoseconds).
     let pathCheckedAt = Atomic<Int64>(0)
-    private let allocation = Mutex<[String: (bytes: UInt64, at: Int64)]>([:])
+    private let allocation = Locked<[String: (bytes: UInt64, at: Int64)]>([:])
 
     convenience init(name: String, path: String, pool: any Pool, cache: BlockCache) {
         self.init(name: name, path: path, pool: pool, opened: Result { try pool.openImage(name, path: path, cache: cache) }, writer: nil)
@@ -184,9 +185,9 @@ public final class VolumeStore: Sendable {
             return keeping
         }
     }
-    private let state = Mutex(State())
+    private let state = Locked(State())
     /// Volumes open for writing and their write handles, per file; the writer closes with the last.
-    private let writing = Mutex<[VolumeKey: (volume: OpenVolume, handles: Int)]>([:])
+    private let writing = Locked<[VolumeKey: (volume: OpenVolume, handles: Int)]>([:])
 
     public init(pool: any Pool, cache: BlockCache, logsFailures: Bool = true, writesImages: Bool = false) {
         self.pool = pool

@@ -2,7 +2,7 @@
 import Glibc
 #endif
 import Qcow2
-import Synchronization
+import Locking
 
 /// A volume whose device is made on its first read: an LV that must first be activated, or whose
 /// exception table or thin mapping must first be read. Its size is known before (the pool's
@@ -17,8 +17,8 @@ public final class DeferredDevice: BlockDevice {
     /// activation is not. Until it is made, such a device reports every byte as data.
     let statusMakesDevice: Bool
     private let make: @Sendable () throws -> any BlockDevice
-    private let made = Mutex<(result: Result<any BlockDevice, any Error>, at: Double)?>(nil)
-    private let making = Mutex<Void>(())
+    private let made = Locked<(result: Result<any BlockDevice, any Error>, at: Double)?>(nil)
+    private let making = Locked<Void>(())
     static let retryAfter = 2.0
 
     public init(size: UInt64, statusMakesDevice: Bool, make: @escaping @Sendable () throws -> any BlockDevice) {

@@ -2,7 +2,7 @@
 import Glibc
 #endif
 import Qcow2
-import Synchronization
+import Locking
 
 /// A libvirt `logical` pool: an LVM volume group. Regular LVs are volumes; classic and thin
 /// snapshots appear under the volume they were taken of (a snapshot of a thin snapshot too);
@@ -43,8 +43,8 @@ public final class LogicalPool: Pool {
     private let cached: RefreshedValue<Listing>
     /// LVs this mount activated (with whatever lvm2 activated alongside: origins, pools), in the
     /// order `release` deactivates them. Activations run one at a time.
-    private let activated = Mutex<[(lv: String, rank: Int)]>([])
-    private let activating = Mutex<Void>(())
+    private let activated = Locked<[(lv: String, rank: Int)]>([])
+    private let activating = Locked<Void>(())
 
     public var displayName: String { volumeGroup }
     public var statisticsPath: String { "/" }

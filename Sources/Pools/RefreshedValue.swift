@@ -2,7 +2,7 @@
 import Glibc
 #endif
 import Dispatch
-import Synchronization
+import Locking
 
 /// What a pool command last said (an `lvs` report, a `zfs list`), asked again once older than
 /// `lifetime` seconds, so that changes show within it without running the command on every
@@ -23,14 +23,14 @@ final class RefreshedValue<Value: Sendable>: Sendable {
     private let query: @Sendable () throws -> Value
     private let lifetime: Double
     private let wait: Double
-    private let state: Mutex<State>
+    private let state: Locked<State>
 
     /// Runs `query` once now: a pool that cannot be listed fails to open.
     init(lifetime: Double, wait: Double = 0.5, query: @escaping @Sendable () throws -> Value) throws {
         self.query = query
         self.lifetime = lifetime
         self.wait = wait
-        state = Mutex(State(value: try query(), at: Self.now(), refreshing: nil))
+        state = Locked(State(value: try query(), at: Self.now(), refreshing: nil))
     }
 
     /// The last answer, at once. Once it is old, a refresh starts on its own thread and a later

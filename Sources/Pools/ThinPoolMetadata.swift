@@ -1,5 +1,5 @@
 import Qcow2
-import Synchronization
+import Locking
 
 /// The metadata of a dm-thin pool (lvm2's `_tmeta` LV), read without device-mapper: the
 /// superblock, the device details btree and the two-level data mapping btree. Sources: the
@@ -453,7 +453,7 @@ final class ThinNodeCache: Sendable {
         var hand = 0
     }
     let capacity: Int
-    private let state = Mutex(State())
+    private let state = Locked(State())
 
     init(capacity: Int) { self.capacity = max(capacity, 1) }
 

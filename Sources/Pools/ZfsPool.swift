@@ -2,7 +2,7 @@
 import Glibc
 #endif
 import Qcow2
-import Synchronization
+import Locking
 
 /// A libvirt `zfs` pool: the zvols under a dataset, and their snapshots.
 ///
@@ -26,7 +26,7 @@ public final class ZfsPool: Pool {
     /// The last `zfs list`, asked again after `reportLifetime`.
     private let cached: RefreshedValue<[Entry]>
     /// snapdev values changed by `prepare`: zvol, previous value, and whether it was set locally.
-    private let changed = Mutex<[(zvol: String, value: String, local: Bool)]>([])
+    private let changed = Locked<[(zvol: String, value: String, local: Bool)]>([])
 
     public var displayName: String { dataset }
     public var statisticsPath: String { "/" }

@@ -1,4 +1,4 @@
-import Synchronization
+import Locking
 
 /// The engine's only cache: metadata clusters (L1 chunks, L2 tables) and decoded compressed
 /// clusters, bounded in bytes across every image that shares it. Sharded so that threads reading
@@ -12,13 +12,13 @@ public final class BlockCache: Sendable {
         var kind: Kind
     }
 
-    private let shards: [ShardLock]
+    private let shards: [Locked<Shard>]
     public let capacity: Int
 
     public init(capacityBytes: Int, shardCount: Int = 16) {
         capacity = capacityBytes
         let perShard = max(capacityBytes / shardCount, 0)
-        shards = (0..<shardCount).map { _ in ShardLock(Shard(capacity: perShard)) }
+        shards = (0..<shardCount).map { _ in Locked(Shard(capacity: perShard)) }
     }
 
     /// The cached block for `key`, or the one `load` produces (inserted when it fits a shard).
@@ -32,7 +32,7 @@ public final class BlockCache: Sendable {
     func block(_ key: Key, load: () throws -> CachedBlock, insertIf: () -> Bool) throws -> CachedBlock {
         if let hit = cached(key) { return hit }
         let block = try load()
-        shard(key).mutex.withLock { shard in
+        shard(key).withLock { shard in
             if insertIf() { shard.insert(key, block) }
         }
         return block
@@ -40,7 +40,7 @@ public final class BlockCache: Sendable {
 
     /// Puts `block` in place of whatever is cached for `key` (a writer wrote a new version).
     public func replace(_ key: Key, with block: CachedBlock) {
-        shard(key).mutex.withLock { shard in
+        shard(key).withLock { shard in
             shard.remove(key)
             shard.insert(key, block)
         }
@@ -48,21 +48,15 @@ public final class BlockCache: Sendable {
 
     /// The block for `key` if it is cached now.
     public func cached(_ key: Key) -> CachedBlock? {
-        shard(key).mutex.withLock { $0.lookup(key) }
+        shard(key).withLock { $0.lookup(key) }
     }
 
-    private func shard(_ key: Key) -> ShardLock {
+    private func shard(_ key: Key) -> Locked<Shard> {
         shards[Int(truncatingIfNeeded: UInt(bitPattern: key.hashValue) % UInt(shards.count))]
     }
 
     /// Bytes held now, for tests and statistics.
-    public var bytesUsed: Int { shards.reduce(0) { total, shard in total + shard.mutex.withLock { $0.used } } }
-
-    /// `Mutex` is not copyable, so each shard's lives in a box of its own.
-    final class ShardLock: Sendable {
-        let mutex: Mutex<Shard>
-        init(_ shard: consuming Shard) { mutex = Mutex(shard) }
-    }
+    public var bytesUsed: Int { shards.reduce(0) { total, shard in total + shard.withLock { $0.used } } }
 
     struct Shard: ~Copyable {
         struct Slot {

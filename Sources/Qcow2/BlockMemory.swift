@@ -1,7 +1,7 @@
 #if canImport(Glibc)
 import Glibc
 #endif
-import Synchronization
+import Locking
 
 /// Memory for cached blocks. Cluster-sized blocks come from mmap and go back to a small free list
 /// when evicted, so that a cache that churns (a sequential read of a compressed image) reuses the
@@ -13,7 +13,7 @@ enum BlockMemory {
     /// How many bytes of free blocks are kept for reuse.
     static let freeListBytes = 16 << 20
 
-    private static let free = Mutex<(blocks: [Int: [UnsafeMutableRawPointer]], bytes: Int)>(([:], 0))
+    private static let free = Locked<(blocks: [Int: [UnsafeMutableRawPointer]], bytes: Int)>(([:], 0))
 
     static func allocate(_ count: Int) -> UnsafeMutableRawPointer {
         guard count >= pooledMinimum else {

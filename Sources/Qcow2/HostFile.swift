@@ -3,6 +3,7 @@ import Glibc
 #endif
 import CHostIO
 import Synchronization
+import Locking
 
 /// An open image file. Every libc call the engine makes lives in this file; EINTR is retried here
 /// and nowhere else. Reads use pread, so one `HostFile` serves any number of threads at once.
@@ -35,8 +36,8 @@ public final class HostFile: Sendable {
         /// fdatasync returned: everything before is on stable storage.
         case barrier
     }
-    private let observer = Mutex<(@Sendable (Change) -> Void)?>(nil)
-    private let faults = Mutex<(@Sendable (Change) -> Int32?)?>(nil)
+    private let observer = Locked<(@Sendable (Change) -> Void)?>(nil)
+    private let faults = Locked<(@Sendable (Change) -> Int32?)?>(nil)
     private let observed = Atomic<Bool>(false)
 
     /// Calls `body` with each change this process makes to the file from now on (tests).

@@ -1,6 +1,7 @@
 import Dispatch
 import Foundation
 import Synchronization
+import Locking
 
 /// An open qcow2 file: its checked header, extensions and snapshot table, its data file and its
 /// backing device. Reads go through a `Qcow2View`, which picks the L1 table: the live one or a
@@ -17,10 +18,10 @@ public final class Qcow2Image: Sendable {
     public let backing: (any BlockDevice)?
     let layout: ClusterLayout
     let cache: BlockCache
-    let metadataPreallocation = Mutex<Bool?>(nil)
+    let metadataPreallocation = Locked<Bool?>(nil)
     /// Metadata a writer changed but has not written back yet (L1 chunks, L2 tables): readers
     /// look here before the cache, so they see every acknowledged write. Empty unless writing.
-    let unwritten = Mutex<[BlockCache.Key: CachedBlock]>([:])
+    let unwritten = Locked<[BlockCache.Key: CachedBlock]>([:])
     let hasUnwritten = Atomic<Bool>(false)
     /// Odd while a writer writes metadata back and replaces it in the cache; bumped twice per
     /// write-back. A reader that loaded a block from disk inserts it only if no write-back ran
@@ -33,7 +34,7 @@ public final class Qcow2Image: Sendable {
     /// Compressed clusters being decoded now, by host offset. A read that needs one of them waits
     /// for it rather than decoding it a second time: the decode-ahead and the reads it runs ahead
     /// of meet on the same clusters.
-    let decoding = Mutex<[UInt64: PendingDecode]>([:])
+    let decoding = Locked<[UInt64: PendingDecode]>([:])
 
     init(file: HostFile, cache: BlockCache, openBacking: (String, String?) throws -> (any BlockDevice)?,
          openDataFile: (String) throws -> HostFile) throws {
@@ -177,7 +178,7 @@ public final class Qcow2Image: Sendable {
 /// One cluster's decode under way: its owner finishes it, any other thread waits for it.
 final class PendingDecode: Sendable {
     private let done = DispatchGroup()
-    private let result = Mutex<Result<CachedBlock, any Error>?>(nil)
+    private let result = Locked<Result<CachedBlock, any Error>?>(nil)
 
     init() { done.enter() }
 
@@ -376,8 +377,8 @@ public struct Qcow2View: BlockDevice {
 
 /// One slot per cluster being decoded; each worker writes only its own slots.
 private final class DecodeResults: Sendable {
-    private let slots: Mutex<[Result<CachedBlock, any Error>?]>
-    init(count: Int) { slots = Mutex(Array(repeating: nil, count: count)) }
+    private let slots: Locked<[Result<CachedBlock, any Error>?]>
+    init(count: Int) { slots = Locked(Array(repeating: nil, count: count)) }
     func store(_ i: Int, _ result: Result<CachedBlock, any Error>) { slots.withLock { $0[i] = result } }
     func get(_ i: Int) throws -> CachedBlock { try slots.withLock { $0[i] }!.get() }
 }
