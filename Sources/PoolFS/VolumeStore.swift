@@ -281,7 +281,11 @@ public final class VolumeStore: Sendable {
                 throw Qcow2Error.inUse("\(key.name) is a backing file of \(overlays.joined(separator: ", ")), open through this mount: it stays read-only until they are closed")
             }
             let image = try pool.openWritableImage(key.name, path: path, cache: cache)
-            guard let opened = image.hostFiles.first?.identity ?? FileIdentity(path: path),
+            // The file opened is the one the key names (not a file put in its place meanwhile). A
+            // pool whose volumes are read through another file than the one stat'ed (an LV
+            // through its dm device, a PV stat'ed) is checked by its path.
+            let top = image.hostFiles.first.flatMap { $0.path == path ? $0.identity : nil }
+            guard let opened = top ?? FileIdentity(path: path),
                   opened.device == key.device, opened.inode == key.inode else { throw Errno.stale }
             let writer = try image.makeWriter()
             let volume = OpenVolume(name: key.name, path: path, pool: pool, opened: .success(image), writer: writer)
