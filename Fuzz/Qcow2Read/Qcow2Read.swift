@@ -31,11 +31,11 @@ public func fuzz(_ data: UnsafePointer<UInt8>?, _ size: Int) -> CInt {
     let cache = BlockCache(capacityBytes: 64 << 10, shardCount: 1)
     do {
         let image = try Image.open(path: path, cache: cache)
+        defer { waitForDecodeAhead(image) }
         try exercise(image.live)
         for snapshot in image.snapshots {
             if let view = image.device(of: snapshot) { try exercise(view) }
         }
-        waitForDecodeAhead(image)
     } catch is Qcow2Error {
     } catch {
         untypedError(error, "qcow2 read")

@@ -512,6 +512,9 @@ final class Qcow2WriteState {
             }
             return
         }
+        // A COPIED cluster has refcount 1: one reference. Two in one table would write through
+        // each other (checked per table: across tables it would cost a set of every cluster).
+        var own: Set<UInt64> = []
         try table.withUnsafeBytes { bytes in
             for at in stride(from: 0, to: bytes.count, by: layout.l2EntryBytes) {
                 let entry = bytes.bigEndianU64(at: at)
@@ -523,6 +526,9 @@ final class Qcow2WriteState {
                     let host = entry & ClusterLayout.offsetMask
                     guard host != 0 else { continue }
                     last = host / clusterSize
+                    if entry & ClusterLayout.copiedFlag != 0, !own.insert(host).inserted {
+                        throw Qcow2Error.corrupt("data cluster at \(host) is marked COPIED in two L2 entries", offset: offset + UInt64(at))
+                    }
                 }
                 guard last < first else {
                     throw Qcow2Error.corrupt("L2 entry refers to host cluster \(last), past the end of the file (\(first) clusters)",

@@ -145,6 +145,26 @@ struct Qcow2FuzzRegressionTests {
         #expect(try reopened.live.read(at: 0, count: 512) == [UInt8](repeating: 0xab, count: 512))
     }
 
+    /// FuzzQcow2Write: two L2 entries of one table both naming cluster 5 as their own (COPIED,
+    /// refcount 1). Writes to either guest cluster went in place into the same cluster, so each
+    /// overwrote the other.
+    @Test func writerRefusesOneClusterCopiedTwice() throws {
+        let scratch = try Scratch()
+        let tiny = TinyImage()  // L2 entry 0: guest cluster 0 → data cluster 5 (0xab), COPIED
+        var bytes = tiny.bytes()
+        put64(&bytes, Int(tiny.cluster(4)) + 8, tiny.cluster(5) | 1 << 63)  // entry 1: the same cluster, COPIED
+        try scratch.write("img.qcow2", bytes)
+        let image = try Image.open(path: scratch.path("img.qcow2"), cache: BlockCache(capacityBytes: 64 << 10), writable: true)
+        let writer = try image.makeWriter()
+        let data = [UInt8](repeating: 0x11, count: 512)
+        #expect(throws: Qcow2Error.corrupt("data cluster at 2560 is marked COPIED in two L2 entries", offset: tiny.cluster(4) + 8)) {
+            try data.withUnsafeBytes { try writer.write($0, at: 512) }
+        }
+        try? writer.close()
+        let reopened = try Image.open(path: scratch.path("img.qcow2"), cache: BlockCache(capacityBytes: 64 << 10))
+        #expect(try reopened.live.read(at: 0, count: 512) == [UInt8](repeating: 0xab, count: 512))
+    }
+
     /// FuzzQcow2Write (LeakSanitizer, at the end of a run): each thread's decoders (libdeflate,
     /// zstd) sat in a __thread pointer and were never freed, so every Dispatch worker that decoded
     /// a compressed cluster and then exited leaked them: a long mount grew without bound. Other
