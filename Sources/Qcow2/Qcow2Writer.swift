@@ -95,6 +95,10 @@ final class Qcow2WriteState {
     /// serves: tables read from disk whose entries were checked when first read
     /// (`checkPredates`), and tables made here.
     var checkedTables: [UInt64: Int] = [:]
+    /// Host clusters that COPIED entries of checked tables claim (refcount 1: one reference
+    /// each), one bit per cluster in pages of 2^18 made on demand: 2 MiB for a fully mapped
+    /// 1 TiB image of 64 KiB clusters.
+    var claimedClusters: [UInt64: [UInt64]] = [:]
     /// Why writing stopped: the image was found corrupt, or a barrier failed.
     var failure: Qcow2Error?
     var closed = false
@@ -512,9 +516,8 @@ final class Qcow2WriteState {
             }
             return
         }
-        // A COPIED cluster has refcount 1: one reference. Two in one table would write through
-        // each other (checked per table: across tables it would cost a set of every cluster).
-        var own: Set<UInt64> = []
+        // A COPIED cluster has refcount 1: one reference. Two, in this table or in any other
+        // checked before, would write through each other.
         try table.withUnsafeBytes { bytes in
             for at in stride(from: 0, to: bytes.count, by: layout.l2EntryBytes) {
                 let entry = bytes.bigEndianU64(at: at)
@@ -526,7 +529,7 @@ final class Qcow2WriteState {
                     let host = entry & ClusterLayout.offsetMask
                     guard host != 0 else { continue }
                     last = host / clusterSize
-                    if entry & ClusterLayout.copiedFlag != 0, !own.insert(host).inserted {
+                    if entry & ClusterLayout.copiedFlag != 0, !claim(last) {
                         throw Qcow2Error.corrupt("data cluster at \(host) is marked COPIED in two L2 entries", offset: offset + UInt64(at))
                     }
                 }
@@ -536,6 +539,17 @@ final class Qcow2WriteState {
                 }
             }
         }
+    }
+
+    /// Marks host cluster `cluster` claimed; false if it already was.
+    func claim(_ cluster: UInt64) -> Bool {
+        let page = cluster >> 18
+        let word = Int((cluster >> 6) & 4095)
+        let bit = UInt64(1) << (cluster & 63)
+        let current = claimedClusters[page]?[word] ?? 0
+        if current & bit != 0 { return false }
+        claimedClusters[page, default: [UInt64](repeating: 0, count: 4096)][word] |= bit
+        return true
     }
 
     func setEntry(_ table: UInt64, _ at: Int, _ entry: UInt64, bitmap: UInt64) {

@@ -165,6 +165,31 @@ struct Qcow2FuzzRegressionTests {
         #expect(try reopened.live.read(at: 0, count: 512) == [UInt8](repeating: 0xab, count: 512))
     }
 
+    /// FuzzQcow2Write, the same across two tables: L1 entries 0 and 1 have tables of their own,
+    /// and the second names guest cluster 0's data cluster (COPIED) for its first entry.
+    @Test func writerRefusesOneClusterCopiedInTwoTables() throws {
+        let scratch = try Scratch()
+        var tiny = TinyImage()
+        tiny.size = 64 << 10  // two L1 entries of 32 KiB each
+        var second = [UInt8](repeating: 0, count: 512)  // a second L2 table, in cluster 6
+        put64(&second, 0, tiny.cluster(5) | 1 << 63)    // its entry 0: guest cluster 0's data cluster, COPIED
+        tiny.tail = second
+        var bytes = tiny.bytes()
+        put64(&bytes, Int(tiny.cluster(3)) + 8, tiny.cluster(6) | 1 << 63)  // L1[1] → the second table
+        put16(&bytes, Int(tiny.cluster(2)) + 12, 1)                         // cluster 6 counted once
+        try scratch.write("img.qcow2", bytes)
+        let image = try Image.open(path: scratch.path("img.qcow2"), cache: BlockCache(capacityBytes: 64 << 10), writable: true)
+        let writer = try image.makeWriter()
+        let data = [UInt8](repeating: 0x11, count: 512)
+        try data.withUnsafeBytes { try writer.write($0, at: 512) }
+        #expect(throws: Qcow2Error.corrupt("data cluster at 2560 is marked COPIED in two L2 entries", offset: tiny.cluster(6))) {
+            try data.withUnsafeBytes { try writer.write($0, at: 32 << 10) }
+        }
+        try? writer.close()
+        let reopened = try Image.open(path: scratch.path("img.qcow2"), cache: BlockCache(capacityBytes: 64 << 10))
+        #expect(try reopened.live.read(at: 0, count: 512) == [UInt8](repeating: 0xab, count: 512))
+    }
+
     /// FuzzQcow2Write (LeakSanitizer, at the end of a run): each thread's decoders (libdeflate,
     /// zstd) sat in a __thread pointer and were never freed, so every Dispatch worker that decoded
     /// a compressed cluster and then exited leaked them: a long mount grew without bound. Other
