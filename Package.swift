@@ -11,8 +11,9 @@ let package = Package(
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0"),
     ],
     targets: [
-        // C libraries. Nothing but these four targets touches C headers directly.
+        // C libraries. Nothing but these five targets touches C headers directly.
         .systemLibrary(name: "CFuse3", pkgConfig: "fuse3", providers: [.apt(["libfuse3-dev"])]),
+        .systemLibrary(name: "CBlkid", pkgConfig: "blkid", providers: [.apt(["libblkid-dev"])]),
         .target(name: "CFuseShim", dependencies: ["CFuse3"]),
         .target(name: "CCompress", linkerSettings: [.linkedLibrary("deflate"), .linkedLibrary("z"), .linkedLibrary("zstd")]),
         .target(name: "CHostIO"),
@@ -24,7 +25,8 @@ let package = Package(
         // The only Swift module that imports libfuse.
         .target(name: "FuseKit", dependencies: ["CFuse3", "CFuseShim", "Locking"]),
         // Pool adapters: directories, LVM volume groups; external commands through one runner.
-        .target(name: "Pools", dependencies: ["Qcow2", "CHostIO", "Locking"]),
+        // Partition tables are read by libblkid (CBlkid), from PartitionTable.swift only.
+        .target(name: "Pools", dependencies: ["Qcow2", "CHostIO", "CBlkid", "Locking"]),
         // The filesystem: the tree of volumes and snapshots, FUSE operations.
         .target(name: "PoolFS", dependencies: ["Qcow2", "FuseKit", "Pools", "Locking"]),
         .executableTarget(name: "poolfs", dependencies: [
