@@ -5,21 +5,39 @@ import FuseKit
 import Pools
 import Qcow2
 
-/// The tree: volumes at the top, `.snapshots/<volume>/<snapshot>` below, all read-only.
-/// Volumes and snapshot files are nodes of the file their volume's name named when looked up
-/// (`VolumeKey`): a name that comes to name another file is another node.
+/// The tree: volumes at the top, `.snapshots/<volume>/<snapshot>` below, all read-only; and
+/// the partitions of each, `.partitions/<volume>/part<N>` and
+/// `.partitions/.snapshots/<volume>/<snapshot>/part<N>` (see PartitionTree.swift).
+/// Volumes, snapshot and partition files are nodes of the file their volume's name named when
+/// looked up (`VolumeKey`): a name that comes to name another file is another node.
 public enum Node: Hashable, Sendable, CustomStringConvertible {
     case root
     case snapshots
     case volume(VolumeKey)
     case snapshotDirectory(volume: String)
     case snapshot(VolumeKey, file: String)
+    case partitions
+    case partitionDirectory(volume: String)
+    case partitionSnapshots
+    case partitionSnapshotVolume(volume: String)
+    case partitionSnapshotDirectory(VolumeKey, file: String)
+    /// Partition `number` of the volume's live disk (`snapshot` nil) or of one of its snapshots.
+    case partition(VolumeKey, snapshot: String?, number: Int)
 
-    /// The volume file the node reads, for volumes and snapshots.
+    /// The volume file the node reads, for volumes, snapshots and partitions.
     var volumeKey: VolumeKey? {
         switch self {
-        case .volume(let key), .snapshot(let key, _): return key
+        case .volume(let key), .snapshot(let key, _), .partition(let key, _, _): return key
         default: return nil
+        }
+    }
+
+    /// Whether writes to the node go to its volume's live disk (`-o rw`): the volume and its
+    /// partitions; snapshots stay read-only.
+    var writesLiveDisk: Bool {
+        switch self {
+        case .volume, .partition(_, nil, _): return true
+        default: return false
         }
     }
 
@@ -30,6 +48,14 @@ public enum Node: Hashable, Sendable, CustomStringConvertible {
         case .volume(let key): return "volume \(key.name)"
         case .snapshotDirectory(let volume): return "\(PoolFileSystem.snapshotsName)/\(volume)"
         case .snapshot(let key, let file): return "snapshot \(key.name)/\(file)"
+        case .partitions: return PoolFileSystem.partitionsName
+        case .partitionDirectory(let volume): return "\(PoolFileSystem.partitionsName)/\(volume)"
+        case .partitionSnapshots: return "\(PoolFileSystem.partitionsName)/\(PoolFileSystem.snapshotsName)"
+        case .partitionSnapshotVolume(let volume): return "\(PoolFileSystem.partitionsName)/\(PoolFileSystem.snapshotsName)/\(volume)"
+        case .partitionSnapshotDirectory(let key, let file):
+            return "\(PoolFileSystem.partitionsName)/\(PoolFileSystem.snapshotsName)/\(key.name)/\(file)"
+        case .partition(let key, let snapshot, let number):
+            return "partition \(key.name)\(snapshot.map { "@" + $0 } ?? "")/\(PartitionNames.file(number))"
         }
     }
 }
@@ -38,6 +64,7 @@ public enum Node: Hashable, Sendable, CustomStringConvertible {
 /// the `VolumeStore`, so changes in the pool show without a remount.
 public final class PoolFileSystem: FileSystemOperations {
     public static let snapshotsName = ".snapshots"
+    public static let partitionsName = ".partitions"
     /// Seconds the kernel may cache names and attributes: short, since the pool changes under us.
     let timeout = 1.0
     let store: VolumeStore
@@ -64,16 +91,19 @@ public final class PoolFileSystem: FileSystemOperations {
         case volume(OpenVolume)
         case snapshot(OpenVolume, Snapshot)
         case poolSnapshot(OpenVolume, file: String, Result<any BlockDevice, PoolSnapshotError>)
+        case partition(PartitionFile)
     }
 
     func resolve(_ node: Node) -> Result<Resolved, Errno> {
         switch node {
         case .root:
             return .success(.directory(directoryAttributes(from: rootStat)))
-        case .snapshots:
+        case .snapshots, .partitions, .partitionSnapshots:
             var a = directoryAttributes(from: rootStat)
             a.mode = S_IFDIR | 0o555
             return .success(.directory(a))
+        case .partitionDirectory, .partitionSnapshotVolume, .partitionSnapshotDirectory, .partition:
+            return resolvePartitionNode(node)
         case .volume(let key):
             return store.volume(key).map { .volume($0) }
         case .snapshotDirectory(let name):
@@ -138,11 +168,17 @@ public final class PoolFileSystem: FileSystemOperations {
                 a.blocks = (v.allocatedBytes(poolSnapshot: file, device: d) + 511) / 512
             }
             return a
+        case .partition(let p):
+            return partitionAttributes(p)
         }
     }
 
     func device(_ inode: UInt64) -> Result<any BlockDevice, Errno> {
         guard let node = inodes.key(of: inode) else { return .failure(.noEntry) }
+        return device(of: node)
+    }
+
+    func device(of node: Node) -> Result<any BlockDevice, Errno> {
         switch resolve(node) {
         case .failure(let e): return .failure(e)
         case .success(.directory): return .failure(.isDirectory)
@@ -159,6 +195,8 @@ public final class PoolFileSystem: FileSystemOperations {
                 Log.error("\(node): \(why)")
                 return .failure(.io)
             }
+        case .success(.partition(let p)):
+            return .success(p.device)
         }
     }
 
@@ -170,6 +208,8 @@ public final class PoolFileSystem: FileSystemOperations {
         switch parentNode {
         case .root where name == Self.snapshotsName:
             child = .snapshots
+        case .root where name == Self.partitionsName:
+            child = .partitions
         case .root:
             // The name leads to the file it names now.
             guard let volume = store.volume(name) else { return .failure(.noEntry) }
@@ -179,7 +219,10 @@ public final class PoolFileSystem: FileSystemOperations {
         case .snapshotDirectory(let volumeName):
             guard let volume = store.volume(volumeName) else { return .failure(.noEntry) }
             child = .snapshot(volume.key, file: name)
-        case .volume, .snapshot:
+        case .partitions, .partitionDirectory, .partitionSnapshots, .partitionSnapshotVolume, .partitionSnapshotDirectory:
+            guard let found = partitionChild(of: parentNode, named: name) else { return .failure(.noEntry) }
+            child = found
+        case .volume, .snapshot, .partition:
             return .failure(.notDirectory)
         }
         return resolve(child).map { resolved in
@@ -226,7 +269,7 @@ public final class PoolFileSystem: FileSystemOperations {
                 Result { try (device as? DeferredDevice)?.device() }.map { _ in () }.mapError { fail($0, inode: inode) }
             }
         }
-        guard case .volume = node else { return .failure(.readOnly) }
+        guard node.writesLiveDisk else { return .failure(.readOnly) }
         do {
             try store.openForWriting(key)
             return .success(())
@@ -239,21 +282,30 @@ public final class PoolFileSystem: FileSystemOperations {
 
     public func release(inode: UInt64, writing: Bool) {
         guard let node = inodes.key(of: inode), let key = node.volumeKey else { return }
-        if writing, store.writesImages, case .volume = node { store.releaseWriting(key) }
+        if writing, store.writesImages, node.writesLiveDisk { store.releaseWriting(key) }
         store.release(key)
     }
 
-    /// The writer of a volume open for writing (`-o rw`).
-    func writer(_ inode: UInt64) -> Result<any VolumeWriter, Errno> {
-        guard case .volume(let key)? = inodes.key(of: inode) else { return .failure(.readOnly) }
+    /// The writer of a volume open for writing (`-o rw`), and where the node's bytes start in
+    /// its volume and end (a partition's range: nothing outside it is written).
+    func writer(_ inode: UInt64) -> Result<(writer: any VolumeWriter, start: UInt64, size: UInt64), Errno> {
+        guard let node = inodes.key(of: inode), node.writesLiveDisk, let key = node.volumeKey else { return .failure(.readOnly) }
         guard let writer = store.writer(key) else { return .failure(.badDescriptor) }
-        return .success(writer)
+        return device(of: node).map { device in
+            // A partition file's window is within its volume, whose writer takes volume offsets.
+            guard case .partition = node, let window = device as? PartitionDevice else { return (writer, 0, device.size) }
+            return (writer, window.start, window.size)
+        }
     }
 
-    /// Runs `body` with the inode's writer; an engine error is logged and becomes an errno.
-    func withWriter(_ inode: UInt64, _ body: (any VolumeWriter) throws -> Void) -> Result<Void, Errno> {
-        writer(inode).flatMap { writer in
-            Result { try body(writer) }.mapError { fail($0, inode: inode) }
+    /// Runs `body` with the inode's writer, `offset` moved to the volume's and `length` clipped
+    /// to the node's end; an engine error is logged and becomes an errno.
+    func withWriter(_ inode: UInt64, offset: UInt64, length: UInt64,
+                    _ body: (any VolumeWriter, _ at: UInt64, _ length: UInt64) throws -> Void) -> Result<Void, Errno> {
+        writer(inode).flatMap { target in
+            guard offset < target.size else { return .failure(.noSpace) }
+            let n = min(length, target.size - offset)
+            return Result { try body(target.writer, target.start + offset, n) }.mapError { fail($0, inode: inode) }
         }
     }
 
@@ -265,8 +317,10 @@ public final class PoolFileSystem: FileSystemOperations {
             guard offset < device.size else { return .success(ReadData(segments: [], owner: nil)) }
             let n = Int(min(UInt64(size), device.size - offset))
             do {
-                if let cow, let node = inodes.key(of: inode), let overlay = cow.overlay(for: node, create: false) {
-                    return .success(try overlay.read(at: offset, length: n, base: device))
+                // A partition's writes are in its volume's (or snapshot's) overlay, shared.
+                if let cow, let node = inodes.key(of: inode), case .success(let target) = overlayTarget(node),
+                   let overlay = cow.overlay(for: target.holder, create: false) {
+                    return .success(try overlay.read(at: target.start + offset, length: n, base: target.base))
                 }
                 let plan = try device.plan(at: offset, length: n)
                 if plan.readsBlockDevice {
@@ -300,18 +354,25 @@ public final class PoolFileSystem: FileSystemOperations {
 
     public func write(inode: UInt64, offset: UInt64, data: UnsafeRawBufferPointer) -> Result<Int, Errno> {
         if store.writesImages {
-            return withWriter(inode) { try $0.write(data, at: offset) }.map { data.count }
+            // Within the file's end: a partition's write never reaches past it.
+            var written = data.count
+            return withWriter(inode, offset: offset, length: UInt64(data.count)) { writer, at, n in
+                written = Int(n)
+                try writer.write(UnsafeRawBufferPointer(rebasing: data[0..<Int(n)]), at: at)
+            }.map { written }
         }
         guard let cow, let node = inodes.key(of: inode) else { return .failure(.readOnly) }
-        return device(inode).flatMap { device in
-            cow.overlay(for: node, create: true)!.write(data, at: offset, base: device)
+        return overlayTarget(node).flatMap { target in
+            guard offset < target.size else { return .failure(.noSpace) }
+            let n = Int(min(UInt64(data.count), target.size - offset))
+            return cow.overlay(for: target.holder, create: true)!.write(UnsafeRawBufferPointer(rebasing: data[0..<n]), at: target.start + offset, base: target.base)
         }
     }
 
     /// fsync: flushes the volume's writer; files not being written have nothing to flush.
     public func sync(inode: UInt64) -> Result<Void, Errno> {
-        guard store.writesImages, case .success(let writer) = writer(inode) else { return .success(()) }
-        return Result { try writer.flush() }.mapError { fail($0, inode: inode) }
+        guard store.writesImages, case .success(let target) = writer(inode) else { return .success(()) }
+        return Result { try target.writer.flush() }.mapError { fail($0, inode: inode) }
     }
 
     /// fallocate on a disk of fixed size: punching a hole or zeroing a range makes it read as
@@ -328,19 +389,23 @@ public final class PoolFileSystem: FileSystemOperations {
             }
             let n = min(length, device.size - offset)
             if store.writesImages {
-                return withWriter(inode) { try $0.zero(at: offset, length: n) }
+                return withWriter(inode, offset: offset, length: n) { try $0.zero(at: $1, length: $2) }
             }
             guard let cow, let node = inodes.key(of: inode) else { return .failure(.readOnly) }
-            let overlay = cow.overlay(for: node, create: true)!
-            let zeros = [UInt8](repeating: 0, count: Int(min(n, 1 << 20)))
-            var at = offset
-            while at < offset + n {
-                let chunk = Int(min(UInt64(zeros.count), offset + n - at))
-                let written = zeros.withUnsafeBytes { overlay.write(UnsafeRawBufferPointer(rebasing: $0[0..<chunk]), at: at, base: device) }
-                if case .failure(let e) = written { return .failure(e) }
-                at += UInt64(chunk)
+            return overlayTarget(node).flatMap { target in
+                let overlay = cow.overlay(for: target.holder, create: true)!
+                let zeros = [UInt8](repeating: 0, count: Int(min(n, 1 << 20)))
+                var at = offset
+                while at < offset + n {
+                    let chunk = Int(min(UInt64(zeros.count), offset + n - at))
+                    let written = zeros.withUnsafeBytes {
+                        overlay.write(UnsafeRawBufferPointer(rebasing: $0[0..<chunk]), at: target.start + at, base: target.base)
+                    }
+                    if case .failure(let e) = written { return .failure(e) }
+                    at += UInt64(chunk)
+                }
+                return .success(())
             }
-            return .success(())
         }
     }
 
@@ -354,6 +419,7 @@ public final class PoolFileSystem: FileSystemOperations {
         switch node {
         case .root:
             add(Self.snapshotsName, .snapshots, S_IFDIR)
+            add(Self.partitionsName, .partitions, S_IFDIR)
             // Inode numbers are hints here (a lookup gives the real one): no volume is opened.
             for name in store.volumeNames() { add(name, store.lastKnownVolume(name).map { .volume($0.key) }, S_IFREG) }
         case .snapshots:
@@ -363,7 +429,12 @@ public final class PoolFileSystem: FileSystemOperations {
             guard store.volumeNames().contains(volume), let open = store.volume(volume) else { return .failure(.noEntry) }
             for (file, _) in open.snapshotFiles { add(file, .snapshot(open.key, file: file), S_IFREG) }
             for (file, _) in open.poolSnapshots { add(file, .snapshot(open.key, file: file), S_IFREG) }
-        case .volume, .snapshot:
+        case .partitions, .partitionDirectory, .partitionSnapshots, .partitionSnapshotVolume, .partitionSnapshotDirectory:
+            switch partitionChildren(of: node) {
+            case .failure(let e): return .failure(e)
+            case .success(let children): for (name, child, mode) in children { add(name, child, mode) }
+            }
+        case .volume, .snapshot, .partition:
             return .failure(.notDirectory)
         }
         return .success(entries)
@@ -437,6 +508,8 @@ public final class PoolFileSystem: FileSystemOperations {
                 case .success(let d): return [("user.poolfs.format", "raw"), ("user.poolfs.virtual_size", "\(d.size)")]
                 case .failure(let why): return [("user.poolfs.error", why.message)]
                 }
+            case .partition(let p):
+                return partitionExtendedAttributes(p)
             }
         }
     }

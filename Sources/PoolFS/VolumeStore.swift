@@ -46,6 +46,7 @@ public final class OpenVolume: Sendable {
     /// When the volume's path was last checked (monotonic nanoseconds).
     let pathCheckedAt = Atomic<Int64>(0)
     private let allocation = Locked<[String: (bytes: UInt64, at: Int64)]>([:])
+    private let partitionTables = Locked<[String: (table: Result<PartitionTable?, PoolSnapshotError>, at: Int64)]>([:])
 
     convenience init(name: String, entry: PoolVolume, pool: any Pool, cache: BlockCache) {
         self.init(name: name, entry: entry, pool: pool, opened: Result { try pool.openImage(name, volume: entry, cache: cache) }, writer: nil)
@@ -99,6 +100,28 @@ public final class OpenVolume: Sendable {
         allocatedBytes(key: snapshot.map { "\($0.id)" } ?? "", changing: writer != nil && snapshot == nil) {
             snapshot.map { image?.device(of: $0) } ?? image?.live
         }
+    }
+
+    /// Data bytes of a partition of the live disk (`snapshot` nil) or of a snapshot.
+    func allocatedBytes(partition number: Int, snapshot: String?, device: any BlockDevice) -> UInt64 {
+        allocatedBytes(key: "partition/\(snapshot ?? "")/\(number)", changing: writer != nil && snapshot == nil) { device }
+    }
+
+    /// The partition table of the live disk (`snapshot` nil) or of a snapshot: read on first use
+    /// and kept, except the live disk of a volume open for writing, read again at most once a
+    /// second. Disks with 4 KiB sectors are tried when none is found with 512-byte sectors.
+    func partitionTable(snapshot file: String?, device: any BlockDevice) -> Result<PartitionTable?, PoolSnapshotError> {
+        let key = file ?? ""
+        let now = Self.monotonicNanoseconds()
+        if let known = partitionTables.withLock({ $0[key] }),
+           !(writer != nil && file == nil) || now - known.at < Self.recountWrittenAfter {
+            return known.table
+        }
+        let table = Result {
+            try PartitionTable.read(device) ?? PartitionTable.read(device, sectorSize: 4096)
+        }.mapError { PoolSnapshotError(message: "\($0)") }
+        partitionTables.withLock { $0[key] = (table, now) }
+        return table
     }
 
     /// Data bytes of a snapshot the pool keeps (an LVM snapshot), once per opened volume.
