@@ -12,8 +12,7 @@ public enum Mounter {
     public static func mount(source: String, mountpoint: String, options: MountOptions, foreground: Bool) throws {
         if !foreground { closeInheritedDescriptors() }
         guard access("/dev/fuse", R_OK | W_OK) == 0 else { throw MountError.noFuseDevice }
-        let pool = try PoolSource.open(source, type: options.type,
-                                       lvmMode: LogicalPool.Mode.forThisHost(noactivate: options.noactivate), writable: options.rw)
+        let pool = try openPool(source, options: options)
         let target = try checkMountpoint(mountpoint)
         // Held until everything below is done, so that `poolfs unmount` can wait for it.
         let lock = MountLock.hold(target)
@@ -29,9 +28,8 @@ public enum Mounter {
                 throw MountError.badOption("cache_dir=\(options.cacheDirectory): not a writable directory")
             }
         }
-        if options.rw, !(pool is DirectoryPool) && (pool as? LogicalPool)?.mode != .devices {
-            throw MountError.badOption("rw: \(pool.displayName) cannot be written: dir pools can, and LVM pools through device-mapper (not with noactivate, nor on a kernel without it); use -o cow for a writable view")
-        }
+        if options.rw, let refusal = pool.writeRefusal { throw MountError.badOption("rw: \(refusal)") }
+        if let problem = pool.problem { Log.warning(problem) }
         let store = VolumeStore(pool: pool, cache: BlockCache(capacityBytes: options.cacheSize), writesImages: options.rw)
         // Whatever is still open for writing when the mount ends is flushed and closed.
         defer { store.closeWriters() }
@@ -110,10 +108,17 @@ public enum Mounter {
         }
     }
 
-    /// Opens every volume of the pool, for `poolfs ls`.
-    public static func reports(source: String, type: String?, noactivate: Bool = false) throws -> [VolumeReport] {
-        let pool = try PoolSource.open(source, type: type, lvmMode: LogicalPool.Mode.forThisHost(noactivate: noactivate))
+    /// The pool SOURCE names, as `poolfs mount` and `poolfs ls` take it with their options.
+    public static func openPool(_ source: String, options: MountOptions) throws -> any Pool {
+        try PoolSource.open(source, type: options.type,
+                            lvmMode: LogicalPool.Mode.forThisHost(noactivate: options.noactivate), writable: options.rw)
+    }
+
+    /// Opens every volume of the pool, for `poolfs ls`; and why the pool shows none, if it says.
+    public static func reports(source: String, options: MountOptions) throws -> (reports: [VolumeReport], problem: String?) {
+        let pool = try openPool(source, options: options)
+        defer { for failure in pool.release() { Log.error(failure) } }
         let store = VolumeStore(pool: pool, cache: BlockCache(capacityBytes: 16 << 20), logsFailures: false)
-        return VolumeReport.make(store.volumeNames().compactMap { store.volume($0) })
+        return (VolumeReport.make(store.volumeNames().compactMap { store.volume($0) }), pool.problem)
     }
 }

@@ -133,6 +133,10 @@ public final class LogicalPool: Pool {
         return Image.wrapping(device(of: lv, in: report), path: lv.path)
     }
 
+    public var writeRefusal: String? {
+        mode == .devices ? nil : "\(volumeGroup): LVs are written through device-mapper only (not with -o noactivate, nor on a kernel without it); use -o cow for a writable view"
+    }
+
     /// `-o rw`: the LV's device, opened for writing (activated writable first if it is not active).
     /// Snapshots are not volumes, so they never get here; reading LVs from their PVs never writes.
     public func openWritableImage(_ name: String, volume: PoolVolume, cache: BlockCache) throws -> Image {

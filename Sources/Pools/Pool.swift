@@ -21,6 +21,11 @@ public protocol Pool: Sendable {
     func openWritableImage(_ name: String, volume: PoolVolume, cache: BlockCache) throws -> Image
     /// Where writes to a volume opened by `openWritableImage` go.
     func makeWriter(_ name: String, image: Image) throws -> any VolumeWriter
+    /// Why `-o rw` cannot write this pool; nil when it can.
+    var writeRefusal: String? { get }
+    /// Why the pool shows no volumes although it may hold some (a disk whose partition table
+    /// cannot be read), said once at mount and by `poolfs ls`; nil when nothing is wrong.
+    var problem: String? { get }
     /// Changes whenever the volume's layout changes in ways its attributes cannot show (an LV
     /// extended or moved); nil when the attributes say it all.
     func generation(of name: String) -> String?
@@ -46,6 +51,10 @@ extension Pool {
         throw Qcow2Error.writeRefused("\(displayName): writing is supported in dir pools only")
     }
     public func makeWriter(_ name: String, image: Image) throws -> any VolumeWriter { try image.makeWriter() }
+    public var writeRefusal: String? {
+        "\(displayName) cannot be written: dir, disk and iSCSI pools can, and LVM pools through device-mapper (not with noactivate, nor on a kernel without it); use -o cow for a writable view"
+    }
+    public var problem: String? { nil }
     public func generation(of name: String) -> String? { nil }
     public func snapshots(of name: String) -> [PoolSnapshot] { [] }
     public func properties(of name: String) -> [(key: String, value: String)] { [] }
@@ -103,7 +112,7 @@ public enum PoolError: Error, CustomStringConvertible, Equatable {
         switch self {
         case .notFound(let what): return "pool \(what) does not exist"
         case .notADirectory(let path): return "pool \(path) is not a directory"
-        case .unsupportedType(let type): return "pool type '\(type)' is not supported yet (supported: dir, logical, zfs)"
+        case .unsupportedType(let type): return "pool type '\(type)' is not supported yet (supported: dir, fs, netfs, logical, zfs, disk)"
         case .libvirt(let why): return why
         }
     }
@@ -126,6 +135,8 @@ public struct DirectoryPool: Pool {
         self.path = String(cString: resolved)
         free(resolved)
     }
+
+    public var writeRefusal: String? { nil }
 
     public func openWritableImage(_ name: String, volume: PoolVolume, cache: BlockCache) throws -> Image {
         guard let path = volume.path else { throw PoolError.notFound(name) }
@@ -179,6 +190,12 @@ public enum PoolSource {
             }
             let parsed = try parseLibvirt(xml, file: definition)
             path = parsed.path
+            if parsed.type == "disk" {
+                // A disk pool's target path is where the partitions' nodes are (/dev); its disk
+                // is the source device.
+                guard let device = parsed.device else { throw PoolError.libvirt("\(definition): a disk pool with no <source><device path=...>") }
+                path = device
+            }
             if let type, type != parsed.type {
                 throw PoolError.libvirt("libvirt pool \(source) has type '\(parsed.type)', not '\(type)'")
             }
@@ -191,6 +208,8 @@ public enum PoolSource {
             // libvirt's target path of a logical pool is /dev/VGNAME.
             let vg = path.split(separator: "/").last.map(String.init) ?? path
             return try LogicalPool(volumeGroup: vg, runner: runner, mode: lvmMode, writable: writable)
+        case "disk":
+            return try DiskPool(source: path)
         case "zfs":
             // libvirt's target path of a zfs pool is /dev/zvol/POOL[/DATASET].
             let dataset = path.hasPrefix("/dev/zvol/") ? String(path.dropFirst("/dev/zvol/".count)) : path
@@ -200,8 +219,8 @@ public enum PoolSource {
         }
     }
 
-    /// The pool's type attribute and its `<target><path>`.
-    static func parseLibvirt(_ xml: String, file: String) throws -> (type: String, path: String) {
+    /// The pool's type attribute, its `<target><path>` and its `<source><device path=...>`.
+    static func parseLibvirt(_ xml: String, file: String) throws -> (type: String, path: String, device: String?) {
         func firstMatch(_ pattern: String) -> String? {
             guard let regex = try? NSRegularExpression(pattern: pattern, options: [.dotMatchesLineSeparators]),
                   let match = regex.firstMatch(in: xml, range: NSRange(xml.startIndex..., in: xml)),
@@ -211,9 +230,10 @@ public enum PoolSource {
         guard let type = firstMatch(#"<pool\s[^>]*type\s*=\s*['"]([^'"]+)['"]"#) else {
             throw PoolError.libvirt("\(file): no <pool type=...>")
         }
-        guard let path = firstMatch(#"<target>.*?<path>\s*([^<]*?)\s*</path>"#) else {
+        let device = firstMatch(#"<source>.*?<device\s[^>]*path\s*=\s*['"]([^'"]+)['"]"#)
+        guard let path = firstMatch(#"<target>.*?<path>\s*([^<]*?)\s*</path>"#) ?? (type == "disk" ? device : nil) else {
             throw PoolError.libvirt("\(file): no <target><path>")
         }
-        return (type, path)
+        return (type, path, device)
     }
 }

@@ -1,4 +1,5 @@
 import ArgumentParser
+import Foundation
 import PoolFS
 
 struct MountCommand: ParsableCommand {
@@ -7,7 +8,7 @@ struct MountCommand: ParsableCommand {
         abstract: "Mount a pool: a directory of images, an LVM volume group, a ZFS dataset, or a libvirt pool name.",
         discussion: """
         Options (-o, comma-separated, repeatable): cache_size=SIZE (default 64M), threads=N (16), \
-        readahead=SIZE (2M; above the kernel's 128K only for root), max_read=SIZE (512K: the largest read request), nosplice, type=dir|logical|zfs, noactivate (LVM: read LVs from their PVs); \
+        readahead=SIZE (2M; above the kernel's 128K only for root), max_read=SIZE (512K: the largest read request), nosplice, type=dir|logical|zfs|disk, noactivate (LVM: read LVs from their PVs); \
         cow, cache_dir=DIR (/var/tmp), cow_memory=SIZE (256M): writable files whose writes are kept apart \
         and dropped at unmount; rw (dir pools): writes go into the images, with QEMU's image locks \
         (a volume a VM is writing cannot be opened for writing); snapshots stay read-only. \
@@ -15,7 +16,7 @@ struct MountCommand: ParsableCommand {
         Without cow or rw the mount is read-only.
         """)
 
-    @Option(name: .long, help: "Pool type: dir (a directory of qcow2/raw images), logical (an LVM volume group) or zfs (a dataset's zvols).")
+    @Option(name: .long, help: "Pool type: dir (a directory of qcow2/raw images), logical (an LVM volume group), zfs (a dataset's zvols) or disk (the partitions of a disk or disk image).")
     var type: String?
 
     @Option(name: .customShort("o"), help: "Mount options.")
@@ -57,7 +58,7 @@ struct ListCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "ls", abstract: "List a pool's volumes: format, sizes, backing chain, snapshots, errors.")
 
-    @Option(name: .long, help: "Pool type: dir, logical or zfs.")
+    @Option(name: .long, help: "Pool type: dir, logical, zfs or disk.")
     var type: String?
 
     @Flag(name: .long, help: "Print JSON.")
@@ -66,12 +67,19 @@ struct ListCommand: ParsableCommand {
     @Flag(name: .long, help: "LVM: read LVs from their PVs, never through device-mapper.")
     var noactivate = false
 
+    @Option(name: .customShort("o"), help: "Pool options, as `poolfs mount -o` takes them (noactivate, and a remote pool's connection).")
+    var options: [String] = []
+
     @Argument(help: "A pool directory or libvirt pool name.")
     var source: String
 
     func run() throws {
         do {
-            let reports = try Mounter.reports(source: source, type: type, noactivate: noactivate)
+            var parsed = try MountOptions.parse(options)
+            if let type { parsed.type = type }
+            if noactivate { parsed.noactivate = true }
+            let (reports, problem) = try Mounter.reports(source: source, options: parsed)
+            if let problem { FileHandle.standardError.write(Data("poolfs: \(problem)\n".utf8)) }
             print(json ? VolumeReport.json(reports) : VolumeReport.table(reports))
         } catch {
             throw fail(error)

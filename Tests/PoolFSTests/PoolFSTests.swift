@@ -89,7 +89,13 @@ import Pools
             """.utf8))
         try scratch.write("storage/vg.xml", Array("<pool type=\"logical\"><name>vgpool</name><source><name>vg</name></source><target><path>/dev/vg</path></target></pool>".utf8))
         try scratch.write("storage/tank.xml", Array("<pool type='zfs'><name>tank</name><target><path>/dev/zvol/tank/vms</path></target></pool>".utf8))
-        try scratch.write("storage/san.xml", Array("<pool type='iscsi'><name>san</name><target><path>/dev/disk/by-path</path></target></pool>".utf8))
+        try scratch.write("storage/san.xml", Array("<pool type='gluster'><name>san</name><target><path>/gluster</path></target></pool>".utf8))
+        try scratch.sh("truncate -s 8M images/disk.raw && printf 'label: gpt\\n,4M,L\\n' | sfdisk -q images/disk.raw")
+        try scratch.write("storage/sdb.xml", Array("""
+            <pool type='disk'><name>sdb</name>
+              <source><device path='\(scratch.path("images/disk.raw"))'/><format type='gpt'/></source>
+              <target><path>/dev</path></target></pool>
+            """.utf8))
         let pool = try PoolSource.open("default", type: nil, libvirtDirectory: scratch.path("storage"))
         #expect(pool.displayName == scratch.path("images"))
         let runner = RefusingRunner()
@@ -101,7 +107,11 @@ import Pools
             try PoolSource.open("tank", type: nil, libvirtDirectory: scratch.path("storage"), runner: runner)
         }
         #expect(runner.asked.withLock { $0 }?.last == "tank/vms", "the dataset comes from the target path /dev/zvol/tank/vms")
-        #expect(throws: PoolError.unsupportedType("iscsi")) {
+        let disk = try PoolSource.open("sdb", type: nil, libvirtDirectory: scratch.path("storage"))
+        let names = try disk.volumeNames()
+        #expect(disk.displayName == scratch.path("images/disk.raw") && names == ["part1"],
+                "a disk pool's disk is its source device, not its target path")
+        #expect(throws: PoolError.unsupportedType("gluster")) {
             try PoolSource.open("san", type: nil, libvirtDirectory: scratch.path("storage"))
         }
         #expect(throws: PoolError.libvirt("libvirt pool vg has type 'logical', not 'dir'")) {
