@@ -11,11 +11,12 @@ let package = Package(
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0"),
     ],
     targets: [
-        // C libraries. Nothing but these four targets touches C headers directly.
+        // C libraries. Nothing but these five targets touches C headers directly.
         .systemLibrary(name: "CFuse3", pkgConfig: "fuse3", providers: [.apt(["libfuse3-dev"])]),
         .target(name: "CFuseShim", dependencies: ["CFuse3"]),
         .target(name: "CCompress", linkerSettings: [.linkedLibrary("deflate"), .linkedLibrary("z"), .linkedLibrary("zstd")]),
         .target(name: "CHostIO"),
+        .systemLibrary(name: "CISCSI", pkgConfig: "libiscsi", providers: [.apt(["libiscsi-dev"])]),
         // The lock every module uses: a pthread mutex, which ThreadSanitizer understands.
         .target(name: "Locking"),
 
@@ -23,8 +24,8 @@ let package = Package(
         .target(name: "Qcow2", dependencies: ["CCompress", "CHostIO", "Locking"]),
         // The only Swift module that imports libfuse.
         .target(name: "FuseKit", dependencies: ["CFuse3", "CFuseShim", "Locking"]),
-        // Pool adapters: directories, LVM volume groups; external commands through one runner.
-        .target(name: "Pools", dependencies: ["Qcow2", "CHostIO", "Locking"]),
+        // Pool adapters: directories, LVM volume groups, iSCSI targets; external commands through one runner.
+        .target(name: "Pools", dependencies: ["Qcow2", "CHostIO", "CISCSI", "Locking"]),
         // The filesystem: the tree of volumes and snapshots, FUSE operations.
         .target(name: "PoolFS", dependencies: ["Qcow2", "FuseKit", "Pools", "Locking"]),
         .executableTarget(name: "poolfs", dependencies: [
