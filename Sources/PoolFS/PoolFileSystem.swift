@@ -413,13 +413,14 @@ public final class PoolFileSystem: FileSystemOperations {
             case .directory:
                 return []
             case .volume(let v):
-                guard let image = v.image else { return [("user.poolfs.error", v.error ?? "unknown")] }
+                let pooled = v.properties.map { ("user.poolfs." + $0.key, $0.value) }
+                guard let image = v.image else { return [("user.poolfs.error", v.error ?? "unknown")] + pooled }
                 return [
                     ("user.poolfs.format", image.format.rawValue),
                     ("user.poolfs.virtual_size", "\(image.virtualSize)"),
                     ("user.poolfs.backing_chain", VolumeReport.chainDescription(image)),
                     ("user.poolfs.snapshots", "\(image.snapshots.count)"),
-                ]
+                ] + pooled
             case .snapshot(let v, let s):
                 return [
                     ("user.poolfs.format", "qcow2-snapshot"),

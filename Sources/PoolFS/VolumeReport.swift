@@ -19,7 +19,8 @@ public struct VolumeReport: Codable, Sendable {
         public var vmStateSize: UInt64
     }
     public var name: String
-    public var path: String
+    /// The volume's file or device; nil for volumes with none on this host (iSCSI LUNs).
+    public var path: String?
     public var format: String?
     public var virtualSize: UInt64?
     /// Bytes of the virtual disk that hold data.
@@ -35,6 +36,9 @@ public struct VolumeReport: Codable, Sendable {
     /// writing it would change what they read. While one of them is open through a mount, this
     /// volume refuses writers.
     public var backs: [String] = []
+    /// What the pool knows of the volume beyond its image (a partition's type and start, a LUN's
+    /// serial), as in its `user.poolfs.*` attributes.
+    public var properties: [String: String] = [:]
     public var error: String?
 
     /// Reports on the volumes of one pool, each with the volumes it backs.
@@ -67,6 +71,7 @@ public struct VolumeReport: Codable, Sendable {
                              virtualSize: image?.device(of: s)?.size ?? 0, vmStateSize: s.vmStateSize)
             },
             inUseByWriter: image?.hostFiles.first?.writerPresent ?? false,
+            properties: Dictionary(volume.properties, uniquingKeysWith: { first, _ in first }),
             error: volume.error)
     }
 

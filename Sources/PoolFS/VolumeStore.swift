@@ -22,8 +22,10 @@ public struct VolumeKey: Hashable, Sendable, CustomStringConvertible {
 /// One volume as last opened: the image or why it failed, and what is derived from it lazily.
 public final class OpenVolume: Sendable {
     public let name: String
-    public let path: String
-    /// The image file as stat'ed when opened; a different stat means reopen.
+    /// The volume's file or device, for volumes that have one.
+    public let path: String?
+    /// The image file as stat'ed when opened (or the attributes its pool gave, for a volume
+    /// with no file); a different one means reopen.
     public let identity: FileIdentity
     public let fileStat: stat
     public let key: VolumeKey
@@ -35,6 +37,8 @@ public final class OpenVolume: Sendable {
     /// Where writes go while the volume is open for writing (`-o rw`); its files then change
     /// only through it, so they are not checked for changes.
     public let writer: (any VolumeWriter)?
+    /// What the pool said of the volume when opened (see `Pool.properties`).
+    public let properties: [(key: String, value: String)]
     /// The pool's layout token when opened (see `Pool.generation`).
     let generation: String?
     /// When it was opened (monotonic nanoseconds).
@@ -43,20 +47,21 @@ public final class OpenVolume: Sendable {
     let pathCheckedAt = Atomic<Int64>(0)
     private let allocation = Locked<[String: (bytes: UInt64, at: Int64)]>([:])
 
-    convenience init(name: String, path: String, pool: any Pool, cache: BlockCache) {
-        self.init(name: name, path: path, pool: pool, opened: Result { try pool.openImage(name, path: path, cache: cache) }, writer: nil)
+    convenience init(name: String, entry: PoolVolume, pool: any Pool, cache: BlockCache) {
+        self.init(name: name, entry: entry, pool: pool, opened: Result { try pool.openImage(name, volume: entry, cache: cache) }, writer: nil)
     }
 
-    init(name: String, path: String, pool: any Pool, opened: Result<Image, any Error>, writer: (any VolumeWriter)?) {
+    init(name: String, entry: PoolVolume, pool: any Pool, opened: Result<Image, any Error>, writer: (any VolumeWriter)?) {
         self.name = name
         self.writer = writer
-        self.path = path
-        let st = Self.fileStatus(of: try? opened.get(), path: path)
+        self.path = entry.path
+        let st = Self.fileStatus(of: try? opened.get(), entry: entry)
         self.fileStat = st
         self.identity = FileIdentity(st)
         self.key = VolumeKey(name: name, device: identity.device, inode: identity.inode)
         self.openedAt = Self.monotonicNanoseconds()
         self.generation = pool.generation(of: name)
+        self.properties = pool.properties(of: name)
         self.poolSnapshots = pool.snapshots(of: name).map { snapshot in
             (SnapshotNames.escape(snapshot.name), Result { try snapshot.open() }.mapError { PoolSnapshotError(message: "\($0)") })
         }
@@ -75,13 +80,13 @@ public final class OpenVolume: Sendable {
     }
 
     /// The stat of the file opened (fstat of its descriptor), not of the path: a file renamed
-    /// over the path between the open and a stat must not lend the image its identity. The path
-    /// for volumes without a file of their own (LVs read through their PVs) or that failed to open.
-    static func fileStatus(of image: Image?, path: String) -> Glibc.stat {
+    /// over the path between the open and a stat must not lend the image its identity. What the
+    /// pool said for volumes not read through their own file (LVs read through their PVs, LUNs)
+    /// or that failed to open.
+    static func fileStatus(of image: Image?, entry: PoolVolume) -> Glibc.stat {
         var st = Glibc.stat()
-        if let file = image?.hostFiles.first, fstat(file.fd, &st) == 0 { return st }
-        _ = stat(path, &st)
-        return st
+        if entry.path != nil, let file = image?.hostFiles.first, fstat(file.fd, &st) == 0 { return st }
+        return entry.status
     }
 
     public func snapshot(file: String) -> Snapshot? {
@@ -243,9 +248,8 @@ public final class VolumeStore: Sendable {
         last?.lock?.release()
     }
 
-    /// The open volumes whose chain has the file at `path` below their top, by name.
-    func overlaysHolding(_ path: String) -> [String] {
-        guard let target = FileIdentity(path: path) else { return [] }
+    /// The open volumes whose chain has the file `target` below their top, by name.
+    func overlaysHolding(_ target: FileIdentity) -> [String] {
         return state.withLock { s in
             s.locks.filter { _, lock in
                 lock.files.contains { $0.identity.device == target.device && $0.identity.inode == target.inode }
@@ -274,21 +278,21 @@ public final class VolumeStore: Sendable {
                 writing[key]!.handles = open.handles + 1
                 return
             }
-            guard let path = pool.volumePath(key.name) else { throw PoolError.notFound(key.name) }
+            guard let entry = pool.volume(key.name) else { throw PoolError.notFound(key.name) }
             // The lock would refuse it too; this says which overlay holds it.
-            let overlays = overlaysHolding(path)
+            let overlays = entry.path == nil ? [] : overlaysHolding(entry.identity)
             if !overlays.isEmpty {
                 throw Qcow2Error.inUse("\(key.name) is a backing file of \(overlays.joined(separator: ", ")), open through this mount: it stays read-only until they are closed")
             }
-            let image = try pool.openWritableImage(key.name, path: path, cache: cache)
-            // The file opened is the one the key names (not a file put in its place meanwhile). A
-            // pool whose volumes are read through another file than the one stat'ed (an LV
-            // through its dm device, a PV stat'ed) is checked by its path.
-            let top = image.hostFiles.first.flatMap { $0.path == path ? $0.identity : nil }
-            guard let opened = top ?? FileIdentity(path: path),
+            let image = try pool.openWritableImage(key.name, volume: entry, cache: cache)
+            // The volume opened is the one the key names (not a file put in its place meanwhile).
+            // A pool whose volumes are read through another file than the one stat'ed (an LV
+            // through its dm device, a PV stat'ed), or through no file, is asked again.
+            let top = image.hostFiles.first.flatMap { $0.path == entry.path ? $0.identity : nil }
+            guard let opened = top ?? pool.volume(key.name)?.identity,
                   opened.device == key.device, opened.inode == key.inode else { throw Errno.stale }
-            let writer = try image.makeWriter()
-            let volume = OpenVolume(name: key.name, path: path, pool: pool, opened: .success(image), writer: writer)
+            let writer = try pool.makeWriter(key.name, image: image)
+            let volume = OpenVolume(name: key.name, entry: entry, pool: pool, opened: .success(image), writer: writer)
             replace(key.name, with: volume)
             writing[key] = (volume, 1)
         }
@@ -370,8 +374,7 @@ public final class VolumeStore: Sendable {
             // Written through us: its file changes only through us, so only whether the name
             // still names it is checked.
             if now - known.pathCheckedAt.load(ordering: .relaxed) < Self.pathCheckInterval { return known }
-            if let path = pool.volumePath(name), let id = FileIdentity(path: path),
-               id.device == known.key.device, id.inode == known.key.inode {
+            if let id = pool.volume(name)?.identity, id.device == known.key.device, id.inode == known.key.inode {
                 known.pathCheckedAt.store(now, ordering: .relaxed)
                 return known
             }
@@ -379,17 +382,17 @@ public final class VolumeStore: Sendable {
                   known.isFreshByDescriptors(generation: pool.generation(of: name), now: now, pathCheckInterval: Self.pathCheckInterval) {
             return known
         }
-        guard let path = pool.volumePath(name) else {
+        guard let entry = pool.volume(name) else {
             replace(name, with: nil)
             return nil
         }
-        if let known = state.withLock({ $0.current[name] }), known.writer == nil, known.path == path,
-           !known.isStale(currentIdentity: FileIdentity(path: path), generation: pool.generation(of: name), now: now) {
+        if let known = state.withLock({ $0.current[name] }), known.writer == nil, known.path == entry.path,
+           !known.isStale(currentIdentity: entry.identity, generation: pool.generation(of: name), now: now) {
             known.pathCheckedAt.store(now, ordering: .relaxed)
             return known
         }
         // Opening reads the header and snapshot table: done outside the lock.
-        let fresh = OpenVolume(name: name, path: path, pool: pool, cache: cache)
+        let fresh = OpenVolume(name: name, entry: entry, pool: pool, cache: cache)
         fresh.pathCheckedAt.store(now, ordering: .relaxed)
         if logsFailures, let error = fresh.error { Log.warning("volume \(name): \(error)") }
         return replace(name, with: fresh, unlessWritten: true) ?? fresh
@@ -421,7 +424,7 @@ public final class VolumeStore: Sendable {
         if let writer { return writer }
         guard let kept else { return nil }
         let what = fresh == nil ? "left the pool" : "names another file now"
-        Log.info("volume \(name): \(what) while open; what is open stays on the old file (\(kept.path), inode \(kept.key.inode)) until closed")
+        Log.info("volume \(name): \(what) while open; what is open stays on the old one (\(kept.path ?? "no file"), inode \(kept.key.inode)) until closed")
         return nil
     }
 }

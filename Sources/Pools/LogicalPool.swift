@@ -107,10 +107,12 @@ public final class LogicalPool: Pool {
     /// A PV the LV lives on, so that mode, owner and times are a block device's. Not the LV's own
     /// device, which comes and goes with activation: the file a name stands for must not change
     /// when its first open activates it.
-    public func volumePath(_ name: String) -> String? {
+    public func volume(_ name: String) -> PoolVolume? {
         let report = report()
         guard let lv = report.volumes.first(where: { $0.name == name && !$0.isInternal && !$0.isSnapshot }) else { return nil }
-        return statPath(of: lv, in: report)
+        let path = statPath(of: lv, in: report)
+        // A PV that went away leaves the LV listed: its reads fail, it does not vanish.
+        return PoolVolume(path: path) ?? PoolVolume(path: path, status: stat())
     }
 
     func statPath(of lv: VolumeGroupReport.LogicalVolume, in report: VolumeGroupReport) -> String {
@@ -125,7 +127,7 @@ public final class LogicalPool: Pool {
         return deviceRoot + (report.extentStart.keys.sorted().first ?? lv.path)
     }
 
-    public func openImage(_ name: String, path: String, cache: BlockCache) throws -> Image {
+    public func openImage(_ name: String, volume: PoolVolume, cache: BlockCache) throws -> Image {
         let report = report()
         guard let lv = report.volume(name) else { throw PoolError.notFound("\(volumeGroup)/\(name)") }
         return Image.wrapping(device(of: lv, in: report), path: lv.path)
@@ -133,7 +135,7 @@ public final class LogicalPool: Pool {
 
     /// `-o rw`: the LV's device, opened for writing (activated writable first if it is not active).
     /// Snapshots are not volumes, so they never get here; reading LVs from their PVs never writes.
-    public func openWritableImage(_ name: String, path: String, cache: BlockCache) throws -> Image {
+    public func openWritableImage(_ name: String, volume: PoolVolume, cache: BlockCache) throws -> Image {
         let report = report()
         guard let lv = report.volume(name), !lv.isInternal, !lv.isSnapshot else { throw PoolError.notFound("\(volumeGroup)/\(name)") }
         guard mode == .devices, writable else {

@@ -12,18 +12,23 @@ public protocol Pool: Sendable {
     var statisticsPath: String { get }
     /// The names of the pool's volumes now, sorted.
     func volumeNames() throws -> [String]
-    /// The file or device of a volume (stat'ed for its mode, owner and times), or nil if the pool
-    /// has no such volume now.
-    func volumePath(_ name: String) -> String?
+    /// What volume `name` stands for now, without opening it: its file (if it has one) and its
+    /// attributes; nil if the pool has no such volume now.
+    func volume(_ name: String) -> PoolVolume?
     /// Opens a volume. Directory pools probe the file's format; LVM pools read raw devices.
-    func openImage(_ name: String, path: String, cache: BlockCache) throws -> Image
+    func openImage(_ name: String, volume: PoolVolume, cache: BlockCache) throws -> Image
     /// Opens the volume with its top file writable (`-o rw`); pools that cannot be written refuse.
-    func openWritableImage(_ name: String, path: String, cache: BlockCache) throws -> Image
-    /// Changes whenever the volume's layout changes in ways a stat of its path cannot show (an
-    /// LV extended or moved); nil when the stat says it all.
+    func openWritableImage(_ name: String, volume: PoolVolume, cache: BlockCache) throws -> Image
+    /// Where writes to a volume opened by `openWritableImage` go.
+    func makeWriter(_ name: String, image: Image) throws -> any VolumeWriter
+    /// Changes whenever the volume's layout changes in ways its attributes cannot show (an LV
+    /// extended or moved); nil when the attributes say it all.
     func generation(of name: String) -> String?
     /// Snapshots the pool keeps as volumes of their own (LVM, ZFS), shown beside qcow2's.
     func snapshots(of name: String) -> [PoolSnapshot]
+    /// What the pool knows of a volume beyond its image (a partition's type and start sector, a
+    /// LUN's serial), as (key, value): shown as `user.poolfs.KEY` and in `poolfs ls --json`.
+    func properties(of name: String) -> [(key: String, value: String)]
     /// Runs before mounting: changes the pool needs for the time of the mount (ZFS snapshot
     /// devices made visible). A failure leaves nothing changed.
     func prepare() throws
@@ -33,16 +38,47 @@ public protocol Pool: Sendable {
 }
 
 extension Pool {
-    public func openImage(_ name: String, path: String, cache: BlockCache) throws -> Image {
-        try Image.open(path: path, cache: cache)
+    public func openImage(_ name: String, volume: PoolVolume, cache: BlockCache) throws -> Image {
+        guard let path = volume.path else { throw PoolError.notFound(name) }
+        return try Image.open(path: path, cache: cache)
     }
-    public func openWritableImage(_ name: String, path: String, cache: BlockCache) throws -> Image {
+    public func openWritableImage(_ name: String, volume: PoolVolume, cache: BlockCache) throws -> Image {
         throw Qcow2Error.writeRefused("\(displayName): writing is supported in dir pools only")
     }
+    public func makeWriter(_ name: String, image: Image) throws -> any VolumeWriter { try image.makeWriter() }
     public func generation(of name: String) -> String? { nil }
     public func snapshots(of name: String) -> [PoolSnapshot] { [] }
+    public func properties(of name: String) -> [(key: String, value: String)] { [] }
     public func prepare() throws {}
     public func release() -> [String] { [] }
+}
+
+/// What a pool says of one volume without opening it.
+///
+/// Volumes that are files (images in a directory, LV and zvol devices) have a `path`, and their
+/// attributes are its stat. Volumes that have no file on this host (iSCSI LUNs, RBD images) have
+/// none: the pool makes up their attributes, and an `st_dev`/`st_ino` that stays the same while
+/// the name stands for the same volume, and changes when it comes to stand for another.
+public struct PoolVolume: Sendable {
+    /// The file or device the volume is read through, opened, locked and checked against.
+    public var path: String?
+    /// Mode, owner and times shown for the volume, and its identity (`st_dev`, `st_ino`, size,
+    /// times: any change means the volume changed).
+    public var status: stat
+
+    public init(path: String?, status: stat) {
+        self.path = path
+        self.status = status
+    }
+
+    /// The volume that is the file at `path` now; nil when it cannot be stat'ed.
+    public init?(path: String) {
+        var st = stat()
+        guard stat(path, &st) == 0 else { return nil }
+        self.init(path: path, status: st)
+    }
+
+    public var identity: FileIdentity { FileIdentity(status) }
 }
 
 /// A snapshot that is a volume of the pool (an LVM snapshot LV, a ZFS snapshot).
@@ -91,8 +127,9 @@ public struct DirectoryPool: Pool {
         free(resolved)
     }
 
-    public func openWritableImage(_ name: String, path: String, cache: BlockCache) throws -> Image {
-        try Image.open(path: path, cache: cache, writable: true)
+    public func openWritableImage(_ name: String, volume: PoolVolume, cache: BlockCache) throws -> Image {
+        guard let path = volume.path else { throw PoolError.notFound(name) }
+        return try Image.open(path: path, cache: cache, writable: true)
     }
 
     public func volumeNames() throws -> [String] {
@@ -110,10 +147,11 @@ public struct DirectoryPool: Pool {
         return names.sorted()
     }
 
-    public func volumePath(_ name: String) -> String? {
-        guard !Self.reserved.contains(name), !name.utf8.contains(UInt8(ascii: "/")) else { return nil }
-        let full = path + "/" + name
-        return isRegular(full) ? full : nil
+    /// The regular file `name` in the directory (a symbolic link to one included), as stat says.
+    public func volume(_ name: String) -> PoolVolume? {
+        guard !Self.reserved.contains(name), !name.utf8.contains(UInt8(ascii: "/")),
+              let volume = PoolVolume(path: path + "/" + name), volume.status.st_mode & S_IFMT == S_IFREG else { return nil }
+        return volume
     }
 
     private func isRegular(_ path: String) -> Bool {

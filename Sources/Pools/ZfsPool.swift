@@ -71,12 +71,13 @@ public final class ZfsPool: Pool {
         cached.fresh.filter { $0.type == "volume" }.map { name(of: $0.name) }.sorted()
     }
 
-    public func volumePath(_ name: String) -> String? {
-        zvol(name).map { deviceRoot + "/dev/zvol/" + $0 }
+    public func volume(_ name: String) -> PoolVolume? {
+        zvol(name).flatMap { PoolVolume(path: deviceRoot + "/dev/zvol/" + $0) }
     }
 
-    public func openImage(_ name: String, path: String, cache: BlockCache) throws -> Image {
-        try Image.open(path: path, format: .raw, cache: cache)
+    public func openImage(_ name: String, volume: PoolVolume, cache: BlockCache) throws -> Image {
+        guard let path = volume.path else { throw PoolError.notFound(name) }
+        return try Image.open(path: path, format: .raw, cache: cache)
     }
 
     /// The zvol's size and its snapshots: either changing reopens the volume.

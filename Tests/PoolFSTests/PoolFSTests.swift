@@ -114,8 +114,8 @@ import Pools
         try scratch.sh("mkdir -p pool/subdir pool/.snapshots && touch pool/b.img pool/a.qcow2 pool/.hidden && ln -s a.qcow2 pool/link && ln -s subdir pool/dirlink && mkfifo pool/fifo")
         let pool = try DirectoryPool(path: scratch.path("pool"))
         #expect(try pool.volumeNames() == [".hidden", "a.qcow2", "b.img", "link"])
-        #expect(pool.volumePath("a.qcow2") == scratch.path("pool/a.qcow2"))
-        #expect(pool.volumePath("subdir") == nil && pool.volumePath(".snapshots") == nil && pool.volumePath("../pool/a.qcow2") == nil)
+        #expect(pool.volume("a.qcow2")?.path == scratch.path("pool/a.qcow2"))
+        #expect(pool.volume("subdir")?.path == nil && pool.volume(".snapshots")?.path == nil && pool.volume("../pool/a.qcow2")?.path == nil)
         #expect(throws: PoolError.notADirectory(scratch.path("pool/a.qcow2"))) { try DirectoryPool(path: scratch.path("pool/a.qcow2")) }
     }
 }
@@ -249,12 +249,12 @@ final class ZfsRunner: CommandRunner {
         var displayName: String { base.displayName }
         var statisticsPath: String { base.statisticsPath }
         func volumeNames() throws -> [String] { try base.volumeNames() }
-        func volumePath(_ name: String) -> String? { base.volumePath(name) }
-        func openWritableImage(_ name: String, path: String, cache: BlockCache) throws -> Image {
-            try base.openWritableImage(name, path: path, cache: cache)
+        func volume(_ name: String) -> PoolVolume? { base.volume(name) }
+        func openWritableImage(_ name: String, volume: PoolVolume, cache: BlockCache) throws -> Image {
+            try base.openWritableImage(name, volume: volume, cache: cache)
         }
-        func openImage(_ name: String, path: String, cache: BlockCache) throws -> Image {
-            let image = try base.openImage(name, path: path, cache: cache)
+        func openImage(_ name: String, volume: PoolVolume, cache: BlockCache) throws -> Image {
+            let image = try base.openImage(name, volume: volume, cache: cache)
             hook.withLock { hook in
                 defer { hook = nil }
                 return hook

@@ -187,8 +187,8 @@ struct LogicalPoolTests {
     @Test func snapshotsAppearUnderTheirOriginAndExplainThemselves() throws {
         let pool = try LogicalPool(volumeGroup: "testvg", runner: Self.runner(), mode: .extents)
         #expect(try pool.volumeNames() == ["lin", "span", "striped"])
-        #expect(pool.volumePath("lin") == "/dev/loop0", "extents mode stats the first PV")
-        #expect(pool.volumePath("lin-snap") == nil, "a snapshot is not a volume")
+        #expect(pool.volume("lin")?.path == "/dev/loop0", "extents mode stats the first PV")
+        #expect(pool.volume("lin-snap")?.path == nil, "a snapshot is not a volume")
         let snapshots = pool.snapshots(of: "lin")
         #expect(snapshots.map(\.name) == ["lin-snap"])
         #expect(try snapshots[0].open().size == 12 << 20, "a classic snapshot has its origin's size, not its COW's")
@@ -213,7 +213,7 @@ struct LogicalPoolTests {
         #expect(throws: LogicalPoolError.invalidated("testvg/lin-bad")) {
             try pool.snapshots(of: "lin")[0].open().read(at: 0, count: 512)
         }
-        #expect(pool.volumePath("thin") == "/dev/loop0", "an LV without extents of its own stats a PV of the VG")
+        #expect(pool.volume("thin")?.path == "/dev/loop0", "an LV without extents of its own stats a PV of the VG")
     }
 
     @Test func theReportIsAskedForAgainOnlyWhenOld() throws {
@@ -239,9 +239,9 @@ struct LogicalPoolActivationTests {
         try scratch.sh("mkdir -p dev/testvg && head -c 12582912 /dev/urandom > dev/testvg/lin")
         let runner = try ActivatingRunner()
         let pool = try LogicalPool(volumeGroup: "testvg", runner: runner, mode: .devices, deviceRoot: scratch.dir)
-        let image = try pool.openImage("lin", path: pool.volumePath("lin")!, cache: BlockCache(capacityBytes: 0))
+        let image = try pool.openImage("lin", volume: pool.volume("lin")!, cache: BlockCache(capacityBytes: 0))
         #expect(try Data(image.live.read(at: 0, count: 12 << 20)) == Data(contentsOf: URL(fileURLWithPath: scratch.path("dev/testvg/lin"))))
-        let again = try pool.openImage("lin", path: pool.volumePath("lin")!, cache: BlockCache(capacityBytes: 0))
+        let again = try pool.openImage("lin", volume: pool.volume("lin")!, cache: BlockCache(capacityBytes: 0))
         _ = try again.live.read(at: 0, count: 512)
         let activations = runner.calls.withLock { $0.filter { $0[0] == "lvchange" } }
         #expect(activations == [["lvchange", "-ay", "-K", "-y", "--ignoremonitoring", "--config",
@@ -272,7 +272,7 @@ struct LogicalPoolActivationTests {
         let refusal = CommandError(commandLine: "lvchange -ay", status: 5, stderr: "  /dev/mapper/control: open failed: No such device")
         let runner = FakeRunner(base.outputs.merging(["lvchange": .failure(refusal)]) { a, _ in a })
         let pool = try LogicalPool(volumeGroup: "testvg", runner: runner, mode: .devices)
-        let image = try pool.openImage("lin", path: "/dev/testvg/lin", cache: BlockCache(capacityBytes: 0))
+        let image = try pool.openImage("lin", volume: PoolVolume(path: "/dev/testvg/lin", status: stat()), cache: BlockCache(capacityBytes: 0))
         #expect(image.virtualSize == 12 << 20, "the size comes from the report: opening activates nothing")
         #expect(runner.calls.withLock { $0.filter { $0[0] == "lvchange" } }.isEmpty)
         #expect(throws: LogicalPoolError.activation("testvg/lin", "\(refusal)")) { try image.live.read(at: 0, count: 512) }
@@ -286,7 +286,7 @@ struct LogicalPoolActivationTests {
         let gate = DispatchSemaphore(value: 0)
         let runner = GatedRunner(base: base, gate: gate, program: "lvchange")
         let pool = try LogicalPool(volumeGroup: "testvg", runner: runner, mode: .devices, reportLifetime: 0)
-        let image = try pool.openImage("lin", path: "/dev/testvg/lin", cache: BlockCache(capacityBytes: 0))
+        let image = try pool.openImage("lin", volume: PoolVolume(path: "/dev/testvg/lin", status: stat()), cache: BlockCache(capacityBytes: 0))
         let reading = DispatchSemaphore(value: 0)
         DispatchQueue.global().async {
             _ = try? image.live.read(at: 0, count: 512)
@@ -295,7 +295,7 @@ struct LogicalPoolActivationTests {
         while runner.waiting.withLock({ $0 }) == 0 { usleep(1000) }
         let start = Date()
         #expect(try pool.volumeNames() == ["lin", "span", "striped"])
-        #expect(try pool.openImage("span", path: "/dev/testvg/span", cache: BlockCache(capacityBytes: 0)).virtualSize == 80 << 20)
+        #expect(try pool.openImage("span", volume: PoolVolume(path: "/dev/testvg/span", status: stat()), cache: BlockCache(capacityBytes: 0)).virtualSize == 80 << 20)
         #expect(try image.live.status(detection: .metadataOnly).allSatisfy(\.data), "st_blocks without activating")
         _ = pool.generation(of: "lin")
         _ = pool.snapshots(of: "lin").map { try? $0.open().size }
@@ -410,7 +410,7 @@ struct ZfsPoolTests {
         try scratch.sh("mkdir -p dev/zvol/tank/vms/sub && head -c 8388608 /dev/urandom > dev/zvol/tank/vms/web && head -c 8388608 /dev/urandom > 'dev/zvol/tank/vms/web@monday'")
         let pool = try ZfsPool(dataset: "tank/vms", runner: Self.runner(), deviceRoot: scratch.dir)
         #expect(try pool.volumeNames() == ["sub%2Fdb", "web"])
-        #expect(pool.volumePath("web") == scratch.dir + "/dev/zvol/tank/vms/web")
+        #expect(pool.volume("web")?.path == scratch.dir + "/dev/zvol/tank/vms/web")
         #expect(pool.snapshots(of: "web").map(\.name) == ["monday"])
         #expect(pool.snapshots(of: "sub%2Fdb").map(\.name) == ["nightly 1"])
         let monday = try pool.snapshots(of: "web")[0].open()
