@@ -13,7 +13,8 @@ public enum Mounter {
         if !foreground { closeInheritedDescriptors() }
         guard access("/dev/fuse", R_OK | W_OK) == 0 else { throw MountError.noFuseDevice }
         let pool = try PoolSource.open(source, type: options.type,
-                                       lvmMode: LogicalPool.Mode.forThisHost(noactivate: options.noactivate), writable: options.rw)
+                                       lvmMode: LogicalPool.Mode.forThisHost(noactivate: options.noactivate), writable: options.rw,
+                                       iscsi: try options.iscsiOptions())
         let target = try checkMountpoint(mountpoint)
         // Held until everything below is done, so that `poolfs unmount` can wait for it.
         let lock = MountLock.hold(target)
@@ -29,7 +30,7 @@ public enum Mounter {
                 throw MountError.badOption("cache_dir=\(options.cacheDirectory): not a writable directory")
             }
         }
-        if options.rw, !(pool is DirectoryPool) && (pool as? LogicalPool)?.mode != .devices {
+        if options.rw, !(pool is DirectoryPool) && !(pool is ISCSIPool) && (pool as? LogicalPool)?.mode != .devices {
             throw MountError.badOption("rw: \(pool.displayName) cannot be written: dir pools can, and LVM pools through device-mapper (not with noactivate, nor on a kernel without it); use -o cow for a writable view")
         }
         let store = VolumeStore(pool: pool, cache: BlockCache(capacityBytes: options.cacheSize), writesImages: options.rw)
@@ -115,5 +116,22 @@ public enum Mounter {
         let pool = try PoolSource.open(source, type: type, lvmMode: LogicalPool.Mode.forThisHost(noactivate: noactivate))
         let store = VolumeStore(pool: pool, cache: BlockCache(capacityBytes: 16 << 20), logsFailures: false)
         return VolumeReport.make(store.volumeNames().compactMap { store.volume($0) })
+    }
+}
+
+extension MountOptions {
+    /// The iSCSI options, with the CHAP secret read from its file now (never from the command
+    /// line, so it is not in ps; a trailing newline is not part of it).
+    func iscsiOptions() throws -> ISCSIPool.Options {
+        var secret: String?
+        if let file = chapSecretFile {
+            guard let data = FileManager.default.contents(atPath: file), var text = String(data: data, encoding: .utf8) else {
+                throw MountError.badOption("chap_secret_file=\(file): cannot be read")
+            }
+            while text.hasSuffix("\n") || text.hasSuffix("\r") { text.removeLast() }
+            guard !text.isEmpty else { throw MountError.badOption("chap_secret_file=\(file): is empty") }
+            secret = text
+        }
+        return ISCSIPool.Options(initiator: initiator, chapUser: chapUser, chapSecret: secret)
     }
 }
