@@ -77,39 +77,38 @@ public final class ISCSIConnection: @unchecked Sendable {
         iscsi_set_timeout(context, Int32(max(1, commandTimeout)))
         iscsi_set_session_type(context, ISCSI_SESSION_NORMAL)
         iscsi_set_header_digest(context, ISCSI_HEADER_DIGEST_NONE_CRC32C)
+        // Once `context` is set, every throw below runs deinit, which destroys the context.
         func fail(_ message: String) -> ISCSIError {
-            iscsi_destroy_context(context)
-            return .login(portal: portal, target: target, message: message)
+            .login(portal: portal, target: target, message: message)
         }
         guard iscsi_set_targetname(context, target) == 0 else { throw fail(Self.errorText(context)) }
         if let chap, iscsi_set_initiator_username_pwd(context, chap.user, chap.secret) != 0 {
             throw fail(Self.errorText(context))
         }
-        let done = Completion()
-        // SAFETY: `done` outlives the context's use of the pointer: it is kept alive until the
-        // context is destroyed or the callback has run (withExtendedLifetime below).
+        let done = connected
+        // SAFETY: `connected` lives as long as the connection, so as long as the context that
+        // may call back with this pointer (also when it is destroyed).
         let opaque = Unmanaged.passUnretained(done).toOpaque()
-        let started = withExtendedLifetime(done) {
-            // LUN 0 answers the TEST UNIT READY that a full connect sends after login (every
-            // target has a LUN 0: SPC's REPORT LUNS well-known LUN).
-            iscsi_full_connect_async(context, portal, 0, { _, status, _, data in
-                // SAFETY: `data` is the Completion passed just above, alive for the connect.
-                let done = Unmanaged<Completion>.fromOpaque(data!).takeUnretainedValue()
-                done.status = status
-                done.finished = true
-            }, opaque)
-        }
+        // LUN 0 answers the TEST UNIT READY that a full connect sends after login (every target
+        // has a LUN 0: SPC's REPORT LUNS well-known LUN).
+        let started = iscsi_full_connect_async(context, portal, 0, { _, status, _, data in
+            // SAFETY: `data` is the connection's Completion, alive while its context is.
+            let done = Unmanaged<Completion>.fromOpaque(data!).takeUnretainedValue()
+            done.status = status
+            done.finished = true
+        }, opaque)
         guard started == 0 else { throw fail(Self.errorText(context)) }
         let deadline = monotonicNow() + connectTimeout
         while !done.finished {
             let left = deadline - monotonicNow()
-            guard left > 0 else {
-                withExtendedLifetime(done) { _ = iscsi_destroy_context(context) }
-                throw ISCSIError.login(portal: portal, target: target, message: "no answer within \(connectTimeout) s")
-            }
+            guard left > 0 else { throw fail("no answer within \(connectTimeout) s") }
             var pfd = pollfd(fd: iscsi_get_fd(context), events: Int16(truncatingIfNeeded: iscsi_which_events(context)), revents: 0)
             let ready = poll(&pfd, 1, Int32(min(left, 0.25) * 1000) + 1)
             if ready < 0 && errno != EINTR { throw fail("poll: \(String(cString: strerror(errno)))") }
+            if ready > 0, pfd.revents & Int16(POLLERR | POLLHUP) != 0, let reason = Self.socketError(pfd.fd) {
+                // libiscsi's own text for a failed TCP connect is "can not reconnect right now".
+                throw fail(reason)
+            }
             if iscsi_service(context, ready > 0 ? Int32(pfd.revents) : 0) < 0 && !done.finished {
                 throw fail(Self.errorText(context))
             }
@@ -122,9 +121,19 @@ public final class ISCSIConnection: @unchecked Sendable {
         iscsi_destroy_context(context)
     }
 
+    private let connected = Completion()
+
     private final class Completion {
         var finished = false
         var status: Int32 = 0
+    }
+
+    /// The pending error of a socket (SO_ERROR), as strerror says it; nil if none.
+    private static func socketError(_ fd: Int32) -> String? {
+        var error: Int32 = 0
+        var length = socklen_t(MemoryLayout<Int32>.size)
+        guard getsockopt(fd, SOL_SOCKET, SO_ERROR, &error, &length) == 0, error != 0 else { return nil }
+        return String(cString: strerror(error))
     }
 
     private static func errorText(_ context: OpaquePointer) -> String {
