@@ -2,6 +2,7 @@
 import Glibc
 #endif
 import CISCSI
+import Foundation
 
 /// The thin layer over libiscsi 1.19: one connected, logged-in session to one target, and the
 /// SCSI commands poolfs sends (REPORT LUNS, INQUIRY, READ CAPACITY(16), READ(16), WRITE(16),
@@ -230,7 +231,8 @@ public final class ISCSIConnection: @unchecked Sendable {
         guard let raw = scsi_datain_unmarshall(task) else { return nil }
         // SAFETY: VPD page 0x80 unmarshalls to scsi_inquiry_unit_serial_number, owned by the task.
         let page = raw.assumingMemoryBound(to: scsi_inquiry_unit_serial_number.self).pointee
-        return page.usn.map { String(cString: $0) }
+        // Often padded with spaces (tgtd: 30 of them before "beaf11").
+        return page.usn.map { String(cString: $0).trimmingCharacters(in: .whitespaces) }
     }
 
     /// READ CAPACITY(16) (`iscsi_readcapacity16_sync`).
