@@ -17,6 +17,7 @@ let package = Package(
         .target(name: "CFuseShim", dependencies: ["CFuse3"]),
         .target(name: "CCompress", linkerSettings: [.linkedLibrary("deflate"), .linkedLibrary("z"), .linkedLibrary("zstd")]),
         .target(name: "CHostIO"),
+        .systemLibrary(name: "CISCSI", pkgConfig: "libiscsi", providers: [.apt(["libiscsi-dev"])]),
         // The lock every module uses: a pthread mutex, which ThreadSanitizer understands.
         .target(name: "Locking"),
 
@@ -24,9 +25,10 @@ let package = Package(
         .target(name: "Qcow2", dependencies: ["CCompress", "CHostIO", "Locking"]),
         // The only Swift module that imports libfuse.
         .target(name: "FuseKit", dependencies: ["CFuse3", "CFuseShim", "Locking"]),
-        // Pool adapters: directories, LVM volume groups; external commands through one runner.
-        // Partition tables are read by libblkid (CBlkid), from PartitionTable.swift only.
-        .target(name: "Pools", dependencies: ["Qcow2", "CHostIO", "CBlkid", "Locking"]),
+        // Pool adapters: directories, LVM volume groups, disks, iSCSI targets; external commands
+        // through one runner. Partition tables are read by libblkid (CBlkid), from
+        // PartitionTable.swift only; iSCSI goes through libiscsi (CISCSI), from ISCSIClient.swift only.
+        .target(name: "Pools", dependencies: ["Qcow2", "CHostIO", "CBlkid", "CISCSI", "Locking"]),
         // The filesystem: the tree of volumes and snapshots, FUSE operations.
         .target(name: "PoolFS", dependencies: ["Qcow2", "FuseKit", "Pools", "Locking"]),
         .executableTarget(name: "poolfs", dependencies: [

@@ -15,6 +15,10 @@ public struct MountOptions: Sendable, Equatable {
     public var cacheDirectory = "/var/tmp"
     public var cowMemory = 256 << 20
     public var type: String?
+    /// iSCSI: the initiator name, the CHAP user and the file holding the CHAP secret (read at mount).
+    public var initiator: String?
+    public var chapUser: String?
+    public var chapSecretFile: String?
     public var fuseOptions: [String] = []
 
     public init() {}
@@ -60,6 +64,9 @@ public struct MountOptions: Sendable, Equatable {
                     o.cowMemory = try byteCount(value, option: option)
                 case "type":
                     o.type = value
+                case "initiator", "chap_user", "chap_secret_file":
+                    guard let value, !value.isEmpty else { throw MountError.badOption("\(key): needs a value") }
+                    if key == "initiator" { o.initiator = value } else if key == "chap_user" { o.chapUser = value } else { o.chapSecretFile = value }
                 case "ro":
                     o.rw = false
                 case "rw":
@@ -70,6 +77,9 @@ public struct MountOptions: Sendable, Equatable {
                     o.fuseOptions.append(option)
                 }
             }
+        }
+        if o.chapSecretFile != nil && o.chapUser == nil {
+            throw MountError.badOption("chap_secret_file: needs chap_user=NAME")
         }
         if o.rw && o.cow {
             throw MountError.badOption("rw,cow: choose one: rw writes into the images, cow keeps writes apart and drops them at unmount")

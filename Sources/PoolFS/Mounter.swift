@@ -111,7 +111,8 @@ public enum Mounter {
     /// The pool SOURCE names, as `poolfs mount` and `poolfs ls` take it with their options.
     public static func openPool(_ source: String, options: MountOptions) throws -> any Pool {
         try PoolSource.open(source, type: options.type,
-                            lvmMode: LogicalPool.Mode.forThisHost(noactivate: options.noactivate), writable: options.rw)
+                            lvmMode: LogicalPool.Mode.forThisHost(noactivate: options.noactivate), writable: options.rw,
+                            iscsi: try options.iscsiOptions())
     }
 
     /// Opens every volume of the pool, for `poolfs ls`; and why the pool shows none, if it says.
@@ -120,5 +121,22 @@ public enum Mounter {
         defer { for failure in pool.release() { Log.error(failure) } }
         let store = VolumeStore(pool: pool, cache: BlockCache(capacityBytes: 16 << 20), logsFailures: false)
         return (VolumeReport.make(store.volumeNames().compactMap { store.volume($0) }), pool.problem)
+    }
+}
+
+extension MountOptions {
+    /// The iSCSI options, with the CHAP secret read from its file now (never from the command
+    /// line, so it is not in ps; a trailing newline is not part of it).
+    func iscsiOptions() throws -> ISCSIPool.Options {
+        var secret: String?
+        if let file = chapSecretFile {
+            guard let data = FileManager.default.contents(atPath: file), var text = String(data: data, encoding: .utf8) else {
+                throw MountError.badOption("chap_secret_file=\(file): cannot be read")
+            }
+            while text.hasSuffix("\n") || text.hasSuffix("\r") { text.removeLast() }
+            guard !text.isEmpty else { throw MountError.badOption("chap_secret_file=\(file): is empty") }
+            secret = text
+        }
+        return ISCSIPool.Options(initiator: initiator, chapUser: chapUser, chapSecret: secret)
     }
 }

@@ -112,7 +112,7 @@ public enum PoolError: Error, CustomStringConvertible, Equatable {
         switch self {
         case .notFound(let what): return "pool \(what) does not exist"
         case .notADirectory(let path): return "pool \(path) is not a directory"
-        case .unsupportedType(let type): return "pool type '\(type)' is not supported yet (supported: dir, fs, netfs, logical, zfs, disk)"
+        case .unsupportedType(let type): return "pool type '\(type)' is not supported yet (supported: dir, fs, netfs, logical, zfs, disk, iscsi, iscsi-direct)"
         case .libvirt(let why): return why
         }
     }
@@ -180,9 +180,12 @@ public enum PoolSource {
                             libvirtDirectory: String = libvirtStorageDirectory,
                             runner: any CommandRunner = SystemCommandRunner(),
                             lvmMode: LogicalPool.Mode = LogicalPool.Mode.forThisHost(noactivate: false),
-                            writable: Bool = false) throws -> any Pool {
+                            writable: Bool = false, iscsi: ISCSIPool.Options = ISCSIPool.Options()) throws -> any Pool {
         var path = source
         var resolvedType = type
+        var iscsi = iscsi
+        iscsi.writable = writable
+        if type == nil, source.hasPrefix("iscsi://") { resolvedType = "iscsi" }
         if type != "logical", type != "zfs", !source.contains("/"), !FileManager.default.fileExists(atPath: source) {
             let definition = libvirtDirectory + "/" + source + ".xml"
             guard let xml = try? String(contentsOfFile: definition, encoding: .utf8) else {
@@ -200,6 +203,15 @@ public enum PoolSource {
                 throw PoolError.libvirt("libvirt pool \(source) has type '\(parsed.type)', not '\(type)'")
             }
             resolvedType = parsed.type
+            if parsed.type == "iscsi" || parsed.type == "iscsi-direct" {
+                let target = try parseLibvirtISCSI(xml, file: definition)
+                path = target.url
+                iscsi.initiator = iscsi.initiator ?? target.initiator
+                iscsi.chapUser = iscsi.chapUser ?? target.chapUser
+                if iscsi.chapUser != nil, iscsi.chapSecret == nil {
+                    throw PoolError.libvirt("libvirt pool \(source) uses CHAP: give its secret with -o chap_secret_file=PATH")
+                }
+            }
         }
         switch resolvedType ?? "dir" {
         case "dir", "fs", "netfs":
@@ -214,6 +226,8 @@ public enum PoolSource {
             // libvirt's target path of a zfs pool is /dev/zvol/POOL[/DATASET].
             let dataset = path.hasPrefix("/dev/zvol/") ? String(path.dropFirst("/dev/zvol/".count)) : path
             return try ZfsPool(dataset: dataset, runner: runner)
+        case "iscsi", "iscsi-direct":
+            return try ISCSIPool(url: path, options: iscsi)
         case let other:
             throw PoolError.unsupportedType(other)
         }
@@ -231,9 +245,35 @@ public enum PoolSource {
             throw PoolError.libvirt("\(file): no <pool type=...>")
         }
         let device = firstMatch(#"<source>.*?<device\s[^>]*path\s*=\s*['"]([^'"]+)['"]"#)
-        guard let path = firstMatch(#"<target>.*?<path>\s*([^<]*?)\s*</path>"#) ?? (type == "disk" ? device : nil) else {
+        // A disk pool's disk is its source device; an iscsi-direct pool has no target path (its
+        // source says it all: parseLibvirtISCSI).
+        guard let path = firstMatch(#"<target>.*?<path>\s*([^<]*?)\s*</path>"#) ?? (type == "disk" ? device : type.hasPrefix("iscsi") ? "" : nil) else {
             throw PoolError.libvirt("\(file): no <target><path>")
         }
         return (type, path, device)
+    }
+
+    /// An `iscsi` or `iscsi-direct` pool's `<source>`: `<host name= port=/>`, `<device path='IQN'/>`,
+    /// `<initiator><iqn name=/></initiator>` and `<auth type='chap' username=...>`, as an
+    /// `iscsi://HOST:PORT/IQN` URL and the options it implies.
+    static func parseLibvirtISCSI(_ xml: String, file: String) throws -> (url: String, initiator: String?, chapUser: String?) {
+        func firstMatch(_ pattern: String) -> String? {
+            guard let regex = try? NSRegularExpression(pattern: pattern, options: [.dotMatchesLineSeparators]),
+                  let match = regex.firstMatch(in: xml, range: NSRange(xml.startIndex..., in: xml)),
+                  let range = Range(match.range(at: 1), in: xml) else { return nil }
+            return String(xml[range])
+        }
+        guard let host = firstMatch(#"<source>.*?<host\s[^>]*name\s*=\s*['"]([^'"]+)['"]"#) else {
+            throw PoolError.libvirt("\(file): no <source><host name=...>")
+        }
+        guard let device = firstMatch(#"<source>.*?<device\s[^>]*path\s*=\s*['"]([^'"]+)['"]"#) else {
+            throw PoolError.libvirt("\(file): no <source><device path=...> (the target IQN)")
+        }
+        let port = firstMatch(#"<source>.*?<host\s[^>]*port\s*=\s*['"]([0-9]+)['"]"#) ?? "3260"
+        let initiator = firstMatch(#"<initiator>.*?<iqn\s[^>]*name\s*=\s*['"]([^'"]+)['"]"#)
+        let chapUser = firstMatch(#"<auth\s[^>]*type\s*=\s*['"]chap['"][^>]*username\s*=\s*['"]([^'"]+)['"]"#)
+            ?? firstMatch(#"<auth\s[^>]*username\s*=\s*['"]([^'"]+)['"][^>]*type\s*=\s*['"]chap['"]"#)
+        let bracketed = host.contains(":") ? "[\(host)]" : host
+        return ("iscsi://\(bracketed):\(port)/\(device)", initiator, chapUser)
     }
 }

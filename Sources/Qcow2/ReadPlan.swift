@@ -46,6 +46,15 @@ public struct ReadPlan: Sendable {
         length += n
     }
 
+    /// `length` bytes from `start` of `count` bytes that `fill` reads into memory now (a network
+    /// read of the whole blocks that cover the range).
+    public mutating func appendRead(count: Int, start: Int, length n: Int,
+                                    fill: (UnsafeMutableRawBufferPointer) throws -> Void) rethrows {
+        precondition(start >= 0 && n >= 0 && start + n <= count, "read range outside its buffer")
+        guard n > 0 else { return }
+        appendBytes(try CachedBlock(count: count, fill: fill), start: start, length: n)
+    }
+
     mutating func appendBytes(_ block: CachedBlock, start: Int, length n: Int) {
         guard n > 0 else { return }
         segments.append(.bytes(block, start: start, length: n))

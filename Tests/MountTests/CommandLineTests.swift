@@ -26,8 +26,8 @@ struct CommandLineTests {
         #expect(missingMountpoint.status != 0 && missingMountpoint.output == "poolfs: mountpoint nowhere does not exist\n")
         let badOption = poolfs("mount --foreground -o cache_size=lots pool mnt", in: scratch)
         #expect(badOption.status != 0 && badOption.output == "poolfs: bad option cache_size=lots: 'lots' is not a size\n")
-        let wrongType = poolfs("mount --foreground --type iscsi pool mnt", in: scratch)
-        #expect(wrongType.status != 0 && wrongType.output.contains("pool type 'iscsi' is not supported yet"))
+        let wrongType = poolfs("mount --foreground --type gluster pool mnt", in: scratch)
+        #expect(wrongType.status != 0 && wrongType.output.contains("pool type 'gluster' is not supported yet"))
         let noZfs = poolfs("mount --foreground --type zfs tank/vms mnt", in: scratch)
         #expect(noZfs.status != 0 && noZfs.output.contains("`zfs list -H -p") && noZfs.output.contains("exited with status"),
                 "a missing or failing zfs command is named: \(noZfs.output)")
