@@ -55,7 +55,7 @@ extension PoolFileSystem {
     func partitionTable(_ volume: OpenVolume, snapshot file: String?) -> Result<PartitionTable?, Errno> {
         holderDisk(volume, snapshot: file).flatMap { disk in
             volume.partitionTable(snapshot: file, device: disk).mapError { why in
-                Log.warning("volume \(volume.name)\(file.map { " snapshot " + $0 } ?? ""): \(why)")
+                Log.warning("volume \(volume.name)\(file.map { " snapshot " + $0 } ?? ""): its partition table cannot be read: \(why)")
                 return .io
             }
         }
@@ -73,7 +73,7 @@ extension PoolFileSystem {
             return directory(volume)
         case .partitionSnapshotDirectory(let key, let file):
             return store.volume(key).flatMap { volume in
-                holderDisk(volume, snapshot: file).flatMap { _ in directory(volume) }
+                volume.snapshot(file: file) != nil || volume.poolSnapshots.contains { $0.file == file } ? directory(volume) : .failure(.noEntry)
             }
         case .partition(let key, let file, let number):
             return store.volume(key).flatMap { volume in
@@ -128,12 +128,13 @@ extension PoolFileSystem {
     /// The entries of a directory under `.partitions/`: every volume (as in `.snapshots/`), every
     /// snapshot of a volume, and the partitions of a disk, read now.
     func partitionChildren(of node: Node) -> Result<[(name: String, node: Node?, mode: UInt32)], Errno> {
+        /// A disk that cannot be read (an overflowed snapshot, a failing device) lists no
+        /// partitions, and says why in the log: a `find` over the mount goes on past it.
         func partitions(_ volume: OpenVolume, _ file: String?) -> Result<[(name: String, node: Node?, mode: UInt32)], Errno> {
-            partitionTable(volume, snapshot: file).map { table in
-                (table?.partitions ?? []).filter { !$0.isExtended }.map { p in
-                    (PartitionNames.file(p.number), .partition(volume.key, snapshot: file, number: p.number), S_IFREG)
-                }
-            }
+            let table = (try? partitionTable(volume, snapshot: file).get()) ?? nil
+            return .success((table?.partitions ?? []).filter { !$0.isExtended }.map { p in
+                (PartitionNames.file(p.number), .partition(volume.key, snapshot: file, number: p.number), S_IFREG)
+            })
         }
         switch node {
         case .partitions:

@@ -120,7 +120,8 @@ public final class OpenVolume: Sendable {
         let table = Result {
             try PartitionTable.read(device) ?? PartitionTable.read(device, sectorSize: 4096)
         }.mapError { PoolSnapshotError(message: "\($0)") }
-        partitionTables.withLock { $0[key] = (table, now) }
+        // A failure (a read error) is not kept: the next look tries again.
+        if case .success = table { partitionTables.withLock { $0[key] = (table, now) } }
         return table
     }
 
@@ -447,7 +448,7 @@ public final class VolumeStore: Sendable {
         if let writer { return writer }
         guard let kept else { return nil }
         let what = fresh == nil ? "left the pool" : "names another file now"
-        Log.info("volume \(name): \(what) while open; what is open stays on the old one (\(kept.path ?? "no file"), inode \(kept.key.inode)) until closed")
+        Log.info("volume \(name): \(what) while open; what is open stays on the old file (\(kept.path ?? "a volume with no path"), inode \(kept.key.inode)) until closed")
         return nil
     }
 }

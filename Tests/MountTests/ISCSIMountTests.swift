@@ -6,13 +6,7 @@ import Testing
 @Suite("iSCSI mounts", .serialized)
 struct ISCSIMountTests {
     func poolfs(_ arguments: String, in scratch: Scratch) -> (status: Int32, output: String) {
-        do {
-            return (0, try scratch.sh("'\(Binary.path)' \(arguments)"))
-        } catch let error as ShellError {
-            return (error.status, error.output)
-        } catch {
-            return (-1, "\(error)")
-        }
+        runPoolfs(arguments, in: scratch)
     }
 
     @Test func lunsAreFilesAndRwWritesThem() throws {
@@ -28,7 +22,7 @@ struct ISCSIMountTests {
         do {
             let mount = try PoolMount(target.url, in: scratch, options: ["type=iscsi"])
             defer { mount.unmount() }
-            #expect(try FileManager.default.contentsOfDirectory(atPath: mount.mountpoint).sorted() == [".snapshots", "unit:0:0:1", "unit:0:0:2"])
+            #expect(try FileManager.default.contentsOfDirectory(atPath: mount.mountpoint).sorted() == [".partitions", ".snapshots", "unit:0:0:1", "unit:0:0:2"])
             try scratch.sh("cmp one.raw mnt/unit:0:0:1 && cmp two.raw mnt/unit:0:0:2")
             #expect(try dataRanges(of: mount.path("unit:0:0:2")) == [(40 << 16)..<(43 << 16)])
             let attributes = try FileManager.default.attributesOfItem(atPath: mount.path("unit:0:0:1"))

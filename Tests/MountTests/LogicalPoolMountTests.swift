@@ -24,7 +24,7 @@ struct LogicalPoolMountTests {
 
         let mount = try PoolMount(vg, in: scratch, options: ["type=logical", "noactivate"])
         defer { mount.unmount() }
-        #expect(try FileManager.default.contentsOfDirectory(atPath: mount.mountpoint).sorted() == [".snapshots", "data", "striped"])
+        #expect(try FileManager.default.contentsOfDirectory(atPath: mount.mountpoint).sorted() == [".partitions", ".snapshots", "data", "striped"])
         #expect(try contents(mount.path("data")) == contents(scratch.path("expected")))
         #expect(try FileManager.default.attributesOfItem(atPath: mount.path("striped"))[.size] as? UInt64 == 8 << 20)
         #expect(try FileManager.default.contentsOfDirectory(atPath: mount.path(".snapshots/data")).isEmpty)

@@ -11,7 +11,7 @@ struct MountTests {
         let mount = try PoolMount(scratch.path("pool"), in: scratch)
         defer { mount.unmount() }
         let listed = try FileManager.default.contentsOfDirectory(atPath: mount.mountpoint).sorted()
-        #expect(listed == [".snapshots"] + SamplePool.volumes)
+        #expect(listed == [".partitions", ".snapshots"] + SamplePool.volumes)
         for volume in SamplePool.volumes {
             try scratch.sh("qemu-img convert -O raw pool/\(volume) expected.raw")
             #expect(try contents(mount.path(volume)) == contents(scratch.path("expected.raw")), "\(volume)")

@@ -298,7 +298,7 @@ final class SoakRun: Sendable {
         var tally = SoakTally()
         defer { total.withLock { $0.merge(tally) } }
         let volumes = models.filter { $0.snapshot == nil }.map(\.volume)
-        let rootNames = Set(volumes + [".snapshots"])
+        let rootNames = Set(volumes + [".snapshots", ".partitions"])
         while !stopped {
             let roll = Int.random(in: 0..<100, using: &rng)
             switch roll {
