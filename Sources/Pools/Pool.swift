@@ -233,14 +233,17 @@ public enum PoolSource {
         }
     }
 
+    /// The first group of the first match of `pattern` in a pool definition, `.` matching newlines.
+    static func firstMatch(_ pattern: String, in xml: String) -> String? {
+        guard let regex = try? NSRegularExpression(pattern: pattern, options: [.dotMatchesLineSeparators]),
+              let match = regex.firstMatch(in: xml, range: NSRange(xml.startIndex..., in: xml)),
+              let range = Range(match.range(at: 1), in: xml) else { return nil }
+        return String(xml[range])
+    }
+
     /// The pool's type attribute, its `<target><path>` and its `<source><device path=...>`.
     static func parseLibvirt(_ xml: String, file: String) throws -> (type: String, path: String, device: String?) {
-        func firstMatch(_ pattern: String) -> String? {
-            guard let regex = try? NSRegularExpression(pattern: pattern, options: [.dotMatchesLineSeparators]),
-                  let match = regex.firstMatch(in: xml, range: NSRange(xml.startIndex..., in: xml)),
-                  let range = Range(match.range(at: 1), in: xml) else { return nil }
-            return String(xml[range])
-        }
+        func firstMatch(_ pattern: String) -> String? { Self.firstMatch(pattern, in: xml) }
         guard let type = firstMatch(#"<pool\s[^>]*type\s*=\s*['"]([^'"]+)['"]"#) else {
             throw PoolError.libvirt("\(file): no <pool type=...>")
         }
@@ -257,12 +260,7 @@ public enum PoolSource {
     /// `<initiator><iqn name=/></initiator>` and `<auth type='chap' username=...>`, as an
     /// `iscsi://HOST:PORT/IQN` URL and the options it implies.
     static func parseLibvirtISCSI(_ xml: String, file: String) throws -> (url: String, initiator: String?, chapUser: String?) {
-        func firstMatch(_ pattern: String) -> String? {
-            guard let regex = try? NSRegularExpression(pattern: pattern, options: [.dotMatchesLineSeparators]),
-                  let match = regex.firstMatch(in: xml, range: NSRange(xml.startIndex..., in: xml)),
-                  let range = Range(match.range(at: 1), in: xml) else { return nil }
-            return String(xml[range])
-        }
+        func firstMatch(_ pattern: String) -> String? { Self.firstMatch(pattern, in: xml) }
         guard let host = firstMatch(#"<source>.*?<host\s[^>]*name\s*=\s*['"]([^'"]+)['"]"#) else {
             throw PoolError.libvirt("\(file): no <source><host name=...>")
         }

@@ -6,13 +6,7 @@ import Testing
 @Suite("poolfs command line")
 struct CommandLineTests {
     func poolfs(_ arguments: String, in scratch: Scratch) -> (status: Int32, output: String) {
-        do {
-            return (0, try scratch.sh("'\(Binary.path)' \(arguments)"))
-        } catch let error as ShellError {
-            return (error.status, error.output)
-        } catch {
-            return (-1, "\(error)")
-        }
+        runPoolfs(arguments, in: scratch)
     }
 
     @Test func startupErrorsAreClearAndLeaveNothingMounted() throws {

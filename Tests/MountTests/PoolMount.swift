@@ -12,6 +12,17 @@ enum Binary {
     }
 }
 
+/// Runs the built `poolfs` with `arguments` (shell words): its exit status and output.
+func runPoolfs(_ arguments: String, in scratch: Scratch) -> (status: Int32, output: String) {
+    do {
+        return (0, try scratch.sh("'\(Binary.path)' \(arguments)"))
+    } catch let error as ShellError {
+        return (error.status, error.output)
+    } catch {
+        return (-1, "\(error)")
+    }
+}
+
 /// A running `poolfs mount --foreground`, unmounted when the test ends, failed or not.
 final class PoolMount {
     let mountpoint: String
