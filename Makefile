@@ -5,7 +5,7 @@ PREFIX ?= /usr/local
 SWIFT_RELEASE := swift build -c release
 BIN_RELEASE = $(shell swift build -c release --show-bin-path 2>/dev/null)/poolfs
 
-.PHONY: all deps build release demo demo-stop test test-sanitizers fuzz bench bench-quick install uninstall clean
+.PHONY: all deps build release demo demo-stop test test-sanitizers fuzz bench bench-quick man install uninstall clean
 
 all: release
 
@@ -31,6 +31,7 @@ demo-stop:
 test: deps
 	@if [ "$$CI" = "true" ] && [ "$$(id -u)" -ne 0 ]; then echo "make test: CI must run as root (FUSE and loop mounts)" >&2; exit 1; fi
 	swift build --build-tests
+	swift build --product generate-manual
 	POOLFS_BIN="$$(swift build --show-bin-path)/poolfs" swift test
 	FUZZ_SMOKE_SECONDS=$(FUZZ_SMOKE_SECONDS) scripts/fuzz.sh smoke
 
@@ -73,14 +74,21 @@ bench-quick: release
 	@scripts/install-deps.sh libqcow-utils
 	bench/run.py "$(BIN_RELEASE)" --quick --rounds 2
 
-# Installs the binary, and the helper that lets mount(8) and fstab use `-t fuse.poolfs`.
-install: release
-	install -D -m 755 "$(BIN_RELEASE)" "$(DESTDIR)$(PREFIX)/bin/poolfs"
-	install -D -m 755 mount-helpers/mount.fuse.poolfs "$(DESTDIR)/sbin/mount.fuse.poolfs"
-	sed -i 's|^POOLFS=.*|POOLFS="$(PREFIX)/bin/poolfs"|' "$(DESTDIR)/sbin/mount.fuse.poolfs"
+# The man page, poolfs.1 (every subcommand on one page), made by swift-argument-parser's
+# GenerateManual plugin from the release build's help texts (Sources/poolfs). The plugin builds
+# the package (a no-op after `release`), then runs its generate-manual tool on the binary.
+MAN_DIR := .build/plugins/GenerateManual/outputs/poolfs
+man: release
+	rm -rf "$(MAN_DIR)"
+	swift package plugin generate-manual
+
+# Installs the binary, the helper that lets mount(8) and fstab use `-t fuse.poolfs`, the man page
+# and bash, zsh and fish completions (scripts/install.sh lists where).
+install: man
+	scripts/install.sh install "$(BIN_RELEASE)" "$(MAN_DIR)" "$(DESTDIR)" "$(PREFIX)"
 
 uninstall:
-	rm -f "$(DESTDIR)$(PREFIX)/bin/poolfs" "$(DESTDIR)/sbin/mount.fuse.poolfs"
+	scripts/install.sh uninstall "$(DESTDIR)" "$(PREFIX)"
 
 clean:
 	rm -rf .build .build-fuzz demo-pool demo-mnt bench-work fuzz

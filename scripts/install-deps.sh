@@ -4,8 +4,9 @@
 set -euo pipefail
 
 # fio, python3 and qemu-system-common (qemu-storage-daemon) drive the -o rw tests; tgt (tgtd) serves
-# the iSCSI tests' targets and qemu-block-extra lets qemu-img read them.
-packages=(libfuse3-dev libblkid-dev fuse3 zlib1g-dev libdeflate-dev libzstd-dev pkg-config qemu-utils fdisk e2fsprogs mount util-linux kmod attr lvm2 fio python3 qemu-system-common qemu-system-x86 linux-image-amd64 busybox-static thin-provisioning-tools libiscsi-dev tgt qemu-block-extra "$@")
+# the iSCSI tests' targets and qemu-block-extra lets qemu-img read them. man-db renders and mandoc
+# checks the man page that make install installs; bsdextrautils has col.
+packages=(libfuse3-dev libblkid-dev fuse3 zlib1g-dev libdeflate-dev libzstd-dev pkg-config qemu-utils fdisk e2fsprogs mount util-linux kmod attr lvm2 fio python3 qemu-system-common qemu-system-x86 linux-image-amd64 busybox-static thin-provisioning-tools libiscsi-dev tgt qemu-block-extra man-db mandoc bsdextrautils "$@")
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -5,30 +5,73 @@ import PoolFS
 struct MountCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "mount",
-        abstract: "Mount a pool: a directory of images, an LVM volume group, a ZFS dataset, or a libvirt pool name.",
+        abstract: "Mount a pool: a directory of images, an LVM volume group, a ZFS dataset, a disk's partitions, an iSCSI target, or a libvirt pool by name.",
         discussion: """
-        Options (-o, comma-separated, repeatable): cache_size=SIZE (default 64M), threads=N (16), \
-        readahead=SIZE (2M; above the kernel's 128K only for root), max_read=SIZE (512K: the largest read request), nosplice, type=dir|logical|zfs|disk, noactivate (LVM: read LVs from their PVs); \
-        cow, cache_dir=DIR (/var/tmp), cow_memory=SIZE (256M): writable files whose writes are kept apart \
-        and dropped at unmount; rw (dir pools): writes go into the images, with QEMU's image locks \
-        (a volume a VM is writing cannot be opened for writing); snapshots stay read-only. \
-        Anything else goes to FUSE (allow_other, default_permissions, noatime, ...). \
-        Without cow or rw the mount is read-only.
+        poolfs mounts SOURCE at MOUNTPOINT, then daemonizes and logs to
+        syslog (with --foreground, to stderr too). SIGINT, SIGTERM,
+        SIGHUP unmount, as do poolfs unmount and fusermount3 -u.
+        poolfs --help (or man poolfs) describes pool types, the tree
+        and its attributes.
+
+        OPTIONS (-o, comma-separated, repeatable; the last one wins)
+          SIZE: bytes, or with a K, M, G or T suffix (powers of 1024).
+          ro                  read-only: the default (cancels rw)
+          rw                  writes go into the volumes: dir, disk
+                              and iscsi pools, logical pools through
+                              device-mapper; snapshots stay read-only
+          cow                 every file writable; writes are kept
+                              apart, dropped at unmount (not with rw)
+          cow_memory=SIZE     cow: written blocks kept in memory
+                              before they go to a spill file (256M)
+          cache_dir=DIR       cow: where the spill file is made; it
+                              is unlinked at once (/var/tmp)
+          type=TYPE           the pool type, as --type: dir, fs,
+                              netfs, logical, zfs, disk, iscsi,
+                              iscsi-direct
+          noactivate          logical: never use device-mapper; read
+                              LVs and snapshots from their PVs
+          initiator=IQN       iscsi: the initiator name to log in as
+                              (iqn.2026-01.org.poolfs:initiator)
+          chap_user=NAME      iscsi: log in with CHAP as NAME
+          chap_secret_file=FILE
+                              iscsi: the file that holds the CHAP
+                              secret, read at mount (a final newline
+                              is not part of it), so that it is never
+                              on a command line; needs chap_user
+          cache_size=SIZE     metadata (L1/L2 tables, refcounts) and
+                              decompressed clusters cached, for all
+                              volumes together (64M)
+          threads=N           libfuse worker threads, 1 to 256 (16)
+          readahead=SIZE      the kernel's readahead for the files
+                              (2M); above 128K only when run as root
+          max_read=SIZE       the largest read request, 4K to 1M
+                              (512K)
+          nosplice            reply with copies instead of splicing
+                              image data into the kernel
+          defaults, auto, noauto, user, users, nouser, nofail,
+          _netdev, owner, group, comment=..., x-*
+                              for mount(8), fstab and systemd: ignored
+          Anything else goes to FUSE and the kernel: allow_other (let
+          other users in), default_permissions (the kernel checks the
+          files' modes and owners), noatime, nodev, nosuid, ...
         """)
 
-    @Option(name: .long, help: "Pool type: dir (a directory of qcow2/raw images), logical (an LVM volume group), zfs (a dataset's zvols) or disk (the partitions of a disk or disk image).")
+    @Option(name: .long, help: "Pool type: dir (also fs, netfs), logical, zfs, disk or iscsi (also iscsi-direct). Default: dir, or iscsi for an iscsi:// SOURCE.",
+            completion: .list(poolTypes))
     var type: String?
 
-    @Option(name: .customShort("o"), help: "Mount options.")
+    @Option(name: .customShort("o"), help: ArgumentHelp("Mount options, comma-separated (listed above).", valueName: "options"),
+            completion: .list(mountOptionNames))
     var options: [String] = []
 
     @Flag(name: [.short, .long], help: "Stay in the foreground instead of daemonizing.")
     var foreground = false
 
-    @Argument(help: "A pool directory or libvirt pool name.")
+    @Argument(help: "The pool: a directory, volume group, dataset, disk or disk image, iscsi:// URL, or libvirt pool name.",
+              completion: .file())
     var source: String
 
-    @Argument(help: "Where to mount it.")
+    @Argument(help: "Where to mount it.", completion: .directory)
     var mountpoint: String
 
     func run() throws {
@@ -46,7 +89,7 @@ struct UnmountCommand: ParsableCommand {
     static let configuration = CommandConfiguration(commandName: "unmount", abstract: "Unmount a poolfs mount.",
                                                     aliases: ["umount"])
 
-    @Argument(help: "The mountpoint.")
+    @Argument(help: "The mountpoint.", completion: .directory)
     var mountpoint: String
 
     func run() throws {
@@ -56,9 +99,15 @@ struct UnmountCommand: ParsableCommand {
 
 struct ListCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
-        commandName: "ls", abstract: "List a pool's volumes: format, sizes, backing chain, snapshots, errors.")
+        commandName: "ls", abstract: "List a pool's volumes: format, sizes, backing chain, snapshots, errors.",
+        discussion: """
+        SOURCE and --type are as poolfs mount takes them. -o takes the same
+        options: the ones that choose and reach the pool matter here
+        (type=, noactivate, initiator=, chap_user=, chap_secret_file=);
+        the others are checked and have no effect.
+        """)
 
-    @Option(name: .long, help: "Pool type: dir, logical, zfs or disk.")
+    @Option(name: .long, help: "Pool type, as poolfs mount takes it.", completion: .list(poolTypes))
     var type: String?
 
     @Flag(name: .long, help: "Print JSON.")
@@ -67,10 +116,11 @@ struct ListCommand: ParsableCommand {
     @Flag(name: .long, help: "LVM: read LVs from their PVs, never through device-mapper.")
     var noactivate = false
 
-    @Option(name: .customShort("o"), help: "Pool options, as `poolfs mount -o` takes them (noactivate, and a remote pool's connection).")
+    @Option(name: .customShort("o"), help: ArgumentHelp("Pool options, as poolfs mount -o takes them.", valueName: "options"),
+            completion: .list(mountOptionNames))
     var options: [String] = []
 
-    @Argument(help: "A pool directory or libvirt pool name.")
+    @Argument(help: "The pool, as poolfs mount takes it.", completion: .file())
     var source: String
 
     func run() throws {
@@ -86,3 +136,9 @@ struct ListCommand: ParsableCommand {
         }
     }
 }
+
+/// What the completion scripts offer for --type and -o.
+let poolTypes = ["dir", "fs", "netfs", "logical", "zfs", "disk", "iscsi", "iscsi-direct"]
+let mountOptionNames = ["ro", "rw", "cow", "cow_memory=", "cache_dir=", "type=", "noactivate", "initiator=", "chap_user=",
+                        "chap_secret_file=", "cache_size=", "threads=", "readahead=", "max_read=", "nosplice",
+                        "allow_other", "default_permissions", "noatime"]
