@@ -376,9 +376,10 @@ def make_random_file(path, size):
 def iscsi_vs_qsd(binary, size, rounds, seconds):
     """A LUN of a tgtd of the bench's own, read through poolfs (`--type iscsi`) and through
     qemu-storage-daemon's FUSE export (its libiscsi driver), both mounted at once, in interleaved
-    rounds: sequential MB/s (1 MiB reads) and 4 KiB random read IOPS. Before each sequential read
-    the LUN's file is read into the page cache (tgtd serves from it) and both FUSE files' pages
-    are dropped. Returns {measurement: {side: [values per round]}}, or a reason to skip."""
+    rounds (alternating which side goes first): sequential MB/s (1 MiB reads) and 4 KiB random
+    read IOPS. Before each sequential read the LUN's file is read into the page cache (tgtd
+    serves from it) and both FUSE files' pages are dropped. Returns {measurement: {side: [values
+    per round]}}, or a reason to skip."""
     missing = missing_tools("tgtd", "tgtadm", "qemu-storage-daemon", "fio")
     if missing:
         return f"skipped: {', '.join(missing)} not found (scripts/install-deps.sh installs tgt, qemu-system-common, fio)"
@@ -414,12 +415,15 @@ def iscsi_vs_qsd(binary, size, rounds, seconds):
                     if os.path.getsize(path) != size or digest(path) != expected:
                         raise RuntimeError(f"iSCSI: {side}'s {path} differs from {lun_file}")
                 for r in range(rounds):
-                    for side, path in files.items():
+                    # Each round the other side goes first, so a load that changes within a round
+                    # (others share this machine) does not always fall on the same side.
+                    order = list(files.items())[::1 if r % 2 == 0 else -1]
+                    for side, path in order:
                         warm([lun_file])
                         for other in files.values():
                             drop_file_cache(other)
                         results[seq][side].append(sequential(path, size))
-                    for side, path in files.items():
+                    for side, path in order:
                         results[rand][side].append(random_iops(path, seconds))
                     print(f"iSCSI round {r + 1}/{rounds}: " + "; ".join(
                         f"{m}: poolfs {v['poolfs'][-1]:,.0f}, qsd {v['qsd'][-1]:,.0f}, {v['poolfs'][-1] / v['qsd'][-1]:.2f}×"
@@ -483,7 +487,7 @@ def partitions_vs_volumes(binary, size, rounds):
                     raise RuntimeError(f"partitions: {path} at {offset} differs from the partition in {images[0]}")
         for r in range(rounds):
             for v, sides in reads.items():
-                for side, (path, offset) in sides.items():
+                for side, (path, offset) in list(sides.items())[::1 if r % 2 == 0 else -1]:  # as in iscsi_vs_qsd
                     warm(images)
                     for other in every:
                         drop_file_cache(other)
