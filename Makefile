@@ -65,14 +65,16 @@ test-sanitizers: deps
 	@if compgen -G "$(SAN_REPORTS)/*" >/dev/null; then $(SAN_FAIL); fi
 	@echo "test-sanitizers: no reports"
 
-# poolfs against qemu-storage-daemon's FUSE export and qcowmount, same images, one run (bench/run.py).
+# poolfs against qemu-storage-daemon's FUSE export and qcowmount, same images, one run; then a big
+# pool, LVM from the PVs, an iSCSI LUN against qemu-storage-daemon, partition files against their
+# volumes (bench/run.py). BENCH_ARGS="--sections iscsi,partitions" runs some sections only.
 bench: release
 	@scripts/install-deps.sh libqcow-utils
-	bench/run.py "$(BIN_RELEASE)"
+	bench/run.py "$(BIN_RELEASE)" $(BENCH_ARGS)
 
 bench-quick: release
 	@scripts/install-deps.sh libqcow-utils
-	bench/run.py "$(BIN_RELEASE)" --quick --rounds 2
+	bench/run.py "$(BIN_RELEASE)" --quick --rounds 2 $(BENCH_ARGS)
 
 # The man page, poolfs.1 (every subcommand on one page), made by swift-argument-parser's
 # GenerateManual plugin from the release build's help texts (Sources/poolfs). The plugin builds

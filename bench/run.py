@@ -9,7 +9,7 @@ files on the same mount: with the measured file's own pages alone dropped, a 3-l
 after the live and snapshot reads ran at 350-400 MB/s, and at 1.9 GB/s with all of them dropped.)
 Usage: bench/run.py POOLFS_BINARY [--rounds N] [--quick]
 """
-import argparse, datetime, hashlib, json, os, platform, shutil, signal, statistics, subprocess, sys, time
+import argparse, datetime, hashlib, json, os, platform, shutil, signal, socket, statistics, subprocess, sys, time
 
 WORK = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "bench-work"))
 MiB, GiB = 1 << 20, 1 << 30
@@ -39,6 +39,16 @@ def unmount(path):
         subprocess.run(["fusermount3", "-u", path], check=False)
 
 
+def stop_mount(path, proc):
+    """Unmounts `path` and waits for its daemon `proc`, killing it by its pid if it does not end."""
+    unmount(path)
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 def drop_file_cache(path):
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -54,8 +64,8 @@ def warm(paths):
                 pass
 
 
-def sequential(path, size):
-    """MB/s of reading `path` with 1 MiB reads."""
+def sequential(path, size, offset=0):
+    """MB/s of reading `size` bytes of `path` from `offset` with 1 MiB reads."""
     drop_file_cache(path)
     buf = bytearray(MiB)
     fd = os.open(path, os.O_RDONLY)
@@ -63,7 +73,7 @@ def sequential(path, size):
     total = 0
     try:
         while total < size:
-            n = os.readv(fd, [buf])
+            n = os.preadv(fd, [memoryview(buf)[:min(MiB, size - total)]], offset + total)
             if n <= 0:
                 break
             total += n
@@ -75,12 +85,16 @@ def sequential(path, size):
     return total / elapsed / 1e6
 
 
-def digest(path):
+def digest(path, offset=0, size=None):
+    """sha256 of `size` bytes of `path` from `offset` (to the end when size is None)."""
     drop_file_cache(path)
     h = hashlib.sha256()
+    left = os.path.getsize(path) - offset if size is None else size
     with open(path, "rb") as f:
-        while chunk := f.read(4 * MiB):
+        f.seek(offset)
+        while left > 0 and (chunk := f.read(min(4 * MiB, left))):
             h.update(chunk)
+            left -= len(chunk)
     return h.hexdigest()
 
 
@@ -99,7 +113,9 @@ def pid_serving(mountpoint):
 
 def random_iops(path, seconds):
     drop_file_cache(path)
-    out = sh(f"fio --name=rand --filename='{path}' --readonly --rw=randread --bs=4k --numjobs=4 "
+    # fio splits --filename on colons (iSCSI LUN files are unit:0:0:N) unless they are escaped.
+    escaped = path.replace(":", "\\:")
+    out = sh(f"fio --name=rand --filename='{escaped}' --readonly --rw=randread --bs=4k --numjobs=4 "
              f"--ioengine=psync --direct=1 --time_based --runtime={seconds} --group_reporting "
              f"--output-format=json")
     return json.loads(out)["jobs"][0]["read"]["iops"]
@@ -298,6 +314,192 @@ def lvm_without_devicemapper(binary, size, rounds):
     return {label: statistics.median(v) for label, v in results.items()}
 
 
+def missing_tools(*tools):
+    return [t for t in tools if shutil.which(t) is None]
+
+
+def free_port():
+    """A port nothing listens on now (bound and released; the server binds it right after)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class TgtTarget:
+    """A tgtd of the bench's own, on its own port and control socket (TGT_IPC_SOCKET, which tgtd
+    and tgtadm both read), serving one file as LUN 1. tgtd ignores SIGTERM: stop() kills it by its
+    pid with SIGKILL."""
+    iqn = "iqn.2026-12.poolfs:bench"
+
+    def __init__(self, work, lun_file):
+        self.port = free_port()
+        self.env = dict(os.environ, TGT_IPC_SOCKET=os.path.join(work, f"tgtd-ipc-{self.port}"))
+        with open(os.path.join(work, "tgtd.log"), "w") as log:
+            self.proc = subprocess.Popen(["tgtd", "-f", "--iscsi", f"portal=127.0.0.1:{self.port}"], env=self.env,
+                                         cwd=work, stdout=log, stderr=log)
+        try:
+            end = time.time() + 10
+            while self.admin("--op show --mode target", check=False).returncode != 0:
+                if self.proc.poll() is not None or time.time() > end:
+                    raise RuntimeError(f"tgtd did not start (see {work}/tgtd.log)")
+                time.sleep(0.05)
+            self.admin(f"--op new --mode target --tid 1 -T {self.iqn}")
+            self.admin(f"--op new --mode logicalunit --tid 1 --lun 1 -b {lun_file}")
+            self.admin("--op bind --mode target --tid 1 -I ALL")
+        except BaseException:
+            self.stop()
+            raise
+
+    def admin(self, args, check=True):
+        return subprocess.run(f"tgtadm --lld iscsi {args}", shell=True, env=self.env, check=check,
+                              capture_output=True, text=True)
+
+    @property
+    def url(self):
+        return f"iscsi://127.0.0.1:{self.port}/{self.iqn}"
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(timeout=30)
+
+
+def make_random_file(path, size):
+    stamp = path + ".made"
+    if os.path.exists(stamp) and open(stamp).read() == str(size):
+        return
+    sh(f"head -c {size} /dev/urandom > {path}")
+    with open(stamp, "w") as f:
+        f.write(str(size))
+
+
+def iscsi_vs_qsd(binary, size, rounds, seconds):
+    """A LUN of a tgtd of the bench's own, read through poolfs (`--type iscsi`) and through
+    qemu-storage-daemon's FUSE export (its libiscsi driver), both mounted at once, in interleaved
+    rounds (alternating which side goes first): sequential MB/s (1 MiB reads) and 4 KiB random
+    read IOPS. Before each sequential read the LUN's file is read into the page cache (tgtd
+    serves from it) and both FUSE files' pages are dropped. Returns {measurement: {side: [values
+    per round]}}, or a reason to skip."""
+    missing = missing_tools("tgtd", "tgtadm", "qemu-storage-daemon", "fio")
+    if missing:
+        return f"skipped: {', '.join(missing)} not found (scripts/install-deps.sh installs tgt, qemu-system-common, fio)"
+    work = os.path.join(WORK, "iscsi")
+    os.makedirs(work, exist_ok=True)
+    lun_file = os.path.join(work, "lun.raw")
+    make_random_file(lun_file, size)
+    mnt, qsd_file = os.path.join(work, "mnt-poolfs"), os.path.join(work, "qsd.raw")
+    os.makedirs(mnt, exist_ok=True)
+    open(qsd_file, "a").close()
+    seq, rand = "sequential MB/s", "4 KiB random read IOPS, 4 jobs"
+    results = {seq: {"poolfs": [], "qsd": []}, rand: {"poolfs": [], "qsd": []}}
+    target = TgtTarget(work, lun_file)
+    try:
+        poolfs = subprocess.Popen([binary, "mount", "--foreground", "--type", "iscsi", target.url, mnt],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            wait_mounted(mnt, poolfs)
+            with open(os.path.join(work, "qsd.log"), "w") as log:
+                qsd = subprocess.Popen(["qemu-storage-daemon", "--blockdev",
+                                        f"driver=iscsi,node-name=lun,transport=tcp,portal=127.0.0.1:{target.port},"
+                                        f"target={target.iqn},lun=1,read-only=on",
+                                        "--export", f"type=fuse,id=e,node-name=lun,mountpoint={qsd_file},writable=off"],
+                                       stdout=log, stderr=log)
+            try:
+                try:
+                    wait_mounted(qsd_file, qsd)
+                except RuntimeError as e:
+                    return f"skipped: qemu-storage-daemon could not export the LUN ({e}; see {work}/qsd.log)"
+                files = {"poolfs": os.path.join(mnt, "unit:0:0:1"), "qsd": qsd_file}
+                expected = digest(lun_file)
+                for side, path in files.items():
+                    if os.path.getsize(path) != size or digest(path) != expected:
+                        raise RuntimeError(f"iSCSI: {side}'s {path} differs from {lun_file}")
+                for r in range(rounds):
+                    # Each round the other side goes first, so a load that changes within a round
+                    # (others share this machine) does not always fall on the same side.
+                    order = list(files.items())[::1 if r % 2 == 0 else -1]
+                    for side, path in order:
+                        warm([lun_file])
+                        for other in files.values():
+                            drop_file_cache(other)
+                        results[seq][side].append(sequential(path, size))
+                    for side, path in order:
+                        results[rand][side].append(random_iops(path, seconds))
+                    print(f"iSCSI round {r + 1}/{rounds}: " + "; ".join(
+                        f"{m}: poolfs {v['poolfs'][-1]:,.0f}, qsd {v['qsd'][-1]:,.0f}, {v['poolfs'][-1] / v['qsd'][-1]:.2f}×"
+                        for m, v in results.items()), flush=True)
+            finally:
+                qsd.send_signal(signal.SIGTERM)
+                qsd.wait(timeout=30)
+                unmount(qsd_file)
+        finally:
+            stop_mount(mnt, poolfs)
+    finally:
+        target.stop()
+    return results
+
+
+def make_partitioned_pool(size):
+    """A pool of one raw disk image with a GPT and one partition from 1 MiB to the end, full of
+    random data, and a qcow2 of the same bytes. Returns the pool and the partition's offset and size."""
+    pool = os.path.join(WORK, "partitions")
+    stamp = os.path.join(pool, ".made")
+    if not (os.path.exists(stamp) and open(stamp).read() == str(size)):
+        shutil.rmtree(pool, ignore_errors=True)
+        os.makedirs(pool)
+        print(f"making a {size >> 20} MiB partitioned disk in {pool} ...", flush=True)
+        raw = os.path.join(pool, "disk.raw")
+        sh(f"truncate -s {size} {raw} && echo 'start=1MiB, type=linux' | sfdisk -q --label gpt {raw}")
+        part = json.loads(sh(f"sfdisk -J {raw}"))["partitiontable"]["partitions"][0]
+        start, length = part["start"] * 512, part["size"] * 512
+        sh(f"head -c {length} /dev/urandom | dd of={raw} bs=1M seek={start} oflag=seek_bytes conv=notrunc status=none")
+        sh(f"qemu-img convert -O qcow2 {raw} {pool}/disk.qcow2")
+        with open(stamp, "w") as f:
+            f.write(str(size))
+    part = json.loads(sh(f"sfdisk -J {pool}/disk.raw"))["partitiontable"]["partitions"][0]
+    return pool, part["start"] * 512, part["size"] * 512
+
+
+def partitions_vs_volumes(binary, size, rounds):
+    """Sequential MB/s of `.partitions/<vol>/part1` and of the same byte range of `<vol>`, for a
+    raw and a qcow2 volume, interleaved on one mount; before each read the images are read into
+    the page cache and every file's pages on the mount are dropped. Returns {volume: {side: [MB/s
+    per round]}}, or a reason to skip."""
+    missing = missing_tools("sfdisk", "qemu-img")
+    if missing:
+        return f"skipped: {', '.join(missing)} not found (scripts/install-deps.sh installs fdisk, qemu-utils)"
+    pool, start, length = make_partitioned_pool(size)
+    mnt = os.path.join(WORK, "mnt-partitions")
+    os.makedirs(mnt, exist_ok=True)
+    volumes = ["disk.raw", "disk.qcow2"]
+    images = [os.path.join(pool, v) for v in volumes]
+    results = {v: {"partition": [], "volume": []} for v in volumes}
+    proc = subprocess.Popen([binary, "mount", "--foreground", pool, mnt], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_mounted(mnt, proc)
+        reads = {v: {"partition": (os.path.join(mnt, ".partitions", v, "part1"), 0),
+                     "volume": (os.path.join(mnt, v), start)} for v in volumes}
+        every = [path for sides in reads.values() for path, _ in sides.values()]
+        expected = digest(images[0], start, length)
+        for v, sides in reads.items():
+            for side, (path, offset) in sides.items():
+                if digest(path, offset, length) != expected:
+                    raise RuntimeError(f"partitions: {path} at {offset} differs from the partition in {images[0]}")
+        for r in range(rounds):
+            for v, sides in reads.items():
+                for side, (path, offset) in list(sides.items())[::1 if r % 2 == 0 else -1]:  # as in iscsi_vs_qsd
+                    warm(images)
+                    for other in every:
+                        drop_file_cache(other)
+                    results[v][side].append(sequential(path, length, offset))
+            print(f"partitions round {r + 1}/{rounds}: " + "; ".join(
+                f"{v}: partition {s['partition'][-1]:,.0f}, volume {s['volume'][-1]:,.0f}, "
+                f"{s['partition'][-1] / s['volume'][-1]:.2f}×" for v, s in results.items()), flush=True)
+    finally:
+        stop_mount(mnt, proc)
+    return results
+
+
 def peak_rss_kib(pid):
     with open(f"/proc/{pid}/status") as f:
         for line in f:
@@ -333,24 +535,22 @@ def pool_metadata(binary, pool, rounds):
     return {k: statistics.median(v) for k, v in results.items()}, n
 
 
-def main():
-    parser = argparse.ArgumentParser()
-    parser.add_argument("binary")
-    parser.add_argument("--rounds", type=int, default=7)
-    parser.add_argument("--quick", action="store_true", help="256 MiB images, 100-volume pool: a smoke run")
-    args = parser.parse_args()
-    os.makedirs(WORK, exist_ok=True)
-    size = make_images(args.quick)
+SECTIONS = ["peers", "pool", "lvm", "iscsi", "partitions"]
+
+
+def peers(binary, rounds, quick):
+    """poolfs, qemu-storage-daemon and qcowmount on the same qcow2 images: markdown lines."""
+    size = make_images(quick)
     image_files = [os.path.join(WORK, "images", n) for n in os.listdir(os.path.join(WORK, "images")) if n.endswith(".qcow2")]
     cases = [("sequential MB/s: live", "live.qcow2", None), ("sequential MB/s: snapshot", "live.qcow2", "snap"),
              ("sequential MB/s: compressed", "compressed.qcow2", None), ("sequential MB/s: top of 3-level chain", "top.qcow2", None)]
-    systems = [Poolfs(os.path.abspath(args.binary)), QemuStorageDaemon(), Qcowmount()]
+    systems = [Poolfs(binary), QemuStorageDaemon(), Qcowmount()]
     images = ["live.qcow2", "compressed.qcow2", "top.qcow2"]
     results = {(c[0], s.name): [] for c in cases for s in systems}
     results.update({("4 KiB random read IOPS, 4 jobs: live", s.name): [] for s in systems})
     rss = {s.name: 0 for s in systems}
     reference, wrong = {}, set()  # poolfs's bytes (tested against qemu-img) and peers that differ
-    for r in range(args.rounds):
+    for r in range(rounds):
         for system in systems:
             system.start(images)
             try:
@@ -369,7 +569,7 @@ def main():
                     results[(label, system.name)].append(sequential(path, os.path.getsize(path)))
                 path = system.path("live.qcow2")
                 if path:
-                    results[("4 KiB random read IOPS, 4 jobs: live", system.name)].append(random_iops(path, 3 if args.quick else 8))
+                    results[("4 KiB random read IOPS, 4 jobs: live", system.name)].append(random_iops(path, 3 if quick else 8))
                 if r == 0 and system.pid and path:
                     streamed = 0
                     while streamed < 4 * GiB:
@@ -378,20 +578,13 @@ def main():
                     rss[system.name] = peak_rss_kib(system.pid)
             finally:
                 system.stop()
-        print(f"round {r + 1}/{args.rounds} done", flush=True)
-
-    count = 100 if args.quick else 1000
-    meta, files = pool_metadata(os.path.abspath(args.binary), make_big_pool(count, 5), args.rounds)
-    lvm_size = 128 * MiB if args.quick else 512 * MiB
-    lvm = lvm_without_devicemapper(os.path.abspath(args.binary), lvm_size, args.rounds)
+        print(f"round {r + 1}/{rounds} done", flush=True)
 
     def med(label, name):
         values = results.get((label, name)) or []
         return statistics.median(values) if values else None
 
-    lines = [f"Measured {datetime.date.today()} on {platform.node()}: {os.cpu_count()} cores, "
-             f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') >> 30} GiB, kernel {platform.release()}; "
-             f"{size >> 20} MiB images, {args.rounds} interleaved rounds, medians.", "",
+    lines = ["", f"qcow2 images of {size >> 20} MiB, one mount per system per round:", "",
              "| measurement | poolfs | qemu-storage-daemon | qcowmount | poolfs / qsd | poolfs / qcowmount |",
              "| --- | ---: | ---: | ---: | ---: | ---: |"]
     fmt = lambda v: "n/a" if v is None else f"{v:,.0f}"
@@ -405,15 +598,70 @@ def main():
                  f"{rss['qemu-storage-daemon'] / 1024:.0f} | {rss['qcowmount'] / 1024:.0f} | | |")
     if wrong:
         lines += ["", "(wrong data): the peer's bytes differ from poolfs's, which the test suite checks against qemu-img."]
-    lines += ["", f"Pool of {count} volumes × 5 snapshots ({files} files), poolfs only (the peers mount one image each):", "",
-              "| measurement | seconds |", "| --- | ---: |",
-              f"| mount | {meta['mount']:.3f} |", f"| `ls -l` of the top, cold | {meta['ls_cold']:.3f} |",
-              f"| `ls -l` of the top, warm | {meta['ls_warm']:.3f} |", f"| stat of every file | {meta['stat_all']:.3f} |"]
-    lines += ["", f"LVM without device-mapper (`-o noactivate`, the PVs on a loop device), {lvm_size >> 20} MiB LVs "
-              "made by a real kernel in a VM, one mount, interleaved rounds:", "",
-              "| sequential read | MB/s | / linear LV |", "| --- | ---: | ---: |"]
-    for label, value in lvm.items():
-        lines.append(f"| {label} | {value:,.0f} | {value / lvm['linear LV']:.2f}× |")
+    return lines
+
+
+def ratio_table(results, a, b, header):
+    """Markdown rows of the medians of sides `a` and `b`, their ratio and each round's ratio, or
+    the reason the section was skipped."""
+    if isinstance(results, str):
+        print(results, flush=True)
+        return [results]
+    lines = [header, "| --- | ---: | ---: | ---: | --- |"]
+    for label, sides in results.items():
+        x, y = statistics.median(sides[a]), statistics.median(sides[b])
+        per_round = ", ".join(f"{p / q:.2f}" for p, q in zip(sides[a], sides[b]))
+        lines.append(f"| {label} | {x:,.0f} | {y:,.0f} | {x / y:.2f}× | {per_round} |")
+    return lines
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("binary")
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--quick", action="store_true", help="256 MiB images, 100-volume pool: a smoke run")
+    parser.add_argument("--sections", default=",".join(SECTIONS),
+                        help=f"comma-separated, of {', '.join(SECTIONS)} (default: all)")
+    args = parser.parse_args()
+    sections = args.sections.split(",")
+    if unknown := [x for x in sections if x not in SECTIONS]:
+        parser.error(f"unknown sections: {', '.join(unknown)}")
+    os.makedirs(WORK, exist_ok=True)
+    binary = os.path.abspath(args.binary)
+    lines = [f"Measured {datetime.date.today()} on {platform.node()}: {os.cpu_count()} cores, "
+             f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') >> 30} GiB, kernel {platform.release()}; "
+             f"{args.rounds} interleaved rounds, medians."]
+    if "peers" in sections:
+        lines += peers(binary, args.rounds, args.quick)
+    if "pool" in sections:
+        count = 100 if args.quick else 1000
+        meta, files = pool_metadata(binary, make_big_pool(count, 5), args.rounds)
+        lines += ["", f"Pool of {count} volumes × 5 snapshots ({files} files), poolfs only (the peers mount one image each):", "",
+                  "| measurement | seconds |", "| --- | ---: |",
+                  f"| mount | {meta['mount']:.3f} |", f"| `ls -l` of the top, cold | {meta['ls_cold']:.3f} |",
+                  f"| `ls -l` of the top, warm | {meta['ls_warm']:.3f} |", f"| stat of every file | {meta['stat_all']:.3f} |"]
+    if "lvm" in sections:
+        lvm_size = 128 * MiB if args.quick else 512 * MiB
+        lvm = lvm_without_devicemapper(binary, lvm_size, args.rounds)
+        lines += ["", f"LVM without device-mapper (`-o noactivate`, the PVs on a loop device), {lvm_size >> 20} MiB LVs "
+                  "made by a real kernel in a VM, one mount, interleaved rounds:", "",
+                  "| sequential read | MB/s | / linear LV |", "| --- | ---: | ---: |"]
+        for label, value in lvm.items():
+            lines.append(f"| {label} | {value:,.0f} | {value / lvm['linear LV']:.2f}× |")
+    if "iscsi" in sections:
+        lun_size = 256 * MiB if args.quick else 1 * GiB
+        lines += ["", f"iSCSI: a {lun_size >> 20} MiB LUN of random data served by a tgtd of the bench's own on 127.0.0.1, "
+                  "read through poolfs (`--type iscsi`) and through qemu-storage-daemon's FUSE export (its iscsi driver), "
+                  "both mounted, interleaved rounds:", ""]
+        lines += ratio_table(iscsi_vs_qsd(binary, lun_size, args.rounds, 3 if args.quick else 8), "poolfs", "qsd",
+                             "| measurement | poolfs | qemu-storage-daemon | poolfs / qsd | per round |")
+    if "partitions" in sections:
+        disk_size = 256 * MiB if args.quick else 1 * GiB
+        lines += ["", f"Partition files: a {disk_size >> 20} MiB disk with a GPT and one partition from 1 MiB to the end "
+                  "(random data), raw and qcow2; sequential MB/s of `.partitions/<vol>/part1` and of the same bytes "
+                  "of `<vol>`, one mount, interleaved rounds:", ""]
+        lines += ratio_table(partitions_vs_volumes(binary, disk_size, args.rounds), "partition", "volume",
+                             "| volume | partition | volume | partition / volume | per round |")
     report = "\n".join(lines)
     print(report)
     with open(os.path.join(WORK, "results.md"), "w") as f:
