@@ -19,6 +19,11 @@ public struct MountOptions: Sendable, Equatable {
     public var initiator: String?
     public var chapUser: String?
     public var chapSecretFile: String?
+    /// RBD: the Ceph conf file, client id, keyring file and monitor addresses.
+    public var cephConf: String?
+    public var cephID: String?
+    public var keyring: String?
+    public var monHost: String?
     public var fuseOptions: [String] = []
 
     public init() {}
@@ -67,6 +72,14 @@ public struct MountOptions: Sendable, Equatable {
                 case "initiator", "chap_user", "chap_secret_file":
                     guard let value, !value.isEmpty else { throw MountError.badOption("\(key): needs a value") }
                     if key == "initiator" { o.initiator = value } else if key == "chap_user" { o.chapUser = value } else { o.chapSecretFile = value }
+                case "conf", "id", "keyring", "mon_host":
+                    guard let value, !value.isEmpty else { throw MountError.badOption("\(key): needs a value") }
+                    switch key {
+                    case "conf": o.cephConf = value
+                    case "id": o.cephID = value
+                    case "keyring": o.keyring = value
+                    default: o.monHost = value
+                    }
                 case "ro":
                     o.rw = false
                 case "rw":
