@@ -24,6 +24,8 @@ public struct MountOptions: Sendable, Equatable {
     public var cephID: String?
     public var keyring: String?
     public var monHost: String?
+    /// RBD: seconds any cluster operation may take (connect, open, read, write) before it fails.
+    public var rbdTimeout = 10.0
     public var fuseOptions: [String] = []
 
     public init() {}
@@ -80,6 +82,11 @@ public struct MountOptions: Sendable, Equatable {
                     case "keyring": o.keyring = value
                     default: o.monHost = value
                     }
+                case "rbd_timeout":
+                    guard let value, let n = Int(value), (1...300).contains(n) else {
+                        throw MountError.badOption("\(option): rbd_timeout takes seconds from 1 to 300")
+                    }
+                    o.rbdTimeout = Double(n)
                 case "ro":
                     o.rw = false
                 case "rw":

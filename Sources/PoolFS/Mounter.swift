@@ -142,6 +142,8 @@ extension MountOptions {
 
     /// The RBD options: the secret stays in its keyring file, which librados reads.
     func rbdOptions() -> RBDPool.Options {
-        RBDPool.Options(confFile: cephConf, id: cephID, keyring: keyring, monHost: monHost)
+        var options = RBDPool.Options(confFile: cephConf, id: cephID, keyring: keyring, monHost: monHost)
+        options.timeout = rbdTimeout
+        return options
     }
 }
