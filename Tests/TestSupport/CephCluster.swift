@@ -65,6 +65,9 @@ public final class CephCluster: @unchecked Sendable {
             osd data = \(d)/osd/$name
             mgr data = \(d)/mgr/$name
             keyring = /dev/null
+            [client]
+            admin socket =
+            log file = \(d)/client.log
             [osd.0]
             osd objectstore = memstore
             memstore device bytes = 1073741824
