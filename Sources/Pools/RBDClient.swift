@@ -233,6 +233,11 @@ public final class RBDImageHandle: @unchecked Sendable {
         try RBDError.check(rbd_lock_acquire(image, RBD_LOCK_MODE_EXCLUSIVE), "rbd_lock_acquire \(name)")
     }
 
+    /// Gives the exclusive lock back (`rbd_lock_release`).
+    public func releaseExclusiveLock() throws(RBDError) {
+        try RBDError.check(rbd_lock_release(image), "rbd_lock_release \(name)")
+    }
+
     /// Starts a read of `buffer.count` bytes at `offset` into `buffer` (`rbd_aio_read`).
     func startRead(_ buffer: UnsafeMutableRawBufferPointer, at offset: UInt64, in batch: RBDBatch) throws(RBDError) {
         try batch.start("rbd_aio_read \(name)") { rbd_aio_read(image, offset, buffer.count, buffer.baseAddress!.assumingMemoryBound(to: CChar.self), $0) }

@@ -200,8 +200,11 @@ public final class RBDImageWriter: VolumeWriter {
         try run("flush") { batch throws(RBDError) in try handle.startFlush(in: batch) }
     }
 
+    /// Flushes and gives the exclusive lock back at once: the volume may stay open for reading
+    /// through this handle, and a VM must be able to take the image meanwhile.
     public func close() throws {
         guard !closed.withLock({ was in defer { was = true }; return was }) else { return }
         try flush()
+        do { try handle.releaseExclusiveLock() } catch { throw device.io(error) }
     }
 }
