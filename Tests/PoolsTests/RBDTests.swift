@@ -223,6 +223,29 @@ struct RBDTests {
         #expect(RefreshedValue<Int>.now() - start < 8)
     }
 
+    /// A libvirt `rbd` pool definition names the pool and its monitors.
+    @Test func libvirtPoolNameOpensThePool() throws {
+        let cluster = try CephCluster.shared()
+        let ns = try cluster.newNamespace()
+        try cluster.rbd("create --size 1M \(ns)/vm1")
+        let scratch = try Scratch()
+        try """
+            <pool type='rbd'><name>ceph</name><source><name>\(ns)</name>
+            <host name='127.0.0.1' port='\(cluster.port)'/><auth username='admin' type='ceph'><secret usage='x'/></auth>
+            </source></pool>
+            """.write(toFile: scratch.path("ceph.xml"), atomically: true, encoding: .utf8)
+        // The conf says only that the test cluster has no auth; the monitor comes from the definition.
+        try "[global]\nauth client required = none\nauth cluster required = none\nauth service required = none\n"
+            .write(toFile: scratch.path("noauth.conf"), atomically: true, encoding: .utf8)
+        let pool = try PoolSource.open("ceph", type: nil, libvirtDirectory: scratch.dir,
+                                       rbd: RBDPool.Options(confFile: scratch.path("noauth.conf")))
+        defer { _ = pool.release() }
+        #expect(pool.displayName == "rbd:\(ns)")
+        #expect(try pool.volumeNames() == ["vm1"])
+        #expect((pool as? RBDPool)?.options.monHost == "127.0.0.1:\(cluster.port)")
+        #expect((pool as? RBDPool)?.options.id == "admin")
+    }
+
     @Test func libvirtPoolDefinition() throws {
         let xml = """
             <pool type='rbd'>
