@@ -64,7 +64,8 @@ test-sanitizers: deps
 	@if compgen -G "$(SAN_REPORTS)/*" >/dev/null; then $(SAN_FAIL); fi
 	@echo "test-sanitizers: no reports"
 
-# poolfs against qemu-storage-daemon's FUSE export and qcowmount, same images, one run (bench/run.py).
+# poolfs against qemu-storage-daemon's FUSE export and qcowmount, same images, one run; and on an RBD image
+# against rbd-fuse and qemu-storage-daemon's rbd driver (bench/run.py).
 bench: release
 	@scripts/install-deps.sh libqcow-utils
 	bench/run.py "$(BIN_RELEASE)"
