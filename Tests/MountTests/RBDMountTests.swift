@@ -67,6 +67,15 @@ struct RBDMountTests {
         try cluster.rbd("export --no-progress \(ns)/w \(scratch.path("w.raw"))")
         try scratch.sh("cmp expected w.raw")
 
+        // -o cow: writes stay in the mount; the image keeps what rw wrote.
+        do {
+            let cow = try PoolMount(ns, in: scratch, options: ["type=rbd,cow,conf=\(cluster.conf)"], name: "cow")
+            defer { cow.unmount() }
+            try scratch.sh("dd if=/dev/zero of=cow/w bs=4096 count=8 conv=notrunc 2>/dev/null && cmp -n 32768 /dev/zero cow/w && cmp -i 32768 expected cow/w")
+        }
+        try cluster.rbd("export --no-progress \(ns)/w \(scratch.path("w2.raw"))")
+        try scratch.sh("cmp expected w2.raw")
+
         let holder = Process()
         holder.executableURL = URL(fileURLWithPath: "/usr/bin/python3")
         holder.arguments = ["-c", """
