@@ -85,8 +85,13 @@ public final class RBDCluster: @unchecked Sendable {
     /// The cluster's fsid (`rados_cluster_fsid`).
     public func fsid() -> String {
         var buffer = [CChar](repeating: 0, count: 64)
-        guard rados_cluster_fsid(cluster, &buffer, buffer.count) >= 0 else { return "" }
-        return String(cString: buffer)
+        guard rados_cluster_fsid(cluster, &buffer, buffer.count - 1) >= 0 else { return "" }
+        return Self.string(buffer)
+    }
+
+    /// A NUL-terminated C string that a call wrote into `buffer`.
+    static func string(_ buffer: [CChar]) -> String {
+        String(decoding: buffer.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self)
     }
 
     /// The images of the pool's namespace, as (id, name) (`rbd_list2`).
@@ -158,8 +163,8 @@ public final class RBDImageHandle: @unchecked Sendable {
     /// The image's id (`rbd_get_id`): stable across renames.
     public func id() throws(RBDError) -> String {
         var buffer = [CChar](repeating: 0, count: 64)
-        try RBDError.check(rbd_get_id(image, &buffer, buffer.count), "rbd_get_id \(name)")
-        return String(cString: buffer)
+        try RBDError.check(rbd_get_id(image, &buffer, buffer.count - 1), "rbd_get_id \(name)")
+        return RBDCluster.string(buffer)
     }
 
     /// When the image was created (`rbd_get_create_timestamp`).
