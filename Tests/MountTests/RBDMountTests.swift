@@ -98,7 +98,8 @@ struct RBDMountTests {
     /// A frozen OSD fails reads with EIO within the bound; they work again once it is back. A
     /// monitor that is not there fails the mount with one line, within seconds.
     @Test func clusterFailuresAreBounded() throws {
-        let cluster = try CephCluster.shared()
+        let cluster = try CephCluster.own()
+        defer { cluster.stop() }
         let ns = try cluster.newNamespace()
         let scratch = try Scratch()
         try cluster.rbd("create --size 8M \(ns)/f")

@@ -184,7 +184,8 @@ struct RBDTests {
 
     /// A cluster that stops answering fails reads within the bound; they work again after.
     @Test func frozenOSDFailsReadsInBoundedTimeThenRecovers() throws {
-        let cluster = try CephCluster.shared()
+        let cluster = try CephCluster.own()
+        defer { cluster.stop() }
         let ns = try cluster.newNamespace()
         try cluster.rbd("create --size 8M \(ns)/f && rbd \(cluster.c) bench --io-type write --io-size 1M --io-total 8M \(ns)/f >/dev/null")
         let pool = try Self.open(ns, cluster, timeout: 3)

@@ -6,7 +6,8 @@ import Foundation
 /// A one-node Ceph cluster of the test process's own: one monitor on its own port, one OSD on
 /// memstore (1 GiB of memory), one manager, no auth, pool size 1, with its conf, data, sockets,
 /// logs and pid files in its own directory. It starts in about 7 s, once per test process
-/// (`shared`), and every daemon is stopped by its pid file when the process exits.
+/// (`shared`), and every daemon is stopped by its pid file when the process exits. A test that
+/// freezes the cluster starts one of its own (`own`) and stops it.
 ///
 /// Tests share the pool `P` and keep apart by namespace (`newNamespace`), so they may run at once.
 public final class CephCluster: @unchecked Sendable {
@@ -32,6 +33,12 @@ public final class CephCluster: @unchecked Sendable {
         started = result
         if case .success = result { atexit { try? CephCluster.started?.get().stop() } }
         return try result.get()
+    }
+
+    /// A cluster of the caller's alone, for a test that freezes it (the shared one serves tests
+    /// running at the same time); the caller stops it.
+    public static func own() throws -> CephCluster {
+        try CephCluster()
     }
 
     /// Whether the Ceph daemons are installed (scripts/install-deps.sh).
