@@ -11,13 +11,15 @@ let package = Package(
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0"),
     ],
     targets: [
-        // C libraries. Nothing but these five targets touches C headers directly.
+        // C libraries. Nothing but these seven targets touches C headers directly.
         .systemLibrary(name: "CFuse3", pkgConfig: "fuse3", providers: [.apt(["libfuse3-dev"])]),
         .systemLibrary(name: "CBlkid", pkgConfig: "blkid", providers: [.apt(["libblkid-dev"])]),
         .target(name: "CFuseShim", dependencies: ["CFuse3"]),
         .target(name: "CCompress", linkerSettings: [.linkedLibrary("deflate"), .linkedLibrary("z"), .linkedLibrary("zstd")]),
         .target(name: "CHostIO"),
         .systemLibrary(name: "CISCSI", pkgConfig: "libiscsi", providers: [.apt(["libiscsi-dev"])]),
+        // librados and librbd ship no pkg-config file: the module map links them.
+        .systemLibrary(name: "CRBD", providers: [.apt(["librbd-dev"])]),
         // The lock every module uses: a pthread mutex, which ThreadSanitizer understands.
         .target(name: "Locking"),
 
@@ -28,7 +30,8 @@ let package = Package(
         // Pool adapters: directories, LVM volume groups, disks, iSCSI targets; external commands
         // through one runner. Partition tables are read by libblkid (CBlkid), from
         // PartitionTable.swift only; iSCSI goes through libiscsi (CISCSI), from ISCSIClient.swift only.
-        .target(name: "Pools", dependencies: ["Qcow2", "CHostIO", "CBlkid", "CISCSI", "Locking"]),
+        // Ceph RBD through librados/librbd (CRBD), from RBDClient.swift only.
+        .target(name: "Pools", dependencies: ["Qcow2", "CHostIO", "CBlkid", "CISCSI", "CRBD", "Locking"]),
         // The filesystem: the tree of volumes and snapshots, FUSE operations.
         .target(name: "PoolFS", dependencies: ["Qcow2", "FuseKit", "Pools", "Locking"]),
         .executableTarget(name: "poolfs", dependencies: [

@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""poolfs against qemu-storage-daemon's FUSE export and qcowmount, on the same images, in one run.
+"""poolfs against qemu-storage-daemon's FUSE export and qcowmount, on the same images, in one run;
+and on an RBD image, against rbd-fuse and qemu-storage-daemon's rbd driver.
 
 Rounds are interleaved (poolfs, qsd, qcowmount, poolfs, ...); each figure is a median. Before each
 measurement the image files are read into the page cache and every cached page of the system's
@@ -535,7 +536,193 @@ def pool_metadata(binary, pool, rounds):
     return {k: statistics.median(v) for k, v in results.items()}, n
 
 
-SECTIONS = ["peers", "pool", "lvm", "iscsi", "partitions"]
+class CephCluster:
+    """A one-node Ceph (monitor, one OSD on memstore, manager; no auth, pool size 1) in WORK/ceph,
+    as Tests/TestSupport/CephCluster.swift starts it; stopped by its pid files."""
+    daemons = ["mon.a", "osd.0", "mgr.x"]
+
+    def __init__(self):
+        import socket, uuid
+        self.dir = os.path.join(WORK, "ceph")
+        shutil.rmtree(self.dir, ignore_errors=True)
+        for d in ["run", "mon", "osd/osd.0", "mgr/mgr.x"]:
+            os.makedirs(os.path.join(self.dir, d))
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        d = self.dir
+        self.conf = os.path.join(d, "ceph.conf")
+        with open(self.conf, "w") as f:
+            f.write(f"""[global]
+fsid = {uuid.uuid4()}
+mon host = 127.0.0.1:{port}
+mon initial members = a
+auth cluster required = none
+auth service required = none
+auth client required = none
+osd pool default size = 1
+osd pool default min size = 1
+osd crush chooseleaf type = 0
+mon allow pool size one = true
+mon warn on pool no redundancy = false
+ms bind ipv6 = false
+run dir = {d}/run
+log file = {d}/$name.log
+admin socket = {d}/run/$name.asok
+pid file = {d}/run/$name.pid
+mon data = {d}/mon/$name
+osd data = {d}/osd/$name
+mgr data = {d}/mgr/$name
+keyring = /dev/null
+[client]
+admin socket =
+log file = {d}/client.log
+[osd.0]
+osd objectstore = memstore
+memstore device bytes = 2147483648
+""")
+        c = f"-c {self.conf}"
+        try:
+            sh(f"ceph-mon {c} --id a --mkfs --keyring /dev/null && ceph-mon {c} --id a")
+            sh(f"timeout 30 ceph {c} osd create && timeout 30 ceph {c} osd crush add osd.0 1 root=default")
+            sh(f"ceph-osd {c} --id 0 --mkjournal --mkfs && ceph-osd {c} --id 0")
+            sh(f"ceph-mgr {c} --id x")
+            sh(f"timeout 60 ceph {c} osd pool create P 8 && timeout 60 rbd {c} pool init P")
+        except Exception:
+            self.stop()
+            raise
+
+    def rbd(self, args):
+        return sh(f"timeout 120 rbd -c {self.conf} {args}")
+
+    def stop(self):
+        for daemon in reversed(self.daemons):
+            pidfile = os.path.join(self.dir, "run", daemon + ".pid")
+            try:
+                pid = int(open(pidfile).read().strip())
+            except (OSError, ValueError):
+                continue
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                continue
+            for _ in range(200):
+                try:
+                    with open(f"/proc/{pid}/stat") as f:
+                        if f.read().rsplit(")", 1)[1].split()[0] == "Z":
+                            break
+                except OSError:
+                    break
+                time.sleep(0.05)
+
+
+class RbdPoolfs(System):
+    name = "poolfs"
+    def __init__(self, binary, conf):
+        self.binary, self.conf, self.mnt = binary, conf, os.path.join(WORK, "mnt-rbd-poolfs")
+    def start(self, images):
+        os.makedirs(self.mnt, exist_ok=True)
+        self.proc = subprocess.Popen([self.binary, "mount", "--foreground", "--type", "rbd", "-o", f"conf={self.conf}", "P", self.mnt],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_mounted(self.mnt, self.proc)
+    def path(self, image, snapshot=None):
+        return os.path.join(self.mnt, ".snapshots", image, snapshot) if snapshot else os.path.join(self.mnt, image)
+    def all_paths(self):
+        return [os.path.join(self.mnt, "bench"), os.path.join(self.mnt, ".snapshots", "bench", "snap")]
+    def stop(self):
+        unmount(self.mnt)
+        self.proc.wait(timeout=30)
+
+
+class RbdFuse(System):
+    """Ceph's own rbd-fuse: every image of the pool a file, no snapshots."""
+    name = "rbd-fuse"
+    def __init__(self, conf):
+        self.conf, self.mnt = conf, os.path.join(WORK, "mnt-rbd-fuse")
+    def start(self, images):
+        os.makedirs(self.mnt, exist_ok=True)
+        self.proc = subprocess.Popen(["rbd-fuse", "-f", "-c", self.conf, "-p", "P", self.mnt],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_mounted(self.mnt, self.proc)
+    def path(self, image, snapshot=None):
+        return None if snapshot else os.path.join(self.mnt, image)
+    def all_paths(self):
+        return [os.path.join(self.mnt, "bench")]
+    def stop(self):
+        unmount(self.mnt)
+        self.proc.wait(timeout=30)
+
+
+class RbdQsd(System):
+    """qemu-storage-daemon's FUSE export of --blockdev driver=rbd (package qemu-block-extra)."""
+    name = "qemu-storage-daemon"
+    def __init__(self, conf):
+        self.conf, self.target = conf, os.path.join(WORK, "qsd-rbd.raw")
+    def start(self, images):
+        open(self.target, "a").close()
+        self.proc = subprocess.Popen(["qemu-storage-daemon",
+                                      "--blockdev", f"driver=rbd,node-name=r,pool=P,image=bench,conf={self.conf},read-only=on",
+                                      "--export", f"type=fuse,id=e,node-name=r,mountpoint={self.target},writable=off"],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_mounted(self.target, self.proc)
+    def path(self, image, snapshot=None):
+        return None if snapshot else self.target
+    def all_paths(self):
+        return [self.target]
+    def stop(self):
+        self.proc.send_signal(signal.SIGTERM)
+        self.proc.wait(timeout=30)
+        unmount(self.target)
+
+
+def rbd_section(binary, size, rounds, quick):
+    """Sequential 1 MiB and 4 KiB random reads of one RBD image (and, through poolfs, of its
+    snapshot) through poolfs, rbd-fuse and qemu-storage-daemon, in interleaved rounds."""
+    cluster = CephCluster()
+    try:
+        cluster.rbd(f"create --size {size >> 20}M P/bench")
+        cluster.rbd(f"bench --io-type write --io-size 4M --io-total {size >> 20}M P/bench")
+        cluster.rbd("snap create P/bench@snap")
+        systems = [RbdPoolfs(binary, cluster.conf), RbdFuse(cluster.conf), RbdQsd(cluster.conf)]
+        labels = ["sequential MB/s: live", "sequential MB/s: snapshot", "4 KiB random read IOPS, 4 jobs: live"]
+        results = {(l, s.name): [] for l in labels for s in systems}
+        no_direct = set()
+        for r in range(rounds):
+            for system in systems:
+                system.start(["bench"])
+                try:
+                    for label, snapshot in [(labels[0], None), (labels[1], "snap")]:
+                        path = system.path("bench", snapshot)
+                        if path is None:
+                            continue
+                        for other in system.all_paths():
+                            drop_file_cache(other)
+                        results[(label, system.name)].append(sequential(path, os.path.getsize(path)))
+                    try:
+                        results[(labels[2], system.name)].append(random_iops(system.path("bench"), 3 if quick else 8))
+                    except subprocess.CalledProcessError:
+                        no_direct.add(system.name)  # rbd-fuse refuses O_DIRECT opens
+                finally:
+                    system.stop()
+            print(f"rbd round {r + 1}/{rounds} done", flush=True)
+    finally:
+        cluster.stop()
+    med = lambda label, name: statistics.median(results[(label, name)]) if results[(label, name)] else None
+    fmt = lambda v: "n/a" if v is None else f"{v:,.0f}"
+    ratio = lambda a, b: "n/a" if a is None or b is None or b == 0 else f"{a / b:.2f}×"
+    lines = ["", f"Ceph RBD: one {size >> 20} MiB image on a one-node cluster on this machine (memstore OSD), "
+             f"{rounds} interleaved rounds, medians:", "",
+             "| measurement | poolfs | rbd-fuse | qemu-storage-daemon | poolfs / rbd-fuse | poolfs / qsd |",
+             "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    for label in labels:
+        p, f, q = med(label, "poolfs"), med(label, "rbd-fuse"), med(label, "qemu-storage-daemon")
+        lines.append(f"| {label} | {fmt(p)} | {fmt(f)} | {fmt(q)} | {ratio(p, f)} | {ratio(p, q)} |")
+    if no_direct:
+        lines += ["", f"n/a random reads: {', '.join(sorted(no_direct))} cannot open the file with O_DIRECT (fio --direct=1)."]
+    return lines
+
+
+SECTIONS = ["peers", "pool", "lvm", "iscsi", "partitions", "rbd"]
 
 
 def peers(binary, rounds, quick):
@@ -662,6 +849,11 @@ def main():
                   "of `<vol>`, one mount, interleaved rounds:", ""]
         lines += ratio_table(partitions_vs_volumes(binary, disk_size, args.rounds), "partition", "volume",
                              "| volume | partition | volume | partition / volume | per round |")
+    if "rbd" in sections:
+        if shutil.which("ceph-mon") and shutil.which("rbd-fuse"):
+            lines += rbd_section(binary, 256 * MiB if args.quick else 1 * GiB, args.rounds, args.quick)
+        else:
+            lines += ["", "Ceph RBD: skipped (ceph-mon or rbd-fuse not installed: scripts/install-deps.sh)."]
     report = "\n".join(lines)
     print(report)
     with open(os.path.join(WORK, "results.md"), "w") as f:

@@ -5,8 +5,11 @@ set -euo pipefail
 
 # fio, python3 and qemu-system-common (qemu-storage-daemon) drive the -o rw tests; tgt (tgtd) serves
 # the iSCSI tests' targets and qemu-block-extra lets qemu-img read them. man-db renders and mandoc
-# checks the man page that make install installs; bsdextrautils has col.
-packages=(libfuse3-dev libblkid-dev fuse3 zlib1g-dev libdeflate-dev libzstd-dev pkg-config qemu-utils fdisk e2fsprogs mount util-linux kmod attr lvm2 fio python3 qemu-system-common qemu-system-x86 linux-image-amd64 busybox-static thin-provisioning-tools libiscsi-dev tgt qemu-block-extra man-db mandoc bsdextrautils "$@")
+# checks the man page that make install installs; bsdextrautils has col. librbd-dev builds the RBD
+# pools; ceph-mon, ceph-osd, ceph-mgr and ceph-common run the RBD tests' one-node cluster (started by
+# the tests, from their own conf: the packages enable no daemon of their own), python3-rbd holds an
+# image's lock in them and rbd-fuse is `make bench`'s comparison.
+packages=(libfuse3-dev libblkid-dev fuse3 zlib1g-dev libdeflate-dev libzstd-dev pkg-config qemu-utils fdisk e2fsprogs mount util-linux kmod attr lvm2 fio python3 qemu-system-common qemu-system-x86 linux-image-amd64 busybox-static thin-provisioning-tools libiscsi-dev tgt qemu-block-extra man-db mandoc bsdextrautils librbd-dev ceph-mon ceph-osd ceph-mgr ceph-common python3-rbd rbd-fuse "$@")
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

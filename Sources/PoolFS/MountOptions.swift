@@ -19,6 +19,13 @@ public struct MountOptions: Sendable, Equatable {
     public var initiator: String?
     public var chapUser: String?
     public var chapSecretFile: String?
+    /// RBD: the Ceph conf file, client id, keyring file and monitor addresses.
+    public var cephConf: String?
+    public var cephID: String?
+    public var keyring: String?
+    public var monHost: String?
+    /// RBD: seconds any cluster operation may take (connect, open, read, write) before it fails.
+    public var rbdTimeout = 10.0
     public var fuseOptions: [String] = []
 
     public init() {}
@@ -67,6 +74,19 @@ public struct MountOptions: Sendable, Equatable {
                 case "initiator", "chap_user", "chap_secret_file":
                     guard let value, !value.isEmpty else { throw MountError.badOption("\(key): needs a value") }
                     if key == "initiator" { o.initiator = value } else if key == "chap_user" { o.chapUser = value } else { o.chapSecretFile = value }
+                case "conf", "id", "keyring", "mon_host":
+                    guard let value, !value.isEmpty else { throw MountError.badOption("\(key): needs a value") }
+                    switch key {
+                    case "conf": o.cephConf = value
+                    case "id": o.cephID = value
+                    case "keyring": o.keyring = value
+                    default: o.monHost = value
+                    }
+                case "rbd_timeout":
+                    guard let value, let n = Int(value), (1...300).contains(n) else {
+                        throw MountError.badOption("\(option): rbd_timeout takes seconds from 1 to 300")
+                    }
+                    o.rbdTimeout = Double(n)
                 case "ro":
                     o.rw = false
                 case "rw":

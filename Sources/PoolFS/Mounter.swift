@@ -112,7 +112,7 @@ public enum Mounter {
     public static func openPool(_ source: String, options: MountOptions) throws -> any Pool {
         try PoolSource.open(source, type: options.type,
                             lvmMode: LogicalPool.Mode.forThisHost(noactivate: options.noactivate), writable: options.rw,
-                            iscsi: try options.iscsiOptions())
+                            iscsi: try options.iscsiOptions(), rbd: options.rbdOptions())
     }
 
     /// Opens every volume of the pool, for `poolfs ls`; and why the pool shows none, if it says.
@@ -138,5 +138,12 @@ extension MountOptions {
             secret = text
         }
         return ISCSIPool.Options(initiator: initiator, chapUser: chapUser, chapSecret: secret)
+    }
+
+    /// The RBD options: the secret stays in its keyring file, which librados reads.
+    func rbdOptions() -> RBDPool.Options {
+        var options = RBDPool.Options(confFile: cephConf, id: cephID, keyring: keyring, monHost: monHost)
+        options.timeout = rbdTimeout
+        return options
     }
 }

@@ -163,6 +163,11 @@ public final class PoolFileSystem: FileSystemOperations {
             return a
         case .poolSnapshot(let v, let file, let device):
             var a = attributes(type: S_IFREG, from: v.fileStat, permissions: cow != nil ? 0o7777 : 0o7555)
+            if let date = v.poolSnapshotDates[file] {
+                a.atime = date
+                a.mtime = date
+                a.ctime = date
+            }
             if case .success(let d) = device {
                 a.size = d.size
                 a.blocks = (v.allocatedBytes(poolSnapshot: file, device: d) + 511) / 512

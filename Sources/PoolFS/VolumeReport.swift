@@ -70,8 +70,9 @@ public struct VolumeReport: Codable, Sendable {
                 SnapshotInfo(id: s.id, name: s.name, file: file, date: isoDate(s.dateSeconds),
                              virtualSize: image?.device(of: s)?.size ?? 0, vmStateSize: s.vmStateSize)
             } + volume.poolSnapshots.map { file, device in
-                // The pool's own (LVM, ZFS): named by the pool, with no qcow2 id or date.
-                SnapshotInfo(id: "", name: file, file: file, date: "", virtualSize: (try? device.get().size) ?? 0, vmStateSize: 0)
+                // The pool's own (LVM, ZFS, RBD): named by the pool, with no qcow2 id; dated if the pool says.
+                SnapshotInfo(id: "", name: file, file: file, date: volume.poolSnapshotDates[file].map { isoDate(UInt32(clamping: $0.tv_sec)) } ?? "",
+                             virtualSize: (try? device.get().size) ?? 0, vmStateSize: 0)
             },
             inUseByWriter: image?.hostFiles.first?.writerPresent ?? false,
             properties: Dictionary(volume.properties, uniquingKeysWith: { first, _ in first }),

@@ -34,6 +34,8 @@ public final class OpenVolume: Sendable {
     public let snapshotFiles: [(file: String, snapshot: Snapshot)]
     /// Snapshots the pool keeps as volumes (LVM): opened now, or why they cannot be read.
     public let poolSnapshots: [(file: String, device: Result<any BlockDevice, PoolSnapshotError>)]
+    /// When the pool's snapshots were taken, by file, where the pool says (RBD).
+    public let poolSnapshotDates: [String: timespec]
     /// Where writes go while the volume is open for writing (`-o rw`); its files then change
     /// only through it, so they are not checked for changes.
     public let writer: (any VolumeWriter)?
@@ -63,9 +65,12 @@ public final class OpenVolume: Sendable {
         self.openedAt = Self.monotonicNanoseconds()
         self.generation = pool.generation(of: name)
         self.properties = pool.properties(of: name)
-        self.poolSnapshots = pool.snapshots(of: name).map { snapshot in
+        let pooled = pool.snapshots(of: name)
+        self.poolSnapshots = pooled.map { snapshot in
             (SnapshotNames.escape(snapshot.name), Result { try snapshot.open() }.mapError { PoolSnapshotError(message: "\($0)") })
         }
+        self.poolSnapshotDates = Dictionary(pooled.compactMap { s in s.date.map { (SnapshotNames.escape(s.name), $0) } },
+                                            uniquingKeysWith: { first, _ in first })
         do {
             let image = try opened.get()
             self.image = image

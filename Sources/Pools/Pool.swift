@@ -93,11 +93,14 @@ public struct PoolVolume: Sendable {
 /// A snapshot that is a volume of the pool (an LVM snapshot LV, a ZFS snapshot).
 public struct PoolSnapshot: Sendable {
     public var name: String
+    /// When it was taken, if the pool says (RBD): the snapshot file's times.
+    public var date: timespec?
     /// Opens the snapshot's device; throws with a message a user can act on when it cannot be read.
     public var open: @Sendable () throws -> any BlockDevice
 
-    public init(name: String, open: @escaping @Sendable () throws -> any BlockDevice) {
+    public init(name: String, date: timespec? = nil, open: @escaping @Sendable () throws -> any BlockDevice) {
         self.name = name
+        self.date = date
         self.open = open
     }
 }
@@ -112,7 +115,7 @@ public enum PoolError: Error, CustomStringConvertible, Equatable {
         switch self {
         case .notFound(let what): return "pool \(what) does not exist"
         case .notADirectory(let path): return "pool \(path) is not a directory"
-        case .unsupportedType(let type): return "pool type '\(type)' is not supported yet (supported: dir, fs, netfs, logical, zfs, disk, iscsi, iscsi-direct)"
+        case .unsupportedType(let type): return "pool type '\(type)' is not supported yet (supported: dir, fs, netfs, logical, zfs, disk, iscsi, iscsi-direct, rbd)"
         case .libvirt(let why): return why
         }
     }
@@ -180,13 +183,16 @@ public enum PoolSource {
                             libvirtDirectory: String = libvirtStorageDirectory,
                             runner: any CommandRunner = SystemCommandRunner(),
                             lvmMode: LogicalPool.Mode = LogicalPool.Mode.forThisHost(noactivate: false),
-                            writable: Bool = false, iscsi: ISCSIPool.Options = ISCSIPool.Options()) throws -> any Pool {
+                            writable: Bool = false, iscsi: ISCSIPool.Options = ISCSIPool.Options(),
+                            rbd: RBDPool.Options = RBDPool.Options()) throws -> any Pool {
         var path = source
         var resolvedType = type
         var iscsi = iscsi
         iscsi.writable = writable
+        var rbd = rbd
+        rbd.writable = writable
         if type == nil, source.hasPrefix("iscsi://") { resolvedType = "iscsi" }
-        if type != "logical", type != "zfs", !source.contains("/"), !FileManager.default.fileExists(atPath: source) {
+        if type != "logical", type != "zfs", type != "rbd", !source.contains("/"), !FileManager.default.fileExists(atPath: source) {
             let definition = libvirtDirectory + "/" + source + ".xml"
             guard let xml = try? String(contentsOfFile: definition, encoding: .utf8) else {
                 throw PoolError.notFound("\(source) (no such directory, and no libvirt pool definition \(definition))")
@@ -212,6 +218,12 @@ public enum PoolSource {
                     throw PoolError.libvirt("libvirt pool \(source) uses CHAP: give its secret with -o chap_secret_file=PATH")
                 }
             }
+            if parsed.type == "rbd" {
+                let source = try parseLibvirtRBD(xml, file: definition)
+                path = source.pool
+                rbd.monHost = rbd.monHost ?? source.monHost
+                rbd.id = rbd.id ?? source.user
+            }
         }
         switch resolvedType ?? "dir" {
         case "dir", "fs", "netfs":
@@ -228,6 +240,8 @@ public enum PoolSource {
             return try ZfsPool(dataset: dataset, runner: runner)
         case "iscsi", "iscsi-direct":
             return try ISCSIPool(url: path, options: iscsi)
+        case "rbd":
+            return try RBDPool(spec: path, options: rbd)
         case let other:
             throw PoolError.unsupportedType(other)
         }
@@ -250,7 +264,7 @@ public enum PoolSource {
         let device = firstMatch(#"<source>.*?<device\s[^>]*path\s*=\s*['"]([^'"]+)['"]"#)
         // A disk pool's disk is its source device; an iscsi-direct pool has no target path (its
         // source says it all: parseLibvirtISCSI).
-        guard let path = firstMatch(#"<target>.*?<path>\s*([^<]*?)\s*</path>"#) ?? (type == "disk" ? device : type.hasPrefix("iscsi") ? "" : nil) else {
+        guard let path = firstMatch(#"<target>.*?<path>\s*([^<]*?)\s*</path>"#) ?? (type == "disk" ? device : type.hasPrefix("iscsi") || type == "rbd" ? "" : nil) else {
             throw PoolError.libvirt("\(file): no <target><path>")
         }
         return (type, path, device)
@@ -273,5 +287,27 @@ public enum PoolSource {
             ?? firstMatch(#"<auth\s[^>]*username\s*=\s*['"]([^'"]+)['"][^>]*type\s*=\s*['"]chap['"]"#)
         let bracketed = host.contains(":") ? "[\(host)]" : host
         return ("iscsi://\(bracketed):\(port)/\(device)", initiator, chapUser)
+    }
+
+    /// An `rbd` pool's `<source>`: `<name>POOL[/NAMESPACE]</name>`, `<host name= port=/>` (each a monitor) and
+    /// `<auth username= type='ceph'>`. The secret is libvirt's; poolfs takes it from a keyring file.
+    static func parseLibvirtRBD(_ xml: String, file: String) throws -> (pool: String, monHost: String?, user: String?) {
+        func firstMatch(_ pattern: String) -> String? { Self.firstMatch(pattern, in: xml) }
+        guard let name = firstMatch(#"<source>.*?<name>\s*([^<]*?)\s*</name>"#), !name.isEmpty else {
+            throw PoolError.libvirt("\(file): no <source><name> (the Ceph pool)")
+        }
+        var hosts: [String] = []
+        if let regex = try? NSRegularExpression(pattern: #"<host\s([^>]*)/?>"#) {
+            for match in regex.matches(in: xml, range: NSRange(xml.startIndex..., in: xml)) {
+                guard let range = Range(match.range(at: 1), in: xml) else { continue }
+                let attributes = String(xml[range])
+                guard let host = Self.firstMatch(#"name\s*=\s*['"]([^'"]+)['"]"#, in: attributes) else { continue }
+                let port = Self.firstMatch(#"port\s*=\s*['"]([0-9]+)['"]"#, in: attributes)
+                let bracketed = host.contains(":") ? "[\(host)]" : host
+                hosts.append(port.map { "\(bracketed):\($0)" } ?? bracketed)
+            }
+        }
+        let user = firstMatch(#"<auth\s[^>]*username\s*=\s*['"]([^'"]+)['"]"#)
+        return (name, hosts.isEmpty ? nil : hosts.joined(separator: ","), user)
     }
 }

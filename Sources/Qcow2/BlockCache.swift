@@ -129,6 +129,11 @@ public final class CachedBlock: @unchecked Sendable {
         let storage = BlockMemory.allocate(count)
         do {
             try fill(UnsafeMutableRawBufferPointer(start: storage, count: count))
+        } catch let inUse as BufferStillInUse {
+            // SAFETY: I/O still in flight may write into the memory: whoever started it frees it.
+            let pointer = UnsafeSendablePointer(storage)
+            inUse.handOff { BlockMemory.release(pointer.value, count: count) }
+            throw inUse.underlying
         } catch {
             BlockMemory.release(storage, count: count)
             throw error
@@ -149,4 +154,22 @@ public final class CachedBlock: @unchecked Sendable {
     deinit { BlockMemory.release(UnsafeMutableRawPointer(mutating: bytes.baseAddress!), count: bytes.count) }
 
     func withUnsafeBytes<R>(_ body: (UnsafeRawBufferPointer) throws -> R) rethrows -> R { try body(bytes) }
+}
+
+/// Thrown by a `ReadPlan.appendRead` fill whose asynchronous I/O did not finish in time and may
+/// still write into the buffer: instead of freeing it, the plan passes the job of freeing it to
+/// `handOff`, which runs it once that I/O has ended; `underlying` is thrown on.
+public struct BufferStillInUse: Error {
+    public var underlying: any Error
+    public var handOff: @Sendable (_ release: @escaping @Sendable () -> Void) -> Void
+
+    public init(_ underlying: any Error, handOff: @escaping @Sendable (_ release: @escaping @Sendable () -> Void) -> Void) {
+        self.underlying = underlying
+        self.handOff = handOff
+    }
+}
+
+private struct UnsafeSendablePointer: @unchecked Sendable {
+    let value: UnsafeMutableRawPointer
+    init(_ value: UnsafeMutableRawPointer) { self.value = value }
 }

@@ -83,8 +83,10 @@ public final class Image: Sendable {
 
     /// A raw volume that is not a plain file (an LV read through its extent map): `hostFiles` is
     /// empty, so whoever made the device tells when it changed.
-    public static func wrapping(_ device: any BlockDevice, path: String) -> Image {
-        Image(path: path, format: .raw, qcow2: nil, live: device, backing: nil, hostFiles: [])
+    /// `backing` names what the device reads through beneath (an RBD clone's parent), for
+    /// `backing_chain`; the device itself reads it.
+    public static func wrapping(_ device: any BlockDevice, path: String, backing: Image? = nil) -> Image {
+        Image(path: path, format: .raw, qcow2: nil, live: device, backing: backing, hostFiles: [])
     }
 
     public var virtualSize: UInt64 { live.size }

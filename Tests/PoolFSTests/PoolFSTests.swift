@@ -39,6 +39,11 @@ import Pools
         #expect(o.readahead == 512 << 10)
         #expect(o.maxRead == 512 << 10, "the default")
         #expect(try MountOptions.parse(["max_read=256K"]).maxRead == 256 << 10)
+        let ceph = try MountOptions.parse(["type=rbd,conf=/etc/ceph/c.conf,id=libvirt,keyring=/k,mon_host=10.0.0.1:6789,rbd_timeout=5"])
+        #expect(ceph.cephConf == "/etc/ceph/c.conf" && ceph.cephID == "libvirt" && ceph.keyring == "/k" && ceph.monHost == "10.0.0.1:6789" && ceph.rbdTimeout == 5)
+        #expect(ceph.fuseOptions.isEmpty)
+        #expect(throws: MountError.self) { try MountOptions.parse(["rbd_timeout=0"]) }
+        #expect(throws: MountError.self) { try MountOptions.parse(["keyring="]) }
         #expect(try MountOptions.parse([]).readahead == 2 << 20)
         #expect(!o.splice)
         #expect(o.fuseOptions == ["allow_other", "default_permissions", "noatime"])
