@@ -191,15 +191,21 @@ int poolfs_backing_close(struct fuse_session *session, int backing_id) {
     return ioctl(fuse_session_fd(session), DEV_IOC_BACKING_CLOSE, &id) < 0 ? -errno : 0;
 }
 
-int poolfs_reply_open(fuse_req_t req, struct fuse_file_info *fi, int backing_id, int keep_cache) {
+int poolfs_reply_open(fuse_req_t req, struct fuse_file_info *fi, int backing_id, int keep_cache, int direct_io) {
     if (backing_id > 0) {
-        /* The kernel refuses FOPEN_KEEP_CACHE on a passthrough open (FOPEN_PASSTHROUGH_MASK). */
+        /* The kernel refuses FOPEN_KEEP_CACHE on a passthrough open (FOPEN_PASSTHROUGH_MASK);
+         * FOPEN_DIRECT_IO it takes, and then sends reads and writes to the daemon. */
         fi->fh = ((uint64_t)POOLFS_PASSTHROUGH_FH_TAG << 32) | (uint32_t)backing_id;
         fi->keep_cache = 0;
+        fi->direct_io = direct_io ? 1 : 0;
     } else {
         fi->keep_cache = keep_cache ? 1 : 0;
     }
     return fuse_reply_open(req, fi);
+}
+
+int poolfs_is_direct_open(int flags) {
+    return (flags & O_DIRECT) != 0;
 }
 
 int poolfs_is_passthrough_fh(uint64_t fh) {

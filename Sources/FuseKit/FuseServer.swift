@@ -315,8 +315,13 @@ extension FuseServer {
             switch server.filesystem.open(inode: ino, writing: writing) {
             case .success(let reply):
                 let backing = reply.passthroughFile.flatMap { server.backingID(inode: ino, file: $0) } ?? 0
+                // O_DIRECT through passthrough would take the backing file's alignment rules
+                // (EINVAL for what the daemon serves): its reads and writes come to the daemon
+                // (FOPEN_DIRECT_IO), while the open stays a passthrough one, as the kernel wants
+                // every open of an inode in passthrough mode to be.
+                let direct = backing > 0 && poolfs_is_direct_open(fi!.pointee.flags) != 0
                 // An open the kernel gave up on (interrupted) is never released: neither is its id.
-                if poolfs_reply_open(req, fi, backing, reply.keepCache ? 1 : 0) != 0, backing > 0 {
+                if poolfs_reply_open(req, fi, backing, reply.keepCache ? 1 : 0, direct ? 1 : 0) != 0, backing > 0 {
                     server.releaseBacking(inode: ino)
                 }
             case .failure(let error): FuseServer.reply(req, error)

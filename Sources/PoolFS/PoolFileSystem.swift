@@ -316,7 +316,15 @@ public final class PoolFileSystem: FileSystemOperations {
         guard cow == nil, !writing, volume.writer == nil, let image = volume.image, !image.hostFiles.isEmpty,
               !image.hostFiles.contains(where: \.isBlockDevice) else { return nil }
         if case .snapshot(_, let file) = node, volume.snapshot(file: file) == nil { return nil }
-        return CacheFingerprint(files: image.hostFiles.map(\.identity), generation: volume.generation)
+        // The files as they are now (fstat), not as the volume saw them when opened: the volume
+        // may be one the store still trusts a moment after its file changed.
+        var files: [FileIdentity] = []
+        for file in image.hostFiles {
+            var st = stat()
+            guard fstat(file.fd, &st) == 0 else { return nil }
+            files.append(FileIdentity(st))
+        }
+        return CacheFingerprint(files: files, generation: volume.generation)
     }
 
     /// After a write to `inode`: the other nodes of its volume (its partitions, or the volume

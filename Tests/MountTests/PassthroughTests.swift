@@ -71,6 +71,16 @@ struct PassthroughTests {
         try scratch.sh("qemu-img compare -f raw -F raw -U '\(mount.path("disk.raw"))' pool/disk.raw")
         #expect(try Self.readRequests(mount, scratch) == 0)
         #expect(Self.log(mount).contains("reads of raw volumes: FUSE passthrough"))
+        // O_DIRECT at any alignment, as without passthrough: those reads and writes come to the daemon.
+        try scratch.sh("""
+            python3 - '\(mount.path("disk.raw"))' <<'PY'
+            import os, sys
+            fd = os.open(sys.argv[1], os.O_RDWR | os.O_DIRECT)
+            os.pwrite(fd, b'direct', 4097)
+            assert os.pread(fd, 2581, 4095)[2:8] == b'direct'
+            assert open('pool/disk.raw', 'rb').read()[4097:4103] == b'direct'
+            PY
+            """)
         // The writer's lock is held while open, as without passthrough.
         try scratch.sh("""
             exec 3<>'\(mount.path("disk.raw"))'; ! qemu-io -c 'read 0 4k' pool/disk.raw 2>/dev/null; exec 3>&-

@@ -51,9 +51,13 @@ int poolfs_backing_open(struct fuse_session *session, int fd);
 /// ioctl(FUSE_DEV_IOC_BACKING_CLOSE): 0 or -errno.
 int poolfs_backing_close(struct fuse_session *session, int backing_id);
 
-/// fuse_reply_open, as a passthrough open of `backing_id` (> 0), or else with FOPEN_KEEP_CACHE
-/// when `keep_cache`.
-int poolfs_reply_open(fuse_req_t req, struct fuse_file_info *fi, int backing_id, int keep_cache);
+/// fuse_reply_open: as a passthrough open of `backing_id` (> 0), whose reads and writes still
+/// come to the daemon when `direct_io` (FOPEN_DIRECT_IO); else with FOPEN_KEEP_CACHE when
+/// `keep_cache`.
+int poolfs_reply_open(fuse_req_t req, struct fuse_file_info *fi, int backing_id, int keep_cache, int direct_io);
+
+/// Whether open(2) flags have O_DIRECT (which Swift's Glibc hides behind _GNU_SOURCE).
+int poolfs_is_direct_open(int flags);
 
 /// Whether an open file's fh is a passthrough open's (see poolfs_reply_open).
 int poolfs_is_passthrough_fh(uint64_t fh);
