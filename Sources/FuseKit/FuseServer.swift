@@ -1,5 +1,6 @@
 import CFuse3
 import CFuseShim
+import Locking
 import Synchronization
 #if canImport(Glibc)
 import Glibc
@@ -22,6 +23,14 @@ public final class FuseServer: @unchecked Sendable {
         /// as several requests at once, which the worker threads serve in parallel.
         public var maxRead: UInt32 = 512 << 10
         public var splice = true
+        /// FUSE passthrough for the files whose `open` names a passthrough file, when the kernel
+        /// offers it and lets this process register backing files (CAP_SYS_ADMIN).
+        public var passthrough = false
+        /// Told once whether passthrough is in use: nil, or why not. Told again if the kernel
+        /// later refuses a file (then no file gets passthrough from there on).
+        public var passthroughDecided: (@Sendable (_ unavailable: String?) -> Void)?
+        /// Where invalidations of the kernel's cache go (see `KernelCache`).
+        public var kernelCache: KernelCache?
         /// Told once whether `maxReadahead` could be set (it needs root), after the kernel's INIT.
         public var readaheadApplied: (@Sendable (Bool) -> Void)?
         public init() {}
@@ -40,7 +49,7 @@ public final class FuseServer: @unchecked Sendable {
 
     let filesystem: any FileSystemOperations
     let configuration: Configuration
-    // SAFETY: written once in `mount` before the loop starts; read only after it ends.
+    // SAFETY: written once in `run` before the loop starts its worker threads, which read it.
     private var session: OpaquePointer?
     // SAFETY: written once in `run` before the loop starts its worker threads.
     private var mountpoint = ""
@@ -48,6 +57,13 @@ public final class FuseServer: @unchecked Sendable {
     /// smaller of its default and the daemon's wish, so it can be raised only after INIT, on the
     /// first request that follows.
     private let readaheadDue = Atomic<Bool>(true)
+    /// Whether files may be opened in passthrough mode from now on (see `backingID`).
+    private let passthroughActive = Atomic<Bool>(false)
+    /// The backing id registered for each inode open in passthrough mode, and its open handles.
+    /// The kernel wants every passthrough open of an inode to name the same backing file, so
+    /// one id serves them all and is closed after the last release (the kernel holds its own
+    /// reference to the file while it is open).
+    private let backings = Locked<[UInt64: (id: Int32, handles: Int)]>([:])
 
     public init(filesystem: any FileSystemOperations, configuration: Configuration) {
         self.filesystem = filesystem
@@ -83,7 +99,13 @@ public final class FuseServer: @unchecked Sendable {
         guard fuse_session_mount(session, mountpoint) == 0 else {
             throw Failure.mount("cannot mount at \(mountpoint) (see the message above)")
         }
+        // Detached after the unmount (defers run in reverse), when no read can be pending.
+        configuration.kernelCache?.attach(session)
+        defer { configuration.kernelCache?.detach() }
         defer { fuse_session_unmount(session) }
+        if configuration.passthrough, poolfs_session_custom_io(session, 1) != 0 {
+            throw Failure.session("fuse: cannot route the session's I/O for passthrough")
+        }
         fuse_daemonize(configuration.foreground ? 1 : 0)
         poolfs_tune_malloc()
         onMounted()
@@ -113,6 +135,70 @@ public final class FuseServer: @unchecked Sendable {
         guard readaheadDue.exchange(false, ordering: .relaxed) else { return }
         let applied = MountReadahead.set(configuration.maxReadahead, mountpoint: mountpoint)
         configuration.readaheadApplied?(applied)
+        if configuration.passthrough { probePassthrough() }
+    }
+
+    /// After INIT: whether the kernel took passthrough and lets us register a backing file,
+    /// tried on this program's own file (a regular file, closed again at once).
+    private func probePassthrough() {
+        guard poolfs_passthrough_negotiated() != 0 else {
+            configuration.passthroughDecided?("the kernel does not offer FUSE passthrough")
+            return
+        }
+        let fd = open("/proc/self/exe", O_RDONLY | O_CLOEXEC)
+        guard fd >= 0 else {
+            configuration.passthroughDecided?("cannot open /proc/self/exe to try it")
+            return
+        }
+        defer { close(fd) }
+        let id = poolfs_backing_open(session, fd)
+        guard id > 0 else {
+            configuration.passthroughDecided?(Self.backingRefusal(-id))
+            return
+        }
+        _ = poolfs_backing_close(session, id)
+        passthroughActive.store(true, ordering: .relaxed)
+        configuration.passthroughDecided?(nil)
+    }
+
+    static func backingRefusal(_ code: Int32) -> String {
+        let why = String(cString: strerror(code))
+        return code == EPERM ? "FUSE_DEV_IOC_BACKING_OPEN: \(why) (it needs CAP_SYS_ADMIN)" : "FUSE_DEV_IOC_BACKING_OPEN: \(why)"
+    }
+
+    /// The backing id for a passthrough open of `inode` whose bytes are `file`: the inode's
+    /// registered one, or a new registration; nil when passthrough is off or the kernel
+    /// refuses (which turns it off for files not yet open in passthrough mode, so that no inode
+    /// gets opens of both kinds: the kernel would refuse the second kind with ETXTBSY).
+    func backingID(inode: UInt64, file: Int32) -> Int32? {
+        backings.withLock { table in
+            if let known = table[inode] {
+                table[inode]!.handles = known.handles + 1
+                return known.id
+            }
+            guard passthroughActive.load(ordering: .relaxed) else { return nil }
+            let id = poolfs_backing_open(session, file)
+            guard id > 0 else {
+                passthroughActive.store(false, ordering: .relaxed)
+                configuration.passthroughDecided?(Self.backingRefusal(-id))
+                return nil
+            }
+            table[inode] = (id, 1)
+            return id
+        }
+    }
+
+    /// One passthrough handle of `inode` fewer; the last closes its backing id.
+    func releaseBacking(inode: UInt64) {
+        backings.withLock { table in
+            guard let known = table[inode] else { return }
+            if known.handles > 1 {
+                table[inode]!.handles = known.handles - 1
+                return
+            }
+            table[inode] = nil
+            _ = poolfs_backing_close(session, known.id)
+        }
     }
 }
 
@@ -225,9 +311,19 @@ extension FuseServer {
             if writing, !FuseServer.server(req).filesystem.writable {
                 return FuseServer.reply(req, .readOnly)
             }
-            switch FuseServer.server(req).filesystem.open(inode: ino, writing: writing) {
-            case .success:
-                fuse_reply_open(req, fi)
+            let server = FuseServer.server(req)
+            switch server.filesystem.open(inode: ino, writing: writing) {
+            case .success(let reply):
+                let backing = reply.passthroughFile.flatMap { server.backingID(inode: ino, file: $0) } ?? 0
+                // O_DIRECT through passthrough would take the backing file's alignment rules
+                // (EINVAL for what the daemon serves): its reads and writes come to the daemon
+                // (FOPEN_DIRECT_IO), while the open stays a passthrough one, as the kernel wants
+                // every open of an inode in passthrough mode to be.
+                let direct = backing > 0 && poolfs_is_direct_open(fi!.pointee.flags) != 0
+                // An open the kernel gave up on (interrupted) is never released: neither is its id.
+                if poolfs_reply_open(req, fi, backing, reply.keepCache ? 1 : 0, direct ? 1 : 0) != 0, backing > 0 {
+                    server.releaseBacking(inode: ino)
+                }
             case .failure(let error): FuseServer.reply(req, error)
             }
         }
@@ -238,7 +334,9 @@ extension FuseServer {
             }
         }
         ops.release = { req, ino, fi in
-            FuseServer.server(req).filesystem.release(inode: ino, writing: FuseServer.opensForWriting(fi!.pointee.flags))
+            let server = FuseServer.server(req)
+            if poolfs_is_passthrough_fh(fi!.pointee.fh) != 0 { server.releaseBacking(inode: ino) }
+            server.filesystem.release(inode: ino, writing: FuseServer.opensForWriting(fi!.pointee.flags))
             fuse_reply_err(req, 0)
         }
         ops.opendir = { req, ino, fi in

@@ -40,6 +40,11 @@ public final class InodeTable<Key: Hashable & Sendable>: Sendable {
         state.withLock { $0.inodes[key] }
     }
 
+    /// The inodes of the keys that `matching` accepts.
+    public func inodes(where matching: (Key) -> Bool) -> [UInt64] {
+        state.withLock { s in s.inodes.compactMap { matching($0.key) ? $0.value : nil } }
+    }
+
     public func key(of inode: UInt64) -> Key? {
         state.withLock { $0.keys[inode]?.key }
     }

@@ -95,6 +95,23 @@ public struct ReadData: Sendable {
     }
 }
 
+/// How the kernel is to read an opened file: the reply to open.
+public struct OpenReply: Sendable, Equatable {
+    /// A file whose bytes are the node's, from offset 0 to its end: the kernel reads, writes and
+    /// maps it itself (FUSE passthrough) when the mount has passthrough; otherwise ignored. Must
+    /// be the same file for every open of the node, and stay open until `open` returns.
+    public var passthroughFile: Int32?
+    /// The pages the kernel has cached for the node are still right (FOPEN_KEEP_CACHE).
+    public var keepCache: Bool
+
+    public init(passthroughFile: Int32? = nil, keepCache: Bool = false) {
+        self.passthroughFile = passthroughFile
+        self.keepCache = keepCache
+    }
+
+    public static let plain = OpenReply()
+}
+
 public struct FileSystemStatistics: Sendable {
     public var blockSize: UInt64
     public var blocks: UInt64
@@ -124,7 +141,7 @@ public protocol FileSystemOperations: AnyObject, Sendable {
     func forget(inode: UInt64, count: UInt64)
     func attributes(of inode: UInt64) -> Result<(Attributes, timeout: Double), Errno>
     /// Opening a file; `writing` only when the filesystem is `writable`.
-    func open(inode: UInt64, writing: Bool) -> Result<Void, Errno>
+    func open(inode: UInt64, writing: Bool) -> Result<OpenReply, Errno>
     func read(inode: UInt64, offset: UInt64, size: Int) -> Result<ReadData, Errno>
     func list(directory inode: UInt64) -> Result<[DirectoryEntry], Errno>
     func seek(inode: UInt64, offset: UInt64, data: Bool) -> Result<UInt64, Errno>

@@ -6,6 +6,8 @@ public struct MountOptions: Sendable, Equatable {
     public var readahead: UInt32 = 2 << 20
     public var maxRead: UInt32 = 512 << 10
     public var splice = true
+    /// Raw volumes through FUSE passthrough (the kernel reads their files itself) where it can.
+    public var passthrough = true
     /// LVM: never use device-mapper; read LVs from their PVs.
     public var noactivate = false
     /// Writable files whose writes go to a copy-on-write block cache, never to the images.
@@ -60,6 +62,8 @@ public struct MountOptions: Sendable, Equatable {
                     o.threads = n
                 case "nosplice":
                     o.splice = false
+                case "nopassthrough":
+                    o.passthrough = false
                 case "noactivate":
                     o.noactivate = true
                 case "cow":

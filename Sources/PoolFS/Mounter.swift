@@ -35,7 +35,8 @@ public enum Mounter {
         defer { store.closeWriters() }
         // Spill files are made in cache_dir, which must be absolute once the daemon is in /.
         let cow = options.cow ? CowStore(memoryLimit: options.cowMemory, spillDirectory: absolute(options.cacheDirectory)) : nil
-        let filesystem = PoolFileSystem(store: store, cow: cow)
+        let kernelCache = KernelCache()
+        let filesystem = PoolFileSystem(store: store, cow: cow, passthrough: options.passthrough, kernelCache: kernelCache)
         var configuration = FuseServer.Configuration()
         configuration.foreground = foreground
         configuration.threads = options.threads
@@ -48,11 +49,21 @@ public enum Mounter {
             }
         }
         configuration.splice = options.splice
+        configuration.kernelCache = kernelCache
+        configuration.passthrough = options.passthrough && !options.cow
+        configuration.passthroughDecided = { unavailable in
+            Log.info(unavailable.map { "reads of raw volumes: through the daemon: \($0)" } ?? "reads of raw volumes: FUSE passthrough")
+        }
         let fsname = ("poolfs:" + pool.displayName).replacingOccurrences(of: ",", with: "\\,")
         configuration.options = (options.cow || options.rw ? [] : ["ro"]) + ["fsname=\(fsname)", "subtype=poolfs"] + options.fuseOptions
         let server = FuseServer(filesystem: filesystem, configuration: configuration)
         try server.run(mountpoint: target) {
             Log.info("mounted \(pool.displayName) at \(target)")
+            if !options.passthrough {
+                Log.info("reads of raw volumes: through the daemon: -o nopassthrough")
+            } else if options.cow {
+                Log.info("reads of raw volumes: through the daemon: -o cow (writes go to the overlay)")
+            }
         }
         Log.info("unmounted \(target)")
     }

@@ -2,8 +2,10 @@
 import Glibc
 #endif
 import FuseKit
+import Locking
 import Pools
 import Qcow2
+import Synchronization
 
 /// The tree: volumes at the top, `.snapshots/<volume>/<snapshot>` below, all read-only; and
 /// the partitions of each, `.partitions/<volume>/part<N>` and
@@ -74,13 +76,33 @@ public final class PoolFileSystem: FileSystemOperations {
     let cow: CowStore?
     /// Files may be opened for writing: `-o cow`, or `-o rw` (volumes only; snapshots stay read-only).
     public var writable: Bool { cow != nil || store.writesImages }
+    /// Raw volume files are opened in FUSE passthrough mode (see `openReply`).
+    let passthrough: Bool
+    /// Where the kernel is told that nodes changed behind its back.
+    let kernelCache: KernelCache?
+    /// What each inode's files were at its last open, when its pages may be kept (see
+    /// `cacheFingerprint`).
+    let lastOpened = Locked<[UInt64: CacheFingerprint]>([:])
+    /// Inodes written whose sibling nodes (the same volume's partitions, or their volume) are
+    /// yet to be invalidated.
+    let siblingsToInvalidate = Locked<Set<UInt64>>([])
+    /// Read requests that reached this process (`user.poolfs.read_requests` of the root).
+    let readRequests = Atomic<Int>(0)
 
-    public init(store: VolumeStore, cow: CowStore? = nil) {
+    public init(store: VolumeStore, cow: CowStore? = nil, passthrough: Bool = false, kernelCache: KernelCache? = nil) {
         self.store = store
         self.cow = cow
+        self.passthrough = passthrough && cow == nil
+        self.kernelCache = kernelCache
         var st = stat()
         _ = stat(store.pool.statisticsPath, &st)
         rootStat = st
+        if let kernelCache {
+            // A file changed in place is a new image of the same key: every node of it goes.
+            store.changedInPlace.withLock { [inodes] in
+                $0 = { key in kernelCache.invalidate { inodes.inodes { $0.volumeKey == key } } }
+            }
+        }
     }
 
     // MARK: Resolving nodes
@@ -239,6 +261,7 @@ public final class PoolFileSystem: FileSystemOperations {
 
     public func forget(inode: UInt64, count: UInt64) {
         inodes.forget(inode, count: count)
+        if inodes.key(of: inode) == nil { lastOpened.withLock { _ = $0.removeValue(forKey: inode) } }
     }
 
     public func attributes(of inode: UInt64) -> Result<(Attributes, timeout: Double), Errno> {
@@ -253,9 +276,9 @@ public final class PoolFileSystem: FileSystemOperations {
     /// Opens a volume or snapshot file. The handle is counted on the file the node stands for,
     /// before anything else, so that the file stays readable through it even when the pool
     /// replaces or deletes it from here on.
-    public func open(inode: UInt64, writing: Bool) -> Result<Void, Errno> {
+    public func open(inode: UInt64, writing: Bool) -> Result<OpenReply, Errno> {
         guard let node = inodes.key(of: inode) else { return .failure(.noEntry) }
-        guard let key = node.volumeKey else { return device(inode).map { _ in () } }
+        guard let key = node.volumeKey else { return device(inode).map { _ in .plain } }
         do {
             // The first handle also locks the chain's backing files against writers.
             try store.retain(key)
@@ -264,7 +287,61 @@ public final class PoolFileSystem: FileSystemOperations {
         }
         let opened = openHandle(inode: inode, node: node, key: key, writing: writing)
         if case .failure = opened { store.release(key) }
-        return opened
+        return opened.map { openReply(inode: inode, node: node, key: key, writing: writing) }
+    }
+
+    /// How the kernel reads the opened node. A raw volume file (not a partition, a window into
+    /// it) is read by the kernel itself: its bytes are the file's. The kernel wants every open of
+    /// an inode to agree, and this depends only on the node and the mount. Other nodes keep the
+    /// pages the kernel cached when their files are as they were at the last open.
+    func openReply(inode: UInt64, node: Node, key: VolumeKey, writing: Bool) -> OpenReply {
+        guard case .success(let volume) = store.volume(key) else { return .plain }
+        if passthrough, case .volume = node, let file = Self.rawFile(volume) { return OpenReply(passthroughFile: file.fd) }
+        let fingerprint = cacheFingerprint(volume, node: node, writing: writing)
+        let previous = lastOpened.withLock { opened in
+            defer { opened[inode] = fingerprint }
+            return opened[inode]
+        }
+        return OpenReply(keepCache: fingerprint != nil && previous == fingerprint)
+    }
+
+    /// The file whose bytes are the volume's, from its start to its end: a raw image in a
+    /// regular file (block devices are read through the daemon: see README, FUSE passthrough).
+    static func rawFile(_ volume: OpenVolume) -> HostFile? {
+        guard let image = volume.image, image.format == .raw, image.hostFiles.count == 1,
+              let raw = image.live as? RawImage, raw.file === image.hostFiles[0], !raw.file.isBlockDevice else { return nil }
+        return raw.file
+    }
+
+    /// The files of a node whose pages the kernel may keep from one open to the next, as they
+    /// are now: regular files (a block device changes without a new mtime), read-only (a writer,
+    /// or a copy-on-write overlay, changes what the node reads between opens through another
+    /// node), and a qcow2 snapshot or the live disk (not a pool's snapshot). nil: not kept.
+    func cacheFingerprint(_ volume: OpenVolume, node: Node, writing: Bool) -> CacheFingerprint? {
+        guard cow == nil, !writing, volume.writer == nil, let image = volume.image, !image.hostFiles.isEmpty,
+              !image.hostFiles.contains(where: \.isBlockDevice) else { return nil }
+        if case .snapshot(_, let file) = node, volume.snapshot(file: file) == nil { return nil }
+        // The files as they are now (fstat), not as the volume saw them when opened: the volume
+        // may be one the store still trusts a moment after its file changed.
+        var files: [FileIdentity] = []
+        for file in image.hostFiles {
+            var st = stat()
+            guard fstat(file.fd, &st) == 0 else { return nil }
+            files.append(FileIdentity(st))
+        }
+        return CacheFingerprint(files: files, generation: volume.generation)
+    }
+
+    /// After a write to `inode`: the other nodes of its volume (its partitions, or the volume
+    /// of a partition) read the same bytes through their own page caches.
+    func invalidateSiblings(of inode: UInt64) {
+        guard let kernelCache, let key = inodes.key(of: inode)?.volumeKey,
+              siblingsToInvalidate.withLock({ $0.insert(inode).inserted }) else { return }
+        kernelCache.invalidate { [inodes, siblingsToInvalidate] in
+            // Writes from here on queue another invalidation.
+            siblingsToInvalidate.withLock { _ = $0.remove(inode) }
+            return inodes.inodes { $0.volumeKey == key }.filter { $0 != inode }
+        }
     }
 
     private func openHandle(inode: UInt64, node: Node, key: VolumeKey, writing: Bool) -> Result<Void, Errno> {
@@ -315,6 +392,7 @@ public final class PoolFileSystem: FileSystemOperations {
     }
 
     public func read(inode: UInt64, offset: UInt64, size: Int) -> Result<ReadData, Errno> {
+        readRequests.add(1, ordering: .relaxed)
         switch device(inode) {
         case .failure(let e):
             return .failure(e)
@@ -361,12 +439,14 @@ public final class PoolFileSystem: FileSystemOperations {
         if store.writesImages {
             // Within the file's end: a partition's write never reaches past it.
             var written = data.count
+            defer { invalidateSiblings(of: inode) }
             return withWriter(inode, offset: offset, length: UInt64(data.count)) { writer, at, n in
                 written = Int(n)
                 try writer.write(UnsafeRawBufferPointer(rebasing: data[0..<Int(n)]), at: at)
             }.map { written }
         }
         guard let cow, let node = inodes.key(of: inode) else { return .failure(.readOnly) }
+        defer { invalidateSiblings(of: inode) }
         return overlayTarget(node).flatMap { target in
             guard offset < target.size else { return .failure(.noSpace) }
             let n = Int(min(UInt64(data.count), target.size - offset))
@@ -393,6 +473,7 @@ public final class PoolFileSystem: FileSystemOperations {
                 return mode & ~(keepSize | punchHole | zeroRange) == 0 ? .success(()) : .failure(.notSupported)
             }
             let n = min(length, device.size - offset)
+            defer { invalidateSiblings(of: inode) }
             if store.writesImages {
                 return withWriter(inode, offset: offset, length: n) { try $0.zero(at: $1, length: $2) }
             }
@@ -486,6 +567,8 @@ public final class PoolFileSystem: FileSystemOperations {
         guard let node = inodes.key(of: inode) else { return .failure(.noEntry) }
         return resolve(node).map { resolved in
             switch resolved {
+            case .directory where node == .root:
+                return [("user.poolfs.read_requests", "\(readRequests.load(ordering: .relaxed))")]
             case .directory:
                 return []
             case .volume(let v):
@@ -532,6 +615,13 @@ public final class PoolFileSystem: FileSystemOperations {
         Log.error("\(what): \(error)")
         return (error as? Errno) ?? Errno((error as? Qcow2Error)?.errno ?? EIO)
     }
+}
+
+/// What a node's files were at an open: the same at the next open means the kernel's cached
+/// pages of it are still right.
+struct CacheFingerprint: Equatable, Sendable {
+    let files: [FileIdentity]
+    let generation: String?
 }
 
 /// Bytes read into memory for one reply, freed with the reply.

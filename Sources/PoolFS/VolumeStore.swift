@@ -220,6 +220,9 @@ public final class VolumeStore: Sendable {
         }
     }
     private let state = Locked(State())
+    /// Told when a volume's file (or a file of its chain) is found changed in place: the same
+    /// key, another image.
+    public let changedInPlace = Locked<(@Sendable (VolumeKey) -> Void)?>(nil)
     /// Volumes open for writing and their write handles, per file; the writer closes with the last.
     private let writing = Locked<[VolumeKey: (volume: OpenVolume, handles: Int)]>([:])
 
@@ -424,7 +427,12 @@ public final class VolumeStore: Sendable {
         let fresh = OpenVolume(name: name, entry: entry, pool: pool, cache: cache)
         fresh.pathCheckedAt.store(now, ordering: .relaxed)
         if logsFailures, let error = fresh.error { Log.warning("volume \(name): \(error)") }
-        return replace(name, with: fresh, unlessWritten: true) ?? fresh
+        if let writer = replace(name, with: fresh, unlessWritten: true) { return writer }
+        if let previous = known, previous.key == fresh.key, previous.image != nil,
+           let changed = changedInPlace.withLock({ $0 }) {
+            changed(fresh.key)
+        }
+        return fresh
     }
 
     /// What `name` stood for when last looked at, without looking again (readdir's inode hints).

@@ -48,6 +48,10 @@ struct MountCommand: ParsableCommand {
                               (512K)
           nosplice            reply with copies instead of splicing
                               image data into the kernel
+          nopassthrough       raw image files read through the daemon
+                              instead of by the kernel itself (FUSE
+                              passthrough, used when the kernel offers
+                              it, as root, without cow)
           defaults, auto, noauto, user, users, nouser, nofail,
           _netdev, owner, group, comment=..., x-*
                               for mount(8), fstab and systemd: ignored
@@ -140,5 +144,5 @@ struct ListCommand: ParsableCommand {
 /// What the completion scripts offer for --type and -o.
 let poolTypes = ["dir", "fs", "netfs", "logical", "zfs", "disk", "iscsi", "iscsi-direct"]
 let mountOptionNames = ["ro", "rw", "cow", "cow_memory=", "cache_dir=", "type=", "noactivate", "initiator=", "chap_user=",
-                        "chap_secret_file=", "cache_size=", "threads=", "readahead=", "max_read=", "nosplice",
+                        "chap_secret_file=", "cache_size=", "threads=", "readahead=", "max_read=", "nosplice", "nopassthrough",
                         "allow_other", "default_permissions", "noatime"]

@@ -34,4 +34,35 @@ void poolfs_tune_malloc(void);
 /// The request's caller, for logs.
 uint32_t poolfs_req_uid(fuse_req_t req);
 
+/// The high half of an open file's fh when it is a passthrough open: the low half is the backing id.
+#define POOLFS_PASSTHROUGH_FH_TAG 0x70617373u
+
+/// Routes the session's I/O (mounted already) through the shim, which completes the INIT and
+/// OPEN replies libfuse 3.14 cannot make: asks for FUSE passthrough when `passthrough` and the
+/// kernel offers it. Data replies still splice. fuse_session_custom_io's return.
+int poolfs_session_custom_io(struct fuse_session *session, int passthrough);
+
+/// Whether the INIT reply asked for FUSE passthrough (the kernel may still have refused it).
+int poolfs_passthrough_negotiated(void);
+
+/// ioctl(FUSE_DEV_IOC_BACKING_OPEN) of `fd`: a backing id (> 0), or -errno.
+int poolfs_backing_open(struct fuse_session *session, int fd);
+
+/// ioctl(FUSE_DEV_IOC_BACKING_CLOSE): 0 or -errno.
+int poolfs_backing_close(struct fuse_session *session, int backing_id);
+
+/// fuse_reply_open: as a passthrough open of `backing_id` (> 0), whose reads and writes still
+/// come to the daemon when `direct_io` (FOPEN_DIRECT_IO); else with FOPEN_KEEP_CACHE when
+/// `keep_cache`.
+int poolfs_reply_open(fuse_req_t req, struct fuse_file_info *fi, int backing_id, int keep_cache, int direct_io);
+
+/// Whether open(2) flags have O_DIRECT (which Swift's Glibc hides behind _GNU_SOURCE).
+int poolfs_is_direct_open(int flags);
+
+/// Whether an open file's fh is a passthrough open's (see poolfs_reply_open).
+int poolfs_is_passthrough_fh(uint64_t fh);
+
+/// fuse_lowlevel_notify_inval_inode of the whole file: its cached pages and attributes go.
+int poolfs_notify_inval_inode(struct fuse_session *session, uint64_t inode);
+
 #endif
