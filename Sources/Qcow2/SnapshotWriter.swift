@@ -348,9 +348,16 @@ final class SnapshotTransaction {
         }
         try file.write(Array(fields[24...]), at: 24)
         try file.syncData()
-        for cluster in staged.freed {
-            file.punchHole(at: cluster * clusterSize, length: clusterSize)
+        // Runs of freed clusters go back in one call each: a revert may free gigabytes.
+        var runs: [(first: UInt64, count: UInt64)] = []
+        for cluster in staged.freed.sorted() {
+            if let last = runs.last, last.first + last.count == cluster {
+                runs[runs.count - 1].count += 1
+            } else {
+                runs.append((cluster, 1))
+            }
         }
+        for run in runs { file.punchHole(at: run.first * clusterSize, length: run.count * clusterSize) }
     }
 
     /// The table with COPIED set on each entry whose cluster is counted exactly once in the new
