@@ -35,7 +35,7 @@ let package = Package(
         // The filesystem: the tree of volumes and snapshots, FUSE operations.
         .target(name: "PoolFS", dependencies: ["Qcow2", "FuseKit", "Pools", "Locking"]),
         .executableTarget(name: "poolfs", dependencies: [
-            "PoolFS",
+            "PoolFS", "Pools", "Qcow2",
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
         ]),
 

@@ -96,6 +96,12 @@ final class RefcountWriter {
         return start
     }
 
+    /// The first free run of `count` clusters, for a staged structure; nothing is allocated.
+    fileprivate func freeRunForStaging(_ count: UInt64) throws(Qcow2Error) -> UInt64 { try freeRun(count) }
+
+    /// Block `b` as the disk holds it.
+    fileprivate func loadBlockForStaging(_ b: UInt64) throws(Qcow2Error) -> [UInt8] { try loadBlock(b) }
+
     /// Clusters past the end of the file that refcounts may claim before allocation gives up.
     static let maxClaimedPastEnd: UInt64 = 1 << 20
 
@@ -194,5 +200,93 @@ final class RefcountWriter {
         for i in oldOffset / clusterSize..<oldOffset / clusterSize + oldClusters where try decrement(i) == 0 {
             file.punchHole(at: i * clusterSize, length: clusterSize)
         }
+    }
+}
+
+// MARK: Staging a whole new refcount structure
+
+/// A refcount structure written beside the live one, for a change that must reach the disk at
+/// once (snapshots): nothing the header points at is written; the header switches to it.
+struct StagedRefcounts {
+    /// The first of the clusters the caller asked for; they are counted (refcount 1).
+    var contentStart: UInt64
+    var tableOffset: UInt64
+    var tableClusters: UInt32
+    /// New refcount blocks and the new table, at clusters that nothing on disk counts or uses.
+    var writes: [(offset: UInt64, bytes: [UInt8])]
+    /// Clusters counted before and free in the staged structure: punched once it is live.
+    var freed: [UInt64]
+}
+
+extension RefcountWriter {
+    /// Stages the current counts plus `deltas` (by cluster index), with `contentClusters` new
+    /// contiguous clusters counted once each. Every refcount block that changes is copied to a
+    /// new cluster and the table is copied too, so the live structure stays as it is until the
+    /// header points at the staged one; the old table and blocks are freed in the staged counts.
+    /// Nothing is written here and no count changes.
+    func stage(deltas: [UInt64: Int64], contentClusters: UInt64) throws(Qcow2Error) -> StagedRefcounts {
+        // The table and blocks count themselves: grow their number until it covers them. Placed
+        // past everything counted, more clusters only touch more blocks, so this converges.
+        var extra: UInt64 = 2
+        for _ in 0..<64 {
+            let start = try freeRunForStaging(contentClusters + extra)
+            let tableStart = start + contentClusters
+            var changes = deltas
+            for c in start..<start + contentClusters + extra { changes[c, default: 0] += 1 }
+            let oldTableFirst = tableOffset / clusterSize
+            let oldTableClusters = (UInt64(table.count) * 8 + clusterSize - 1) / clusterSize
+            for c in oldTableFirst..<oldTableFirst + oldTableClusters { changes[c, default: 0] -= 1 }
+            // Each touched block moves; the old copy's count drops, which may touch another block.
+            var touched = Set(changes.filter { $0.value != 0 }.keys.map { $0 / entriesPerBlock })
+            var pending = Array(touched)
+            while let b = pending.popLast() {
+                guard b < UInt64(table.count), table[Int(b)] != 0 else { continue }
+                let old = table[Int(b)] / clusterSize
+                changes[old, default: 0] -= 1
+                if touched.insert(old / entriesPerBlock).inserted { pending.append(old / entriesPerBlock) }
+            }
+            let entries = max(UInt64(table.count), (touched.max() ?? 0) + 1)
+            let tableClusters = (entries * 8 + clusterSize - 1) / clusterSize
+            let needed = tableClusters + UInt64(touched.count)
+            guard needed == extra else {
+                extra = needed
+                continue
+            }
+            guard tableClusters * clusterSize <= Header.maxRefcountTableBytes else {
+                throw .writeRefused("the refcount table would grow past \(Header.maxRefcountTableBytes) bytes")
+            }
+            var newTable = table + [UInt64](repeating: 0, count: Int(tableClusters * clusterSize / 8) - table.count)
+            var writes: [(offset: UInt64, bytes: [UInt8])] = []
+            var freed: [UInt64] = []
+            let byBlock = Dictionary(grouping: changes.filter { $0.value != 0 }, by: { $0.key / entriesPerBlock })
+            for (n, b) in touched.sorted().enumerated() {
+                var block = b < UInt64(table.count) && table[Int(b)] != 0
+                    ? try loadBlockForStaging(b) : [UInt8](repeating: 0, count: Int(clusterSize))
+                for (cluster, delta) in byBlock[b] ?? [] {
+                    let e = cluster % entriesPerBlock
+                    let current = block.withUnsafeBytes { RefcountBlock.entry($0, e, bits: bits) }
+                    let value = Int64(bitPattern: current) + delta
+                    guard value >= 0 else {
+                        throw .corrupt("host cluster \(cluster) is referenced more often than its refcount \(current) says",
+                                       offset: cluster * clusterSize)
+                    }
+                    guard UInt64(value) <= maxRefcount else {
+                        throw .writeRefused("refcount of host cluster \(cluster) would exceed \(maxRefcount) (refcount_bits \(bits))")
+                    }
+                    if value == 0, current > 0 { freed.append(cluster) }
+                    _ = RefcountBlock.set(&block, e, UInt64(value), bits: bits)
+                }
+                let at = (tableStart + tableClusters + UInt64(n)) * clusterSize
+                newTable[Int(b)] = at
+                writes.append((at, block))
+            }
+            var tableBytes: [UInt8] = []
+            tableBytes.reserveCapacity(newTable.count * 8)
+            for entry in newTable { tableBytes += bigEndianBytes(entry) }
+            writes.append((tableStart * clusterSize, tableBytes))
+            return StagedRefcounts(contentStart: start * clusterSize, tableOffset: tableStart * clusterSize,
+                                   tableClusters: UInt32(tableClusters), writes: writes, freed: freed)
+        }
+        throw .writeRefused("the staged refcount structure did not settle on a size")
     }
 }

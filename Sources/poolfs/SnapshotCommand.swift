@@ -1,0 +1,195 @@
+import ArgumentParser
+import Dispatch
+import Foundation
+import PoolFS
+import Pools
+import Qcow2
+import Synchronization
+
+/// `poolfs snapshot create|revert|delete`: one snapshot operation on every volume of a pool (or
+/// the ones named), several at once. Dir pools only for now, through poolfs's own qcow2 engine.
+struct SnapshotCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "snapshot",
+        abstract: "Create, revert or delete a snapshot on every volume of a pool.",
+        discussion: """
+        Resets a classroom of VMs: take a snapshot before the lesson,
+        revert every disk to it afterwards. Each volume is one row of the
+        result: done, skipped (a raw file, which cannot hold internal
+        snapshots; no snapshot of that name; in use by a running VM or
+        qemu-img, which is never touched) or failed, with the reason. The
+        exit status is non-zero if any volume was skipped or failed.
+          dir pools: qcow2 internal snapshots, written by poolfs's own
+          qcow2 engine as qemu-img snapshot -c, -a and -d write them; a
+          crash at any point leaves each image in its old or its new
+          state. Other pool types are not supported yet.
+        """,
+        subcommands: [Create.self, Revert.self, Delete.self])
+
+    struct Common: ParsableArguments {
+        @Option(name: .long, help: "Pool type, as poolfs mount takes it.", completion: .list(poolTypes))
+        var type: String?
+
+        @Option(name: .customShort("o"), help: ArgumentHelp("Pool options, as poolfs mount -o takes them.", valueName: "options"),
+                completion: .list(mountOptionNames))
+        var options: [String] = []
+
+        @Flag(name: .long, help: "Say what would be done, and change nothing.")
+        var dryRun = false
+
+        @Flag(name: .long, help: "Print JSON.")
+        var json = false
+
+        @Option(name: .long, help: "Volumes worked on at once.")
+        var jobs: Int = 8
+
+        @Argument(help: "The pool, as poolfs mount takes it.", completion: .file())
+        var source: String
+
+        @Argument(help: "The snapshot's name.")
+        var name: String
+
+        @Argument(help: "The volumes to work on (default: every volume of the pool).")
+        var volumes: [String] = []
+    }
+
+    struct Create: ParsableCommand {
+        static let configuration = CommandConfiguration(abstract: "Take a snapshot of every volume.")
+        @OptionGroup var common: Common
+        @Flag(name: .long, help: "Replace a snapshot of the same name (otherwise that volume fails).")
+        var replace = false
+        func run() throws { try SnapshotRun(operation: .create(replace: replace), common: common).run() }
+    }
+
+    struct Revert: ParsableCommand {
+        static let configuration = CommandConfiguration(abstract: "Put every volume back to the snapshot.")
+        @OptionGroup var common: Common
+        func run() throws { try SnapshotRun(operation: .revert, common: common).run() }
+    }
+
+    struct Delete: ParsableCommand {
+        static let configuration = CommandConfiguration(abstract: "Delete the snapshot from every volume.")
+        @OptionGroup var common: Common
+        func run() throws { try SnapshotRun(operation: .delete, common: common).run() }
+    }
+}
+
+/// One row of the result.
+struct SnapshotOutcome: Codable, Sendable {
+    enum Status: String, Codable, Sendable { case done, skipped, failed, wouldDo = "would do" }
+    var volume: String
+    var status: Status
+    var reason: String?
+}
+
+struct SnapshotRun {
+    enum Operation {
+        case create(replace: Bool), revert, delete
+        var verb: String {
+            switch self {
+            case .create: return "create"
+            case .revert: return "revert"
+            case .delete: return "delete"
+            }
+        }
+    }
+    let operation: Operation
+    let common: SnapshotCommand.Common
+
+    func run() throws {
+        let outcomes: [SnapshotOutcome]
+        do {
+            guard common.jobs >= 1 else { throw UsageError(description: "--jobs must be at least 1") }
+            var parsed = try MountOptions.parse(common.options)
+            if let type = common.type { parsed.type = type }
+            if let type = parsed.type, !["dir", "fs", "netfs"].contains(type) {
+                throw UsageError(description: "snapshot: not supported yet for this pool type (\(type)); dir pools only")
+            }
+            let pool = try Mounter.openPool(common.source, options: parsed)
+            defer { _ = pool.release() }
+            guard let dir = pool as? DirectoryPool else {
+                throw UsageError(description: "snapshot: not supported yet for this pool type (\(parsed.type ?? "logical, zfs, disk or iscsi")); dir pools only")
+            }
+            let names = common.volumes.isEmpty ? try dir.volumeNames() : common.volumes
+            var stderr = StandardError()
+            print("poolfs: snapshot \(operation.verb) '\(common.name)' on \(names.count) volume\(names.count == 1 ? "" : "s") of \(dir.path)\(common.dryRun ? " (dry run)" : "")...", to: &stderr)
+            outcomes = run(on: names, in: dir)
+        } catch {
+            throw fail(error)
+        }
+        print(common.json ? json(outcomes) : table(outcomes))
+        if outcomes.contains(where: { $0.status == .skipped || $0.status == .failed }) { throw ExitCode.failure }
+    }
+
+    /// Every volume, `jobs` at a time; the rows in the order of `names`.
+    func run(on names: [String], in pool: DirectoryPool) -> [SnapshotOutcome] {
+        let results = Mutex<[SnapshotOutcome?]>(Array(repeating: nil, count: names.count))
+        let next = Atomic<Int>(0)
+        DispatchQueue.concurrentPerform(iterations: min(common.jobs, max(names.count, 1))) { _ in
+            while true {
+                let i = next.add(1, ordering: .relaxed).oldValue
+                guard i < names.count else { return }
+                let outcome = run(names[i], in: pool)
+                results.withLock { $0[i] = outcome }
+            }
+        }
+        return results.withLock { $0.map { $0! } }
+    }
+
+    func run(_ name: String, in pool: DirectoryPool) -> SnapshotOutcome {
+        func row(_ status: SnapshotOutcome.Status, _ reason: String? = nil) -> SnapshotOutcome {
+            SnapshotOutcome(volume: name, status: status, reason: reason)
+        }
+        guard let path = pool.volume(name)?.path else { return row(.failed, "no such volume") }
+        do {
+            let image = try Image.open(path: path, cache: BlockCache(capacityBytes: 1 << 20), writable: true)
+            guard let qcow2 = image.qcow2 else { return row(.skipped, "raw file: cannot hold internal snapshots") }
+            let exists = qcow2.snapshots.contains { $0.name == common.name || $0.id == common.name }
+            switch operation {
+            case .create(let replace):
+                if qcow2.snapshots.contains(where: { $0.name == common.name }), !replace {
+                    return row(.failed, "a snapshot named '\(common.name)' exists (--replace replaces it)")
+                }
+            case .revert, .delete:
+                if !exists { return row(.skipped, "no such snapshot") }
+            }
+            if common.dryRun {
+                // The lock decides whether it could be done now.
+                try image.hostFiles[0].lockForWriting()
+                image.hostFiles[0].unlockWriting()
+                return row(.wouldDo)
+            }
+            switch operation {
+            case .create(let replace): try qcow2.createSnapshot(name: common.name, replace: replace)
+            case .revert: try qcow2.revertToSnapshot(common.name)
+            case .delete: try qcow2.deleteSnapshot(common.name)
+            }
+            return row(.done)
+        } catch Qcow2Error.inUse(let why) {
+            return row(.skipped, "in use: \(why)")
+        } catch {
+            return row(.failed, "\(error)")
+        }
+    }
+
+    func table(_ rows: [SnapshotOutcome]) -> String {
+        let width = max(6, rows.map(\.volume.count).max() ?? 0)
+        var lines = ["VOLUME".padding(toLength: width, withPad: " ", startingAt: 0) + "  STATUS    REASON"]
+        for r in rows {
+            lines.append(r.volume.padding(toLength: width, withPad: " ", startingAt: 0) + "  "
+                         + r.status.rawValue.padding(toLength: 8, withPad: " ", startingAt: 0) + "  " + (r.reason ?? ""))
+        }
+        return lines.map { $0.replacingOccurrences(of: "\\s+$", with: "", options: .regularExpression) }.joined(separator: "\n")
+    }
+
+    func json(_ rows: [SnapshotOutcome]) -> String {
+        let encoder = JSONEncoder()
+        encoder.outputFormatting = [.prettyPrinted, .sortedKeys]
+        return String(decoding: (try? encoder.encode(rows)) ?? Data("[]".utf8), as: UTF8.self)
+    }
+}
+
+/// A refusal stated in full, printed as `poolfs: description`.
+struct UsageError: Error, CustomStringConvertible {
+    let description: String
+}

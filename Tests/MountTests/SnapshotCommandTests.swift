@@ -1,0 +1,79 @@
+import Foundation
+import TestSupport
+import Testing
+
+/// `poolfs snapshot` through the built binary, on a dir pool of mixed volumes.
+@Suite("poolfs snapshot")
+struct SnapshotCommandTests {
+    @Test func createWriteRevertDeleteOnAMixedPool() throws {
+        let scratch = try Scratch()
+        try scratch.sh("""
+            mkdir pool && cd pool &&
+            qemu-img create -q -f qcow2 plain.qcow2 4M && qemu-io -c 'write -P 1 0 1M' plain.qcow2 >/dev/null &&
+            qemu-img create -q -f qcow2 -o cluster_size=4k older.qcow2 4M && qemu-io -c 'write -P 2 0 512k' older.qcow2 >/dev/null &&
+            qemu-img snapshot -c before older.qcow2 &&
+            qemu-img create -q -f qcow2 src.img 4M && qemu-io -c 'write -P 3 0 2M' src.img >/dev/null &&
+            qemu-img convert -c -O qcow2 src.img packed.qcow2 && rm src.img &&
+            qemu-img create -q -f qcow2 ../base.qcow2 4M && qemu-io -c 'write -P 4 0 4M' ../base.qcow2 >/dev/null &&
+            qemu-img create -q -f qcow2 -o extended_l2=on -b ../base.qcow2 -F qcow2 overlay.qcow2 && qemu-io -c 'write -P 5 8k 4k' overlay.qcow2 >/dev/null &&
+            qemu-img create -q -f qcow2 held.qcow2 4M &&
+            qemu-img create -q -f raw disk.raw 1M
+            """)
+        let qcow2 = ["older", "overlay", "packed", "plain"].map { "\($0).qcow2" }
+        for v in qcow2 { try scratch.sh("qemu-img convert -O raw pool/\(v) \(v).before") }
+        let held = try BackingHolder("pool/held.qcow2", in: scratch)
+        defer { held.stop() }
+
+        let create = runPoolfs("snapshot create --jobs 3 pool class", in: scratch)
+        #expect(create.status != 0, "a skipped volume fails the command")
+        #expect(create.output.contains("disk.raw") && create.output.contains("raw file"), "\(create.output)")
+        #expect(create.output.contains("held.qcow2") && create.output.contains("in use"), "\(create.output)")
+        for v in qcow2 {
+            #expect(create.output.split(separator: "\n").contains { $0.hasPrefix(v + " ") && $0.contains(" done") }, "\(v): \(create.output)")
+            try scratch.sh("qemu-img check pool/\(v) && qemu-img snapshot -l pool/\(v) | grep -q ' class '")
+        }
+        let again = runPoolfs("snapshot create pool class plain.qcow2", in: scratch)
+        #expect(again.status != 0 && again.output.contains("exists"), "\(again.output)")
+
+        for v in qcow2 { try scratch.sh("qemu-io -c 'write -P 0x77 0 3M' pool/\(v) >/dev/null") }
+        let revert = runPoolfs("snapshot revert --json pool class \(qcow2.joined(separator: " "))", in: scratch)
+        #expect(revert.status == 0, "\(revert.output)")
+        let rows = try JSONSerialization.jsonObject(with: Data(revert.output.utf8[revert.output.utf8.firstIndex(of: UInt8(ascii: "["))!...])) as! [[String: Any]]
+        #expect(rows.count == 4 && rows.allSatisfy { $0["status"] as? String == "done" }, "\(revert.output)")
+        for v in qcow2 {
+            try scratch.sh("qemu-img check pool/\(v) && qemu-img compare -f qcow2 -F raw pool/\(v) \(v).before")
+        }
+
+        let delete = runPoolfs("snapshot delete pool class \(qcow2.joined(separator: " "))", in: scratch)
+        #expect(delete.status == 0, "\(delete.output)")
+        for v in qcow2 {
+            try scratch.sh("qemu-img check pool/\(v) && ! qemu-img snapshot -l pool/\(v) | grep -q ' class '")
+        }
+        #expect(try scratch.sh("qemu-img snapshot -l pool/older.qcow2").contains(" before "))
+        held.stop()
+        try scratch.sh("qemu-img check pool/held.qcow2 && test -z \"$(qemu-img snapshot -l pool/held.qcow2)\"")
+
+        let zfs = runPoolfs("snapshot revert --type zfs tank/vms class", in: scratch)
+        #expect(zfs.status != 0 && zfs.output.contains("not supported yet for this pool type"), "\(zfs.output)")
+    }
+}
+
+/// qemu-io holding an image open for writing, as a running VM does, until stopped.
+final class BackingHolder {
+    let process = Process()
+    init(_ file: String, in scratch: Scratch) throws {
+        process.executableURL = URL(fileURLWithPath: "/usr/bin/env")
+        process.arguments = ["qemu-io", "-c", "sleep 60000", file]
+        process.currentDirectoryURL = URL(fileURLWithPath: scratch.dir)
+        process.standardOutput = FileHandle.nullDevice
+        process.standardError = FileHandle.nullDevice
+        try process.run()
+        #expect(FileLocks.wait { !FileLocks.on(scratch.path(file)).isEmpty }, "qemu-io took no lock on \(file)")
+    }
+    func stop() {
+        guard process.isRunning else { return }
+        // SIGKILL: children of Foundation's Process inherit this process's blocked SIGTERM.
+        kill(process.processIdentifier, SIGKILL)
+        process.waitUntilExit()
+    }
+}
