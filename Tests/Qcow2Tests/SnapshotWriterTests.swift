@@ -8,13 +8,8 @@ import Testing
 /// `qemu-img check` after every phase, and the bytes of a copy that qemu-img reverted itself.
 @Suite("qcow2 snapshots written")
 struct SnapshotWriterTests {
-    struct Case: CustomStringConvertible, Sendable {
-        var name: String
-        var setup: String
-        var description: String { name }
-    }
-
-    static let data = "qemu-io -c 'write -P 0x11 0 1M' -c 'write -P 0x22 1536k 300k' -c 'write -z 2M 256k' img.qcow2 >/dev/null"
+    typealias Case = ImageCase
+    static let data = ImageCase.data
     static let later = "qemu-io -c 'write -P 0x33 512k 1M' -c 'write -P 0x44 3M 64k' -c 'write -z 64k 64k' img.qcow2 >/dev/null"
 
     static let cases: [Case] = [
@@ -193,45 +188,21 @@ struct SnapshotWriterTests {
         }
         Self.expectClean(scratch, "\(op) without a crash")
         try scratch.sh("qemu-img convert -O raw img.qcow2 new.raw && qemu-img snapshot -l img.qcow2 | awk 'NR > 2 { print $2 }' > new.list")
-        let log = changes.withLock { $0 }
-        let barriers = log.indices.filter { if case .barrier = log[$0] { true } else { false } } + [log.count]
+        let crash = PowerLoss(initial: initial, log: changes.withLock { $0 })
+        let barriers = crash.barriers(end: true)
         #expect(barriers.count >= 3)
-
-        func apply(_ change: HostFile.Change, to file: inout [UInt8]) {
-            switch change {
-            case .write(let offset, let bytes):
-                let end = Int(offset) + bytes.count
-                if end > file.count { file += [UInt8](repeating: 0, count: end - file.count) }
-                file.replaceSubrange(Int(offset)..<end, with: bytes)
-            case .zero(let offset, let length):
-                let end = min(file.count, Int(offset + length))
-                if Int(offset) < end { file.replaceSubrange(Int(offset)..<end, with: [UInt8](repeating: 0, count: end - Int(offset))) }
-            case .barrier:
-                break
-            }
-        }
         var rng = SplitMix(seed: 7)
-        var base = initial
-        var applied = 0
-        for (k, at) in barriers.enumerated() {
-            for change in log[applied..<at] { apply(change, to: &base) }
-            applied = at
-            let next = k + 1 < barriers.count ? barriers[k + 1] : log.count
-            for trial in 0..<4 {
-                var state = base
-                if trial > 0 {
-                    for change in log[at..<next] where Bool.random(using: &rng) { apply(change, to: &state) }
-                }
-                try scratch.write("crash.qcow2", state)
-                let check = scratch.attempt("qemu-img check crash.qcow2 >/dev/null 2>&1 || test $? = 3")
-                #expect(check.ok, "\(op): power loss after barrier \(k) of \(barriers.count - 1), trial \(trial): \(scratch.attempt("qemu-img check crash.qcow2").output.prefix(400))")
-                let same = scratch.attempt("""
-                    qemu-img snapshot -l crash.qcow2 | awk 'NR > 2 { print $2 }' > crash.list
-                    (cmp -s crash.list old.list && qemu-img compare -q -f qcow2 -F raw crash.qcow2 old.raw) ||
-                    (cmp -s crash.list new.list && qemu-img compare -q -f qcow2 -F raw crash.qcow2 new.raw)
-                    """)
-                #expect(same.ok, "\(op): power loss after barrier \(k), trial \(trial): neither the old nor the new state")
-            }
+        try crash.replay(at: barriers, trials: 4, rng: &rng) { k, trial, state in
+            try scratch.write("crash.qcow2", state)
+            let check = scratch.attempt("qemu-img check crash.qcow2 >/dev/null 2>&1 || test $? = 3")
+            #expect(check.ok, "\(op): power loss after barrier \(k) of \(barriers.count - 1), trial \(trial): \(scratch.attempt("qemu-img check crash.qcow2").output.prefix(400))")
+            let same = scratch.attempt("""
+                qemu-img snapshot -l crash.qcow2 | awk 'NR > 2 { print $2 }' > crash.list
+                (cmp -s crash.list old.list && qemu-img compare -q -f qcow2 -F raw crash.qcow2 old.raw) ||
+                (cmp -s crash.list new.list && qemu-img compare -q -f qcow2 -F raw crash.qcow2 new.raw)
+                """)
+            #expect(same.ok, "\(op): power loss after barrier \(k), trial \(trial): neither the old nor the new state")
+            return true
         }
     }
 }

@@ -9,13 +9,8 @@ import Testing
 /// and every snapshot must read as before.
 @Suite("qcow2 writes")
 struct WriterTests {
-    struct Case: CustomStringConvertible, Sendable {
-        var name: String
-        var setup: String
-        var description: String { name }
-    }
-
-    static let data = "qemu-io -c 'write -P 0x11 0 1M' -c 'write -P 0x22 1536k 300k' -c 'write -z 2M 256k' img.qcow2 >/dev/null"
+    typealias Case = ImageCase
+    static let data = ImageCase.data
     static let moreData = "qemu-io -c 'write -P 0x33 512k 1M' -c 'write -P 0x44 3M 64k' img.qcow2 >/dev/null"
 
     static let cases: [Case] = [
@@ -145,49 +140,25 @@ struct WriterTests {
             }
         }
         try writer.close()
-        let log = changes.withLock { $0 }
-        let barriers = log.indices.filter { if case .barrier = log[$0] { true } else { false } }
+        let crash = PowerLoss(initial: initial, log: changes.withLock { $0 })
+        let barriers = crash.barriers(end: false)
         #expect(barriers.count > 10, "the workload made only \(barriers.count) barriers")
-
-        func apply(_ change: HostFile.Change, to file: inout [UInt8]) {
-            switch change {
-            case .write(let offset, let bytes):
-                let end = Int(offset) + bytes.count
-                if end > file.count { file += [UInt8](repeating: 0, count: end - file.count) }
-                file.replaceSubrange(Int(offset)..<end, with: bytes)
-            case .zero(let offset, let length):
-                let end = min(file.count, Int(offset + length))
-                if Int(offset) < end { file.replaceSubrange(Int(offset)..<end, with: [UInt8](repeating: 0, count: end - Int(offset))) }
-            case .barrier:
-                break
+        try crash.replay(at: barriers, trials: 2, rng: &rng) { k, trial, state in
+            try scratch.write("crash.qcow2", state)
+            do {
+                try scratch.sh("qemu-img check crash.qcow2")
+            } catch let error as ShellError {
+                #expect(error.status == 3 && !error.output.contains("ERROR"),
+                        "power loss after barrier \(k + 1) of \(barriers.count), trial \(trial): \(error.output.prefix(400))")
+                if !(error.status == 3) { return false }
             }
-        }
-        var base = initial
-        var applied = 0
-        for (k, at) in barriers.enumerated() {
-            for change in log[applied..<at] { apply(change, to: &base) }
-            applied = at
-            let next = k + 1 < barriers.count ? barriers[k + 1] : log.count
-            for trial in 0..<2 {
-                var state = base
-                if trial == 1 {
-                    for change in log[at..<next] where Bool.random(using: &rng) { apply(change, to: &state) }
-                }
-                try scratch.write("crash.qcow2", state)
-                do {
-                    try scratch.sh("qemu-img check crash.qcow2")
-                } catch let error as ShellError {
-                    #expect(error.status == 3 && !error.output.contains("ERROR"),
-                            "power loss after barrier \(k + 1) of \(barriers.count), trial \(trial): \(error.output.prefix(400))")
-                    if !(error.status == 3) { return }
-                }
-                if trial == 0, let ack = flushed.last(where: { $0.barriers == k + 1 }) {
-                    try scratch.write("ack.raw", ack.content)
-                    #expect(throws: Never.self, "after barrier \(k + 1), the flushed content is not all there") {
-                        try scratch.sh("qemu-img compare -q -f qcow2 -F raw crash.qcow2 ack.raw")
-                    }
+            if trial == 0, let ack = flushed.last(where: { $0.barriers == k + 1 }) {
+                try scratch.write("ack.raw", ack.content)
+                #expect(throws: Never.self, "after barrier \(k + 1), the flushed content is not all there") {
+                    try scratch.sh("qemu-img compare -q -f qcow2 -F raw crash.qcow2 ack.raw")
                 }
             }
+            return true
         }
     }
 
