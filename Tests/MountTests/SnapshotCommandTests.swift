@@ -53,8 +53,8 @@ struct SnapshotCommandTests {
         held.stop()
         try scratch.sh("qemu-img check pool/held.qcow2 && test -z \"$(qemu-img snapshot -l pool/held.qcow2)\"")
 
-        let zfs = runPoolfs("snapshot revert --type zfs tank/vms class", in: scratch)
-        #expect(zfs.status != 0 && zfs.output.contains("not supported yet for this pool type"), "\(zfs.output)")
+        let lvm = runPoolfs("snapshot revert --type logical vg0 class", in: scratch)
+        #expect(lvm.status != 0 && lvm.output.contains("not supported yet for this pool type"), "\(lvm.output)")
     }
 }
 
