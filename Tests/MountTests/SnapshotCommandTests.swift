@@ -58,6 +58,53 @@ struct SnapshotCommandTests {
     }
 }
 
+/// `poolfs snapshot` on a dir pool that is mounted at the same time: the mount shows the new
+/// snapshot file and, after a revert, the reverted bytes: through a file already open within the
+/// attribute timeout (1 s), through a new open at once.
+@Suite("poolfs snapshot on a mounted pool")
+struct MountedSnapshotCommandTests {
+    /// `count` bytes at `offset` of the open file.
+    static func read(_ file: FileHandle, at offset: UInt64, count: Int) throws -> Data {
+        try file.seek(toOffset: offset)
+        return try file.read(upToCount: count) ?? Data()
+    }
+
+    /// Polls `condition` for up to `seconds`.
+    static func within(_ seconds: Double, _ condition: () throws -> Bool) rethrows -> Bool {
+        let deadline = Date().addingTimeInterval(seconds)
+        repeat {
+            if try condition() { return true }
+            usleep(20_000)
+        } while Date() < deadline
+        return try condition()
+    }
+
+    @Test func theMountShowsTheNewSnapshotAndTheRevertedBytes() throws {
+        let scratch = try Scratch()
+        try scratch.sh("mkdir pool && qemu-img create -q -f qcow2 pool/vm.qcow2 4M && qemu-io -c 'write -P 0x11 0 1M' pool/vm.qcow2 >/dev/null")
+        let mount = try PoolMount(scratch.path("pool"), in: scratch)
+        let before = Data(repeating: 0x11, count: 1 << 20), after = Data(repeating: 0x22, count: 1 << 20)
+        let open = try FileHandle(forReadingFrom: URL(fileURLWithPath: mount.path("vm.qcow2")))
+        defer { try? open.close() }
+        #expect(try Self.read(open, at: 0, count: 1 << 20) == before)
+
+        let create = runPoolfs("snapshot create pool class", in: scratch)
+        #expect(create.status == 0, "\(create.output)")
+        let snapshot = mount.path(".snapshots/vm.qcow2/class")
+        #expect(Self.within(1.5) { FileManager.default.fileExists(atPath: snapshot) }, "no \(snapshot)")
+
+        try scratch.sh("qemu-io -c 'write -P 0x22 0 1M' pool/vm.qcow2 >/dev/null")
+        #expect(try Self.within(1.5) { try Self.read(open, at: 0, count: 1 << 20) == after }, "the write shows through the open file")
+        #expect(try contents(snapshot).prefix(1 << 20) == before, "the snapshot keeps the old bytes")
+
+        let revert = runPoolfs("snapshot revert pool class", in: scratch)
+        #expect(revert.status == 0, "\(revert.output)")
+        #expect(try contents(mount.path("vm.qcow2")).prefix(1 << 20) == before, "a new open reads the reverted bytes at once")
+        #expect(try Self.within(1.5) { try Self.read(open, at: 0, count: 1 << 20) == before }, "no stale pages in the open file")
+        try scratch.sh("qemu-img check -q pool/vm.qcow2")
+    }
+}
+
 /// qemu-io holding an image open for writing, as a running VM does, until stopped.
 final class BackingHolder {
     let process = Process()
