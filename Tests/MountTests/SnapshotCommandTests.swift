@@ -124,3 +124,37 @@ final class BackingHolder {
         process.waitUntilExit()
     }
 }
+
+/// `poolfs snapshot` through the built binary on an RBD pool of the shared cluster.
+@Suite("poolfs snapshot on rbd pools", .enabled(if: CephCluster.available))
+struct RBDSnapshotCommandTests {
+    @Test func createWriteRevertDeleteThroughTheCommand() throws {
+        let cluster = try CephCluster.shared()
+        let ns = try cluster.newNamespace()
+        let scratch = try Scratch()
+        try scratch.sh("head -c 2M /dev/urandom > seed && truncate -s 4M seed")
+        for image in ["a", "b"] { try cluster.rbd("import --no-progress \(scratch.path("seed")) \(ns)/\(image)") }
+        let pool = "--type rbd -o conf=\(cluster.conf) \(ns)"
+
+        let create = runPoolfs("snapshot create \(pool) class", in: scratch)
+        #expect(create.status == 0, "\(create.output)")
+        #expect(create.output.split(separator: "\n").filter { $0.contains(" done") }.count == 2, "\(create.output)")
+        try cluster.rbd("bench --io-type write --io-pattern rand --io-size 4K --io-total 256K \(ns)/a >/dev/null")
+        try cluster.rbd("bench --io-type write --io-pattern rand --io-size 4K --io-total 256K \(ns)/b >/dev/null")
+        let seed = Array(try contents(scratch.path("seed")))
+        #expect(try cluster.export("\(ns)/a") != seed)
+
+        let revert = runPoolfs("snapshot revert --json \(pool) class a", in: scratch)
+        #expect(revert.status == 0, "\(revert.output)")
+        #expect(revert.output.contains("\"done\""), "\(revert.output)")
+        #expect(try cluster.export("\(ns)/a") == seed)
+        #expect(try cluster.export("\(ns)/b") != seed, "only the volume named")
+
+        let missing = runPoolfs("snapshot revert \(pool) nope", in: scratch)
+        #expect(missing.status != 0 && missing.output.contains("no such snapshot"), "\(missing.output)")
+
+        let delete = runPoolfs("snapshot delete \(pool) class", in: scratch)
+        #expect(delete.status == 0, "\(delete.output)")
+        #expect(try !cluster.rbd("snap ls \(ns)/a").contains(" class ") && !cluster.rbd("snap ls \(ns)/b").contains(" class "))
+    }
+}
