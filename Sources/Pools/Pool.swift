@@ -40,6 +40,12 @@ public protocol Pool: Sendable {
     /// Runs after unmounting (and when mounting fails): undoes what `prepare` and reading did
     /// (LVs activated, properties changed), logging rather than throwing what cannot be undone.
     func release() -> [String]
+    /// Why `poolfs snapshot` cannot work on this pool; nil when it can.
+    var snapshotRefusal: String? { get }
+    /// One snapshot operation on one volume (PoolSnapshotting.swift): returns when done (in a
+    /// dry run, when it could be done now), throws `SnapshotSkip` when the volume was left alone
+    /// for a reason, any other error when it failed.
+    func snapshot(_ operation: SnapshotOperation, _ name: String, of volume: String, dryRun: Bool) throws
 }
 
 extension Pool {

@@ -243,6 +243,22 @@ public final class RBDImageHandle: @unchecked Sendable {
         try RBDError.check(rbd_lock_release(image), "rbd_lock_release \(name)")
     }
 
+    /// Takes a snapshot of the image as it is now (`rbd_snap_create`).
+    public func createSnapshot(_ snapshot: String) throws(RBDError) {
+        try RBDError.check(rbd_snap_create(image, snapshot), "rbd_snap_create \(name)@\(snapshot)")
+    }
+
+    /// Puts the image's data back to the snapshot (`rbd_snap_rollback`); the handle must be
+    /// read-write.
+    public func rollback(to snapshot: String) throws(RBDError) {
+        try RBDError.check(rbd_snap_rollback(image, snapshot), "rbd_snap_rollback \(name)@\(snapshot)")
+    }
+
+    /// Removes the snapshot (`rbd_snap_remove`); a protected one fails with EBUSY.
+    public func removeSnapshot(_ snapshot: String) throws(RBDError) {
+        try RBDError.check(rbd_snap_remove(image, snapshot), "rbd_snap_remove \(name)@\(snapshot)")
+    }
+
     /// Starts a read of `buffer.count` bytes at `offset` into `buffer` (`rbd_aio_read`).
     func startRead(_ buffer: UnsafeMutableRawBufferPointer, at offset: UInt64, in batch: RBDBatch) throws(RBDError) {
         try batch.start("rbd_aio_read \(name)") { rbd_aio_read(image, offset, buffer.count, buffer.baseAddress!.assumingMemoryBound(to: CChar.self), $0) }

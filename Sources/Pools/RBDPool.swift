@@ -234,3 +234,48 @@ struct NoDataDevice: BlockDevice {
         extents.appendMerging(MapExtent(start: offset, length: length, depth: 0, present: false, zero: true, data: false))
     }
 }
+
+extension RBDPool {
+    public var snapshotRefusal: String? { nil }
+
+    /// librbd's snapshot calls on a read-write handle of the image. An image whose exclusive
+    /// lock another client holds (a running VM) is skipped with the holder, as
+    /// `openWritableImage` refuses it; otherwise the lock is taken for the operation's time, so
+    /// that no client starts writing meanwhile. `--replace` removes the old snapshot and then
+    /// takes the new one: a failure between the two leaves the image without it.
+    public func snapshot(_ operation: SnapshotOperation, _ name: String, of volume: String, dryRun: Bool) throws {
+        guard let info = images.value[volume] else { throw SnapshotError.noSuchVolume(volume) }
+        let path = "rbd:\(poolSpec)/\(info.name)"
+        let handle = try cluster.open(info.name, readOnly: false)
+        let owners = try handle.lockOwners()
+        guard owners.isEmpty else { throw SnapshotSkip.inUse("\(path): its exclusive lock is held by \(owners.joined(separator: ", "))") }
+        let exists = try handle.snapshots().contains { $0.name == name }
+        switch operation {
+        case .create(let replace):
+            if exists, !replace { throw SnapshotError.exists(name) }
+        case .revert, .delete:
+            if !exists { throw SnapshotSkip.noSuchSnapshot }
+        }
+        var locked = true
+        do {
+            try handle.acquireExclusiveLock()
+        } catch let error where error.code == EINVAL {
+            // The image has no exclusive-lock feature: there is no lock to take.
+            locked = false
+        } catch {
+            throw SnapshotSkip.inUse("\(path): cannot take its exclusive lock: \(error)")
+        }
+        // rbd_close would give the lock back too, but later (RBDImageHandle closes on a queue).
+        defer { if locked { try? handle.releaseExclusiveLock() } }
+        if dryRun { return }
+        switch operation {
+        case .create:
+            if exists { try handle.removeSnapshot(name) }
+            try handle.createSnapshot(name)
+        case .revert:
+            try handle.rollback(to: name)
+        case .delete:
+            try handle.removeSnapshot(name)
+        }
+    }
+}

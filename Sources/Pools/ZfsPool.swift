@@ -133,10 +133,51 @@ public final class ZfsPool: Pool {
 
 public enum ZfsPoolError: Error, Equatable, CustomStringConvertible {
     case snapshotDeviceMissing(String)
+    case badSnapshotName(String)
     public var description: String {
         switch self {
+        case .badSnapshotName(let name):
+            return "'\(name)' is not a zfs snapshot name (letters, digits, _ - : . and space)"
         case .snapshotDeviceMissing(let snapshot):
             return "no device for \(snapshot) under /dev/zvol (is snapdev hidden, or udev still creating it?)"
+        }
+    }
+}
+
+extension ZfsPool {
+    public var snapshotRefusal: String? { nil }
+
+    /// `zfs snapshot`, `zfs rollback` and `zfs destroy` of the zvol's snapshot `ZVOL@NAME`, each
+    /// failure carrying the command line and zfs's stderr. A rollback to a snapshot older than the
+    /// zvol's latest fails unless `force`, which runs `zfs rollback -r`: that destroys the later
+    /// snapshots (and bookmarks). Names are checked first: `zfs destroy` would read `%` in one as
+    /// a range of snapshots.
+    public func snapshot(_ operation: SnapshotOperation, _ name: String, of volume: String, dryRun: Bool) throws {
+        guard Self.isSnapshotName(name) else { throw ZfsPoolError.badSnapshotName(name) }
+        guard let zvol = zvol(volume) else { throw SnapshotError.noSuchVolume(volume) }
+        let full = zvol + "@" + name
+        let exists = entries().contains { $0.type == "snapshot" && $0.name == full }
+        switch operation {
+        case .create(let replace):
+            if exists, !replace { throw SnapshotError.exists(name) }
+            if dryRun { return }
+            if exists { _ = try runner.run(["zfs", "destroy", full]) }
+            _ = try runner.run(["zfs", "snapshot", full])
+        case .revert(let force):
+            guard exists else { throw SnapshotSkip.noSuchSnapshot }
+            if dryRun { return }
+            _ = try runner.run(["zfs", "rollback"] + (force ? ["-r"] : []) + [full])
+        case .delete:
+            guard exists else { throw SnapshotSkip.noSuchSnapshot }
+            if dryRun { return }
+            _ = try runner.run(["zfs", "destroy", full])
+        }
+    }
+
+    /// What zfs(8) allows in a snapshot's name: letters, digits, `_ - : .` and space.
+    static func isSnapshotName(_ name: String) -> Bool {
+        !name.isEmpty && name.utf8.count < 256 && name.unicodeScalars.allSatisfy {
+            $0.isASCII && ($0.properties.isAlphabetic || ("0"..."9").contains($0) || "_-:. ".unicodeScalars.contains($0))
         }
     }
 }

@@ -3,11 +3,11 @@ import Dispatch
 import Foundation
 import PoolFS
 import Pools
-import Qcow2
 import Synchronization
 
 /// `poolfs snapshot create|revert|delete`: one snapshot operation on every volume of a pool (or
-/// the ones named), several at once. Dir pools only for now, through poolfs's own qcow2 engine.
+/// the ones named), several at once. Each pool does the operation its own way
+/// (`Pool.snapshot`, PoolSnapshotting.swift); this command lists, runs in parallel and reports.
 struct SnapshotCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "snapshot",
@@ -22,7 +22,15 @@ struct SnapshotCommand: ParsableCommand {
           dir pools: qcow2 internal snapshots, written by poolfs's own
           qcow2 engine as qemu-img snapshot -c, -a and -d write them; a
           crash at any point leaves each image in its old or its new
-          state. Other pool types are not supported yet.
+          state.
+          zfs pools: zfs snapshot, zfs rollback and zfs destroy on each
+          zvol. A rollback to a snapshot older than the zvol's latest
+          fails unless --force, which runs zfs rollback -r: it DESTROYS
+          the snapshots taken after it.
+          rbd pools: rbd_snap_create, rbd_snap_rollback and
+          rbd_snap_remove on each image; an image whose exclusive lock
+          another client (a running VM) holds is skipped.
+          Other pool types are not supported yet.
         """,
         subcommands: [Create.self, Revert.self, Delete.self])
 
@@ -64,7 +72,9 @@ struct SnapshotCommand: ParsableCommand {
     struct Revert: ParsableCommand {
         static let configuration = CommandConfiguration(abstract: "Put every volume back to the snapshot.")
         @OptionGroup var common: Common
-        func run() throws { try SnapshotRun(operation: .revert, common: common).run() }
+        @Flag(name: .long, help: "zfs: roll back past later snapshots (zfs rollback -r), destroying them.")
+        var force = false
+        func run() throws { try SnapshotRun(operation: .revert(force: force), common: common).run() }
     }
 
     struct Delete: ParsableCommand {
@@ -83,17 +93,9 @@ struct SnapshotOutcome: Codable, Sendable {
 }
 
 struct SnapshotRun {
-    enum Operation {
-        case create(replace: Bool), revert, delete
-        var verb: String {
-            switch self {
-            case .create: return "create"
-            case .revert: return "revert"
-            case .delete: return "delete"
-            }
-        }
-    }
-    let operation: Operation
+    /// The pool types `Pool.snapshot` works on.
+    static let supportedTypes: Set<String> = ["dir", "fs", "netfs", "zfs", "rbd"]
+    let operation: SnapshotOperation
     let common: SnapshotCommand.Common
 
     func run() throws {
@@ -102,18 +104,18 @@ struct SnapshotRun {
             guard common.jobs >= 1 else { throw UsageError(description: "--jobs must be at least 1") }
             var parsed = try MountOptions.parse(common.options)
             if let type = common.type { parsed.type = type }
-            if let type = parsed.type, !["dir", "fs", "netfs"].contains(type) {
-                throw UsageError(description: "snapshot: not supported yet for this pool type (\(type)); dir pools only")
+            if let type = parsed.type, !Self.supportedTypes.contains(type) {
+                throw UsageError(description: "snapshot: not supported yet for this pool type (\(type)); dir, zfs and rbd pools only")
             }
             let pool = try Mounter.openPool(common.source, options: parsed)
             defer { _ = pool.release() }
-            guard let dir = pool as? DirectoryPool else {
-                throw UsageError(description: "snapshot: not supported yet for this pool type (\(parsed.type ?? "logical, zfs, disk or iscsi")); dir pools only")
+            if let refusal = pool.snapshotRefusal {
+                throw UsageError(description: "snapshot: \(refusal) (\(pool.displayName)); dir, zfs and rbd pools only")
             }
-            let names = common.volumes.isEmpty ? try dir.volumeNames() : common.volumes
+            let names = common.volumes.isEmpty ? try pool.volumeNames() : common.volumes
             var stderr = StandardError()
-            print("poolfs: snapshot \(operation.verb) '\(common.name)' on \(names.count) volume\(names.count == 1 ? "" : "s") of \(dir.path)\(common.dryRun ? " (dry run)" : "")...", to: &stderr)
-            outcomes = run(on: names, in: dir)
+            print("poolfs: snapshot \(operation.verb) '\(common.name)' on \(names.count) volume\(names.count == 1 ? "" : "s") of \(pool.displayName)\(common.dryRun ? " (dry run)" : "")...", to: &stderr)
+            outcomes = run(on: names, in: pool)
         } catch {
             throw fail(error)
         }
@@ -122,7 +124,7 @@ struct SnapshotRun {
     }
 
     /// Every volume, `jobs` at a time; the rows in the order of `names`.
-    func run(on names: [String], in pool: DirectoryPool) -> [SnapshotOutcome] {
+    func run(on names: [String], in pool: any Pool) -> [SnapshotOutcome] {
         let results = Mutex<[SnapshotOutcome?]>(Array(repeating: nil, count: names.count))
         let next = Atomic<Int>(0)
         DispatchQueue.concurrentPerform(iterations: min(common.jobs, max(names.count, 1))) { _ in
@@ -136,37 +138,15 @@ struct SnapshotRun {
         return results.withLock { $0.map { $0! } }
     }
 
-    func run(_ name: String, in pool: DirectoryPool) -> SnapshotOutcome {
+    func run(_ name: String, in pool: any Pool) -> SnapshotOutcome {
         func row(_ status: SnapshotOutcome.Status, _ reason: String? = nil) -> SnapshotOutcome {
             SnapshotOutcome(volume: name, status: status, reason: reason)
         }
-        guard let path = pool.volume(name)?.path else { return row(.failed, "no such volume") }
         do {
-            let image = try Image.open(path: path, cache: BlockCache(capacityBytes: 1 << 20), writable: true)
-            guard let qcow2 = image.qcow2 else { return row(.skipped, "raw file: cannot hold internal snapshots") }
-            let exists = qcow2.snapshots.contains { $0.name == common.name || $0.id == common.name }
-            switch operation {
-            case .create(let replace):
-                if qcow2.snapshots.contains(where: { $0.name == common.name }), !replace {
-                    return row(.failed, "a snapshot named '\(common.name)' exists (--replace replaces it)")
-                }
-            case .revert, .delete:
-                if !exists { return row(.skipped, "no such snapshot") }
-            }
-            if common.dryRun {
-                // The lock decides whether it could be done now.
-                try image.hostFiles[0].lockForWriting()
-                image.hostFiles[0].unlockWriting()
-                return row(.wouldDo)
-            }
-            switch operation {
-            case .create(let replace): try qcow2.createSnapshot(name: common.name, replace: replace)
-            case .revert: try qcow2.revertToSnapshot(common.name)
-            case .delete: try qcow2.deleteSnapshot(common.name)
-            }
-            return row(.done)
-        } catch Qcow2Error.inUse(let why) {
-            return row(.skipped, "in use: \(why)")
+            try pool.snapshot(operation, common.name, of: name, dryRun: common.dryRun)
+            return row(common.dryRun ? .wouldDo : .done)
+        } catch let skip as SnapshotSkip {
+            return row(.skipped, skip.description)
         } catch {
             return row(.failed, "\(error)")
         }

@@ -53,8 +53,55 @@ struct SnapshotCommandTests {
         held.stop()
         try scratch.sh("qemu-img check pool/held.qcow2 && test -z \"$(qemu-img snapshot -l pool/held.qcow2)\"")
 
-        let zfs = runPoolfs("snapshot revert --type zfs tank/vms class", in: scratch)
-        #expect(zfs.status != 0 && zfs.output.contains("not supported yet for this pool type"), "\(zfs.output)")
+        let lvm = runPoolfs("snapshot revert --type logical vg0 class", in: scratch)
+        #expect(lvm.status != 0 && lvm.output.contains("not supported yet for this pool type"), "\(lvm.output)")
+    }
+}
+
+/// `poolfs snapshot` on a dir pool that is mounted at the same time: the mount shows the new
+/// snapshot file and, after a revert, the reverted bytes: through a file already open within the
+/// attribute timeout (1 s), through a new open at once.
+@Suite("poolfs snapshot on a mounted pool")
+struct MountedSnapshotCommandTests {
+    /// `count` bytes at `offset` of the open file.
+    static func read(_ file: FileHandle, at offset: UInt64, count: Int) throws -> Data {
+        try file.seek(toOffset: offset)
+        return try file.read(upToCount: count) ?? Data()
+    }
+
+    /// Polls `condition` for up to `seconds`.
+    static func within(_ seconds: Double, _ condition: () throws -> Bool) rethrows -> Bool {
+        let deadline = Date().addingTimeInterval(seconds)
+        repeat {
+            if try condition() { return true }
+            usleep(20_000)
+        } while Date() < deadline
+        return try condition()
+    }
+
+    @Test func theMountShowsTheNewSnapshotAndTheRevertedBytes() throws {
+        let scratch = try Scratch()
+        try scratch.sh("mkdir pool && qemu-img create -q -f qcow2 pool/vm.qcow2 4M && qemu-io -c 'write -P 0x11 0 1M' pool/vm.qcow2 >/dev/null")
+        let mount = try PoolMount(scratch.path("pool"), in: scratch)
+        let before = Data(repeating: 0x11, count: 1 << 20), after = Data(repeating: 0x22, count: 1 << 20)
+        let open = try FileHandle(forReadingFrom: URL(fileURLWithPath: mount.path("vm.qcow2")))
+        defer { try? open.close() }
+        #expect(try Self.read(open, at: 0, count: 1 << 20) == before)
+
+        let create = runPoolfs("snapshot create pool class", in: scratch)
+        #expect(create.status == 0, "\(create.output)")
+        let snapshot = mount.path(".snapshots/vm.qcow2/class")
+        #expect(Self.within(1.5) { FileManager.default.fileExists(atPath: snapshot) }, "no \(snapshot)")
+
+        try scratch.sh("qemu-io -c 'write -P 0x22 0 1M' pool/vm.qcow2 >/dev/null")
+        #expect(try Self.within(1.5) { try Self.read(open, at: 0, count: 1 << 20) == after }, "the write shows through the open file")
+        #expect(try contents(snapshot).prefix(1 << 20) == before, "the snapshot keeps the old bytes")
+
+        let revert = runPoolfs("snapshot revert pool class", in: scratch)
+        #expect(revert.status == 0, "\(revert.output)")
+        #expect(try contents(mount.path("vm.qcow2")).prefix(1 << 20) == before, "a new open reads the reverted bytes at once")
+        #expect(try Self.within(1.5) { try Self.read(open, at: 0, count: 1 << 20) == before }, "no stale pages in the open file")
+        try scratch.sh("qemu-img check -q pool/vm.qcow2")
     }
 }
 
@@ -75,5 +122,39 @@ final class BackingHolder {
         // SIGKILL: children of Foundation's Process inherit this process's blocked SIGTERM.
         kill(process.processIdentifier, SIGKILL)
         process.waitUntilExit()
+    }
+}
+
+/// `poolfs snapshot` through the built binary on an RBD pool of the shared cluster.
+@Suite("poolfs snapshot on rbd pools", .enabled(if: CephCluster.available))
+struct RBDSnapshotCommandTests {
+    @Test func createWriteRevertDeleteThroughTheCommand() throws {
+        let cluster = try CephCluster.shared()
+        let ns = try cluster.newNamespace()
+        let scratch = try Scratch()
+        try scratch.sh("head -c 2M /dev/urandom > seed && truncate -s 4M seed")
+        for image in ["a", "b"] { try cluster.rbd("import --no-progress \(scratch.path("seed")) \(ns)/\(image)") }
+        let pool = "--type rbd -o conf=\(cluster.conf) \(ns)"
+
+        let create = runPoolfs("snapshot create \(pool) class", in: scratch)
+        #expect(create.status == 0, "\(create.output)")
+        #expect(create.output.split(separator: "\n").filter { $0.contains(" done") }.count == 2, "\(create.output)")
+        try cluster.rbd("bench --io-type write --io-pattern rand --io-size 4K --io-total 256K \(ns)/a >/dev/null")
+        try cluster.rbd("bench --io-type write --io-pattern rand --io-size 4K --io-total 256K \(ns)/b >/dev/null")
+        let seed = Array(try contents(scratch.path("seed")))
+        #expect(try cluster.export("\(ns)/a") != seed)
+
+        let revert = runPoolfs("snapshot revert --json \(pool) class a", in: scratch)
+        #expect(revert.status == 0, "\(revert.output)")
+        #expect(revert.output.contains("\"done\""), "\(revert.output)")
+        #expect(try cluster.export("\(ns)/a") == seed)
+        #expect(try cluster.export("\(ns)/b") != seed, "only the volume named")
+
+        let missing = runPoolfs("snapshot revert \(pool) nope", in: scratch)
+        #expect(missing.status != 0 && missing.output.contains("no such snapshot"), "\(missing.output)")
+
+        let delete = runPoolfs("snapshot delete \(pool) class", in: scratch)
+        #expect(delete.status == 0, "\(delete.output)")
+        #expect(try !cluster.rbd("snap ls \(ns)/a").contains(" class ") && !cluster.rbd("snap ls \(ns)/b").contains(" class "))
     }
 }
