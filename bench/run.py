@@ -1172,7 +1172,7 @@ def main():
                      "convert": "`qemu-img convert -O raw` of a copy reverted to `mid`",
                      "convert -l": "`qemu-img convert -l snapshot.name=mid -O raw`",
                      "cp floor": "`cp --sparse=always` of the same bytes as a raw file in the page cache (cp's floor)"}
-            lines += ["| way | seconds | GB/s of the snapshot | allocated MiB | seconds / poolfs's | per round |",
+            lines += ["| way | seconds | GB/s of the virtual size | allocated MiB | seconds / poolfs's | per round |",
                       "| --- | ---: | ---: | ---: | ---: | --- |"]
             p = statistics.median(times["poolfs"])
             for way, v in times.items():
