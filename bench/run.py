@@ -872,7 +872,7 @@ def raw_writes(binary, size, rounds):
         proc = start_poolfs(binary, pool, mnt, "rw", os.path.join(work, "poolfs.log"))
         try:
             path = os.path.join(mnt, os.path.basename(backing))
-            job = fio_json(f"--name=w --filename={path} --numjobs=1 --end_fsync=1 --verify=crc32c {args}")
+            job = fio_json(f"--name=w --filename={path} --numjobs=1 --end_fsync=1 --verify=crc32c --verify_state_save=0 {args}")
             seen = digest(path)
         finally:
             stop_mount(mnt, proc)
@@ -881,7 +881,7 @@ def raw_writes(binary, size, rounds):
     def qsd_side(backing, args):
         proc = start_qsd_raw(backing, qsd_file, os.path.join(work, "qsd.log"), writable=True)
         try:
-            job = fio_json(f"--name=w --filename={qsd_file} --numjobs=1 --end_fsync=1 --verify=crc32c {args}")
+            job = fio_json(f"--name=w --filename={qsd_file} --numjobs=1 --end_fsync=1 --verify=crc32c --verify_state_save=0 {args}")
             seen = digest(qsd_file)
         finally:
             stop_qsd(qsd_file, proc)
