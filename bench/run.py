@@ -8,7 +8,7 @@ mounted files is dropped (posix_fadvise DONTNEED), so the figure is the FUSE pat
 engine. (Pages a system's earlier reads left cached slow the kernel's later FUSE reads of other
 files on the same mount: with the measured file's own pages alone dropped, a 3-level chain read
 after the live and snapshot reads ran at 350-400 MB/s, and at 1.9 GB/s with all of them dropped.)
-Usage: bench/run.py POOLFS_BINARY [--rounds N] [--quick]
+Usage: bench/run.py POOLFS_BINARY [--rounds N] [--quick] [--sections a,b]
 """
 import argparse, datetime, hashlib, json, os, platform, shutil, signal, socket, statistics, subprocess, sys, time
 
@@ -722,7 +722,286 @@ def rbd_section(binary, size, rounds, quick):
     return lines
 
 
-SECTIONS = ["peers", "pool", "lvm", "iscsi", "partitions", "rbd"]
+def fio_json(args):
+    return json.loads(sh("fio --output-format=json --group_reporting --ioengine=psync " + args))["jobs"][0]
+
+
+def raw_random_iops(path, size):
+    """4 KiB random read IOPS, 4 jobs, buffered: each job reads its quarter of `path` once in
+    random order (fio's random map), so no read is served by a page an earlier read cached, and
+    fio's RANDOM fadvise hint turns readahead off. --invalidate=0: the caller drops pages."""
+    escaped = path.replace(":", "\\:")
+    return fio_json(f"--name=rand --filename='{escaped}' --readonly --rw=randread --bs=4k --numjobs=4 "
+                    f"--size={size // 4} --offset_increment={size // 4} --invalidate=0")["read"]["iops"]
+
+
+def sequential_cached(path, size):
+    """MB/s of 1 MiB reads of `path`, its pages left as they are (a file read from the page cache)."""
+    buf = bytearray(MiB)
+    fd = os.open(path, os.O_RDONLY)
+    start, total = time.perf_counter(), 0
+    try:
+        while total < size and (n := os.preadv(fd, [memoryview(buf)[:min(MiB, size - total)]], total)) > 0:
+            total += n
+    finally:
+        os.close(fd)
+    if total != size:
+        raise RuntimeError(f"{path}: read {total} of {size} bytes")
+    return total / (time.perf_counter() - start) / 1e6
+
+
+def start_poolfs(binary, pool, mnt, options, log):
+    os.makedirs(mnt, exist_ok=True)
+    with open(log, "w") as f:
+        proc = subprocess.Popen([binary, "mount", "--foreground", *(["-o", options] if options else []), pool, mnt],
+                                stdout=f, stderr=f)
+    try:
+        wait_mounted(mnt, proc)
+    except BaseException:
+        stop_mount(mnt, proc)
+        raise
+    return proc
+
+
+def start_qsd_raw(source, target, log, writable):
+    """qemu-storage-daemon exporting the raw file `source` at `target` (driver=file + driver=raw)."""
+    open(target, "a").close()
+    ro = "off" if writable else "on"
+    with open(log, "w") as f:
+        proc = subprocess.Popen(["qemu-storage-daemon",
+                                 "--blockdev", f"driver=file,node-name=f,filename={source},read-only={ro}",
+                                 "--blockdev", f"driver=raw,node-name=r,file=f,read-only={ro}",
+                                 "--export", f"type=fuse,id=e,node-name=r,mountpoint={target},"
+                                             f"writable={'on' if writable else 'off'}"],
+                                stdout=f, stderr=f)
+    try:
+        wait_mounted(target, proc)
+    except BaseException:
+        stop_qsd(target, proc)
+        raise
+    return proc
+
+
+def stop_qsd(target, proc):
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+    unmount(target)
+
+
+def which_path(log):
+    """What poolfs's log says about the raw read path (Mounter.swift)."""
+    lines = [l.strip() for l in open(log) if "reads of raw volumes" in l]
+    return lines[0].split("reads of raw volumes: ", 1)[-1] if lines else "not logged"
+
+
+def raw_reads(binary, size, rounds):
+    """Sequential 1 MiB and 4 KiB random reads of one raw file of random data through poolfs
+    (FUSE passthrough), poolfs -o nopassthrough, qemu-storage-daemon's raw FUSE export and the file
+    itself, all mounted at once, in interleaved rounds (the order reverses every round). Before
+    each read the file is read into the page cache and every FUSE file's pages are dropped.
+    Returns ({measurement: {side: [values per round]}}, {side: path poolfs logged}) or a reason."""
+    missing = missing_tools("qemu-storage-daemon", "fio")
+    if missing:
+        return f"skipped: {', '.join(missing)} not found (scripts/install-deps.sh installs qemu-system-common, fio)", {}
+    work = os.path.join(WORK, "raw")
+    pool = os.path.join(work, "pool")
+    os.makedirs(pool, exist_ok=True)
+    source = os.path.join(pool, "data.raw")
+    make_random_file(source, size)
+    mounts = {"poolfs": ("", os.path.join(work, "mnt-pt")), "nopassthrough": ("nopassthrough", os.path.join(work, "mnt-npt"))}
+    seq, rand = "sequential MB/s", "4 KiB random read IOPS, 4 jobs"
+    sides = ["poolfs", "nopassthrough", "qsd", "file"]
+    results = {seq: {s: [] for s in sides}, rand: {s: [] for s in sides}}
+    procs, logged = {}, {}
+    qsd_file, qsd = os.path.join(work, "qsd.raw"), None
+    try:
+        for side, (options, mnt) in mounts.items():
+            procs[side] = start_poolfs(binary, pool, mnt, options, os.path.join(work, f"poolfs-{side}.log"))
+        qsd = start_qsd_raw(source, qsd_file, os.path.join(work, "qsd.log"), writable=False)
+        files = {"poolfs": os.path.join(mounts["poolfs"][1], "data.raw"),
+                 "nopassthrough": os.path.join(mounts["nopassthrough"][1], "data.raw"), "qsd": qsd_file, "file": source}
+        fuse_files = [files[s] for s in sides if s != "file"]
+        expected = digest(source)
+        for side, path in files.items():
+            if os.path.getsize(path) != size or digest(path) != expected:
+                raise RuntimeError(f"raw: {side}'s {path} differs from {source}")
+        logged = {side: which_path(os.path.join(work, f"poolfs-{side}.log")) for side in mounts}
+        for r in range(rounds):
+            order = sides[::1 if r % 2 == 0 else -1]
+            for measure, run in [(seq, lambda p: sequential_cached(p, size)), (rand, lambda p: raw_random_iops(p, size))]:
+                for side in order:
+                    warm([source])
+                    for other in fuse_files:
+                        drop_file_cache(other)
+                    results[measure][side].append(run(files[side]))
+            print(f"raw round {r + 1}/{rounds}: " + "; ".join(
+                f"{m}: " + ", ".join(f"{s} {v[s][-1]:,.0f}" for s in sides) for m, v in results.items()), flush=True)
+    finally:
+        if qsd is not None:
+            stop_qsd(qsd_file, qsd)
+        for side, proc in procs.items():
+            stop_mount(mounts[side][1], proc)
+    return results, logged
+
+
+def raw_writes(binary, size, rounds):
+    """1 MiB sequential writes of `size` bytes and 4 KiB random writes of 256 MiB (or `size` if
+    less) with fio (psync, one job, end_fsync) into a fresh sparse raw file each time, through
+    poolfs -o rw (passthrough when the kernel offers it) and qemu-storage-daemon's writable raw
+    export, alternating which goes first. fio verifies what it wrote (crc32c, read back through the
+    same file after the timed phase), and the backing file's digest must equal the digest read
+    through the mount. Returns {measurement: {side: [values per round]}} or a reason."""
+    missing = missing_tools("qemu-storage-daemon", "fio")
+    if missing:
+        return f"skipped: {', '.join(missing)} not found (scripts/install-deps.sh installs qemu-system-common, fio)"
+    work = os.path.join(WORK, "raw-write")
+    shutil.rmtree(work, ignore_errors=True)
+    pool, mnt, qsd_file = os.path.join(work, "pool"), os.path.join(work, "mnt"), os.path.join(work, "qsd.raw")
+    os.makedirs(pool)
+    rand_size = min(size, 256 * MiB)
+    jobs = {"sequential 1 MiB writes, MB/s": (f"--rw=write --bs=1M --size={size}", lambda j: j["write"]["bw_bytes"] / 1e6),
+            "4 KiB random write IOPS": (f"--rw=randwrite --bs=4k --size={rand_size}", lambda j: j["write"]["iops"])}
+    results = {m: {"poolfs": [], "qsd": []} for m in jobs}
+
+    def poolfs_side(backing, args):
+        proc = start_poolfs(binary, pool, mnt, "rw", os.path.join(work, "poolfs.log"))
+        try:
+            path = os.path.join(mnt, os.path.basename(backing))
+            job = fio_json(f"--name=w --filename={path} --numjobs=1 --end_fsync=1 --verify=crc32c --verify_state_save=0 {args}")
+            seen = digest(path)
+        finally:
+            stop_mount(mnt, proc)
+        return job, seen
+
+    def qsd_side(backing, args):
+        proc = start_qsd_raw(backing, qsd_file, os.path.join(work, "qsd.log"), writable=True)
+        try:
+            job = fio_json(f"--name=w --filename={qsd_file} --numjobs=1 --end_fsync=1 --verify=crc32c --verify_state_save=0 {args}")
+            seen = digest(qsd_file)
+        finally:
+            stop_qsd(qsd_file, proc)
+        return job, seen
+
+    for r in range(rounds):
+        for measure, (args, value) in jobs.items():
+            for side, run in [("poolfs", poolfs_side), ("qsd", qsd_side)][::1 if r % 2 == 0 else -1]:
+                backing = os.path.join(pool, "w.raw")
+                if os.path.exists(backing):
+                    os.remove(backing)
+                sh(f"truncate -s {size} {backing}")
+                job, seen = run(backing, args)
+                if job["error"]:  # a failed verify also makes fio exit non-zero (sh raises)
+                    raise RuntimeError(f"raw writes: fio reported errors through {side}: {job.get('error')}")
+                if digest(backing) != seen:
+                    raise RuntimeError(f"raw writes: {backing} differs from what {side} read back")
+                results[measure][side].append(value(job))
+        print(f"raw write round {r + 1}/{rounds}: " + "; ".join(
+            f"{m}: poolfs {v['poolfs'][-1]:,.0f}, qsd {v['qsd'][-1]:,.0f}, {v['poolfs'][-1] / v['qsd'][-1]:.2f}×"
+            for m, v in results.items()), flush=True)
+    os.remove(os.path.join(pool, "w.raw"))
+    return results
+
+
+def make_copyout_image(size):
+    """A qcow2 of `size` with every other 64 MiB region written (half allocated), each region its
+    own byte pattern, and snapshot `mid` taken after the first half of those writes. Returns the
+    image's path."""
+    work = os.path.join(WORK, "copyout")
+    pool = os.path.join(work, "pool")
+    image = os.path.join(pool, "v.qcow2")
+    stamp = os.path.join(work, ".made")
+    if os.path.exists(stamp) and open(stamp).read() == str(size):
+        return image
+    shutil.rmtree(work, ignore_errors=True)
+    os.makedirs(pool)
+    print(f"making a {size >> 20} MiB half-allocated qcow2 with a snapshot in {pool} ...", flush=True)
+    region = 64 * MiB
+    writes = [f"-c 'write -P {(i // 2) % 255 + 1} {i * region} {region}'" for i in range(0, size // region, 2)]
+    half = len(writes) // 2
+    sh(f"qemu-img create -q -f qcow2 {image} {size}")
+    sh(f"qemu-io -f qcow2 {' '.join(writes[:half])} {image} >/dev/null")
+    sh(f"qemu-img snapshot -c mid {image}")
+    sh(f"qemu-io -f qcow2 {' '.join(writes[half:])} {image} >/dev/null")
+    with open(stamp, "w") as f:
+        f.write(str(size))
+    return image
+
+
+def syscall_counts(cmd):
+    """{syscall: calls} of `cmd` under strace -c -f."""
+    out = subprocess.run(f"strace -c -f -o /dev/stderr {cmd}", shell=True, check=True, text=True,
+                         capture_output=True).stderr
+    counts = {}
+    for line in out.splitlines():
+        f = line.split()
+        if len(f) >= 5 and f[3].isdigit():
+            counts[f[-1]] = int(f[3])
+    return counts
+
+
+def copyout(binary, size, rounds):
+    """Copying snapshot `mid` out to a raw file, in interleaved rounds (the order rotates):
+    `cp --sparse=always` of poolfs's `.snapshots/v.qcow2/mid`; `qemu-img convert -O raw` of a copy
+    of the image reverted to `mid` (copied and reverted once, untimed); and `qemu-img convert -l
+    snapshot.name=mid -O raw` of the image; and, as the floor of cp itself, `cp --sparse=always` of
+    the same bytes as a sparse raw file in the page cache. Each timing includes an fsync of the output (`sync
+    FILE`; qemu-img flushes its output itself, cp does not). Before each copy the images are read
+    into the page cache and the snapshot file's pages are dropped. Every output must equal
+    poolfs's byte for byte (cmp). Returns ({way: [seconds per round]}, {way: allocated bytes},
+    strace counts of cp or None) or a reason."""
+    missing = missing_tools("qemu-img", "qemu-io", "cmp")
+    if missing:
+        return f"skipped: {', '.join(missing)} not found (scripts/install-deps.sh installs qemu-utils)", {}, None
+    image = make_copyout_image(size)
+    work = os.path.dirname(os.path.dirname(image))
+    reverted = os.path.join(work, "reverted.qcow2")
+    if not os.path.exists(reverted):
+        sh(f"cp {image} {reverted}.tmp && qemu-img snapshot -a mid {reverted}.tmp && mv {reverted}.tmp {reverted}")
+    mnt = os.path.join(work, "mnt")
+    snapshot = os.path.join(mnt, ".snapshots", "v.qcow2", "mid")
+    reference = os.path.join(work, "reference.raw")
+    if not os.path.exists(reference):
+        sh(f"qemu-img convert -O raw {reverted} {reference}")
+    outs = {w: os.path.join(work, f"out-{i}.raw") for i, w in enumerate(["poolfs", "convert", "convert -l", "cp floor"])}
+    commands = {"poolfs": f"cp --sparse=always {snapshot} {outs['poolfs']}",
+                "convert": f"qemu-img convert -O raw {reverted} {outs['convert']}",
+                "convert -l": f"qemu-img convert -l snapshot.name=mid -O raw {image} {outs['convert -l']}",
+                "cp floor": f"cp --sparse=always {reference} {outs['cp floor']}"}
+    results = {w: [] for w in commands}
+    strace = None
+    proc = start_poolfs(binary, os.path.dirname(image), mnt, "", os.path.join(work, "poolfs.log"))
+    try:
+        for r in range(rounds):
+            for way in list(commands)[r % 4:] + list(commands)[:r % 4]:
+                if os.path.exists(outs[way]):
+                    os.remove(outs[way])
+                warm([image, reverted, reference])
+                drop_file_cache(snapshot)
+                start = time.perf_counter()
+                sh(f"{commands[way]} && sync {outs[way]}")
+                results[way].append(time.perf_counter() - start)
+            if r == 0:
+                for way, out in outs.items():
+                    if os.path.getsize(out) != size or subprocess.run(["cmp", outs["poolfs"], out]).returncode != 0:
+                        raise RuntimeError(f"copyout: {out} ({way}) differs from {outs['poolfs']} (poolfs)")
+            print(f"copyout round {r + 1}/{rounds}: " + ", ".join(f"{w} {v[-1]:.2f} s" for w, v in results.items()),
+                  flush=True)
+        if shutil.which("strace"):
+            drop_file_cache(snapshot)
+            os.remove(outs["poolfs"])
+            strace = syscall_counts(commands["poolfs"])
+    finally:
+        stop_mount(mnt, proc)
+    allocated = {w: os.stat(out).st_blocks * 512 for w, out in outs.items()}
+    return results, allocated, strace
+
+
+SECTIONS = ["peers", "pool", "lvm", "iscsi", "partitions", "rbd", "raw", "copyout"]
 
 
 def peers(binary, rounds, quick):
@@ -854,6 +1133,57 @@ def main():
             lines += rbd_section(binary, 256 * MiB if args.quick else 1 * GiB, args.rounds, args.quick)
         else:
             lines += ["", "Ceph RBD: skipped (ceph-mon or rbd-fuse not installed: scripts/install-deps.sh)."]
+    if "raw" in sections:
+        raw_size = 256 * MiB if args.quick else 1 * GiB
+        reads, logged = raw_reads(binary, raw_size, args.rounds)
+        lines += ["", f"Raw files: a {raw_size >> 20} MiB raw file of random data in a dir pool, read from the page cache "
+                  "through poolfs (FUSE passthrough), poolfs `-o nopassthrough`, qemu-storage-daemon's FUSE export "
+                  "(`driver=file` + `driver=raw`) and directly, all mounted at once, interleaved rounds; random reads "
+                  "are fio psync, 4 jobs, buffered, each 4 KiB block read once:", ""]
+        if isinstance(reads, str):
+            print(reads, flush=True)
+            lines.append(reads)
+        else:
+            lines += [f"poolfs's log, default mount: \"{logged['poolfs']}\"; `-o nopassthrough` mount: \"{logged['nopassthrough']}\".", "",
+                      "| measurement | poolfs | nopassthrough | qsd | file | poolfs / nopassthrough | poolfs / qsd | poolfs / file | poolfs / qsd per round |",
+                      "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+            for label, sides in reads.items():
+                m = {s: statistics.median(v) for s, v in sides.items()}
+                per_round = ", ".join(f"{p / q:.2f}" for p, q in zip(sides["poolfs"], sides["qsd"]))
+                lines.append(f"| {label} | {m['poolfs']:,.0f} | {m['nopassthrough']:,.0f} | {m['qsd']:,.0f} | {m['file']:,.0f} | "
+                             f"{m['poolfs'] / m['nopassthrough']:.2f}× | {m['poolfs'] / m['qsd']:.2f}× | "
+                             f"{m['poolfs'] / m['file']:.2f}× | {per_round} |")
+        lines += ["", f"Writes into a fresh sparse raw file each time ({raw_size >> 20} MiB of 1 MiB writes, "
+                  f"{min(raw_size, 256 * MiB) >> 20} MiB of 4 KiB random writes; fio psync, one job, end_fsync, "
+                  "verify=crc32c), through poolfs `-o rw` and qemu-storage-daemon's `writable=on` export, interleaved rounds:", ""]
+        lines += ratio_table(raw_writes(binary, raw_size, args.rounds), "poolfs", "qsd",
+                             "| measurement | poolfs -o rw | qemu-storage-daemon | poolfs / qsd | per round |")
+    if "copyout" in sections:
+        co_size = 1 * GiB if args.quick else 4 * GiB
+        times, allocated, strace = copyout(binary, co_size, args.rounds)
+        lines += ["", f"Copying out a snapshot: a {co_size >> 30} GiB qcow2, every other 64 MiB written (half allocated), "
+                  "snapshot `mid` taken after the first half of the writes; seconds to a raw file (with an fsync of it), "
+                  "the images in the page cache, interleaved rounds:", ""]
+        if isinstance(times, str):
+            print(times, flush=True)
+            lines.append(times)
+        else:
+            label = {"poolfs": "`cp --sparse=always` of poolfs's `.snapshots/v.qcow2/mid`",
+                     "convert": "`qemu-img convert -O raw` of a copy reverted to `mid`",
+                     "convert -l": "`qemu-img convert -l snapshot.name=mid -O raw`",
+                     "cp floor": "`cp --sparse=always` of the same bytes as a raw file in the page cache (cp's floor)"}
+            lines += ["| way | seconds | GB/s of the virtual size | allocated MiB | seconds / poolfs's | per round |",
+                      "| --- | ---: | ---: | ---: | ---: | --- |"]
+            p = statistics.median(times["poolfs"])
+            for way, v in times.items():
+                m = statistics.median(v)
+                per_round = ", ".join(f"{x / y:.2f}" for x, y in zip(v, times["poolfs"]))
+                lines.append(f"| {label[way]} | {m:.2f} | {co_size / m / 1e9:.2f} | {allocated[way] >> 20:,} | "
+                             f"{m / p:.2f}× | {per_round} |")
+            lines += ["", "All four outputs are equal (cmp). A ratio above 1× means poolfs is faster."]
+            if strace:
+                keys = ["lseek", "read", "write", "copy_file_range", "ioctl", "fadvise64"]
+                lines.append("`strace -c -f` of the poolfs `cp`: " + ", ".join(f"{k} {strace[k]:,}" for k in keys if k in strace) + ".")
     report = "\n".join(lines)
     print(report)
     with open(os.path.join(WORK, "results.md"), "w") as f:
