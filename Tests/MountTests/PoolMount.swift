@@ -97,17 +97,9 @@ func dataRanges(of path: String) throws -> [Range<UInt64>] {
 func qemuDataRanges(_ image: String, in scratch: Scratch) throws -> [Range<UInt64>] {
     let json = try scratch.sh("qemu-img map --output=json '\(image)'")
     let rows = try JSONSerialization.jsonObject(with: Data(json.utf8)) as! [[String: Any]]
-    var ranges: [Range<UInt64>] = []
-    for row in rows where (row["data"] as! Bool) && !(row["zero"] as! Bool) {
-        let start = (row["start"] as! NSNumber).uint64Value
-        let end = start + (row["length"] as! NSNumber).uint64Value
-        if let last = ranges.last, last.upperBound == start {
-            ranges[ranges.count - 1] = last.lowerBound..<end
-        } else {
-            ranges.append(start..<end)
-        }
-    }
-    return ranges
+    return mergedRanges(rows.filter { ($0["data"] as! Bool) && !($0["zero"] as! Bool) }.map {
+        (($0["start"] as! NSNumber).uint64Value, ($0["length"] as! NSNumber).uint64Value)
+    })
 }
 
 func contents(_ path: String) throws -> Data {

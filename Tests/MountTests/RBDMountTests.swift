@@ -16,13 +16,7 @@ struct RBDMountTests {
         let ns = try cluster.newNamespace()
         let scratch = try Scratch()
         try scratch.sh("head -c 2M /dev/urandom > seed && truncate -s 9M seed && head -c 1M /dev/urandom >> seed")
-        try cluster.rbd("import --no-progress \(scratch.path("seed")) \(ns)/disk")
-        try cluster.rbd("snap create \(ns)/disk@before")
-        try cluster.rbd("bench --io-type write --io-pattern rand --io-size 4K --io-total 64K \(ns)/disk >/dev/null")
-        try cluster.rbd("snap create \(ns)/disk@after")
-        try cluster.rbd("snap protect \(ns)/disk@after")
-        try cluster.rbd("clone \(ns)/disk@after \(ns)/child")
-        try cluster.rbd("bench --io-type write --io-size 64K --io-total 128K \(ns)/child >/dev/null")
+        try cluster.makeSampleImages(in: ns, from: scratch.path("seed"))
         for spec in ["disk", "child", "disk@before", "disk@after"] {
             try cluster.rbd("export --no-progress \(ns)/\(spec) \(scratch.path(spec + ".raw"))")
         }

@@ -36,13 +36,7 @@ struct RBDTests {
         let file = "seed-\(UUID().uuidString)"
         // 9 MiB + 4 KiB of random data with a 3 MiB hole, in 4 MiB objects.
         try s.sh("head -c 3M /dev/urandom > \(file) && truncate -s 6M \(file) && head -c 3M /dev/urandom >> \(file) && head -c 4096 /dev/urandom >> \(file)")
-        try cluster.rbd("import --no-progress \(file) \(ns)/disk")
-        try cluster.rbd("snap create \(ns)/disk@before")
-        try cluster.rbd("bench --io-type write --io-pattern rand --io-size 4K --io-total 64K \(ns)/disk >/dev/null")
-        try cluster.rbd("snap create \(ns)/disk@after")
-        try cluster.rbd("snap protect \(ns)/disk@after")
-        try cluster.rbd("clone \(ns)/disk@after \(ns)/child")
-        try cluster.rbd("bench --io-type write --io-size 64K --io-total 128K \(ns)/child >/dev/null")
+        try cluster.makeSampleImages(in: ns, from: file)
         try cluster.rbd("create --size 20M \(ns)/empty")
 
         let pool = try Self.open(ns, cluster)

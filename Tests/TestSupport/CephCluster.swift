@@ -145,20 +145,24 @@ public final class CephCluster: @unchecked Sendable {
     }
 
     /// What `rbd diff --whole-object` says holds data, merged into ranges.
+    /// In namespace `ns`: `disk`, imported from `file`; its snapshots `before` and `after`, with
+    /// random 4 KiB writes between them; and `child`, a clone of `disk@after` with writes of its own.
+    public func makeSampleImages(in ns: String, from file: String) throws {
+        try rbd("import --no-progress \(file) \(ns)/disk")
+        try rbd("snap create \(ns)/disk@before")
+        try rbd("bench --io-type write --io-pattern rand --io-size 4K --io-total 64K \(ns)/disk >/dev/null")
+        try rbd("snap create \(ns)/disk@after")
+        try rbd("snap protect \(ns)/disk@after")
+        try rbd("clone \(ns)/disk@after \(ns)/child")
+        try rbd("bench --io-type write --io-size 64K --io-total 128K \(ns)/child >/dev/null")
+    }
+
     public func diffRanges(_ spec: String) throws -> [Range<UInt64>] {
         let json = try rbd("diff --whole-object --format json \(spec)")
         let rows = try JSONSerialization.jsonObject(with: Data(json.utf8)) as! [[String: Any]]
-        var ranges: [Range<UInt64>] = []
-        for row in rows where "\(row["exists"] ?? "")" == "true" {
-            let start = (row["offset"] as! NSNumber).uint64Value
-            let end = start + (row["length"] as! NSNumber).uint64Value
-            if let last = ranges.last, last.upperBound == start {
-                ranges[ranges.count - 1] = last.lowerBound..<end
-            } else {
-                ranges.append(start..<end)
-            }
-        }
-        return ranges
+        return mergedRanges(rows.filter { "\($0["exists"] ?? "")" == "true" }.map {
+            (($0["offset"] as! NSNumber).uint64Value, ($0["length"] as! NSNumber).uint64Value)
+        })
     }
 
     /// `rbd export SPEC` as bytes.
