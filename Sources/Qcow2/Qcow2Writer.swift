@@ -425,7 +425,7 @@ final class Qcow2WriteState {
             || (host + clusterSize > l1Offset && host < l1Offset + l1Bytes)
             || (host + clusterSize > refcounts.tableOffset && host < refcounts.tableOffset + UInt64(refcounts.table.count) * 8)
             || (header.nbSnapshots > 0 && host + clusterSize > header.snapshotsOffset && host <= header.snapshotsOffset)
-            || refcounts.table.contains(host)
+            || refcounts.isBlock(host)
     }
 
     // MARK: L1 and L2
