@@ -45,6 +45,12 @@ public final class InodeTable<Key: Hashable & Sendable>: Sendable {
         state.withLock { s in s.inodes.compactMap { matching($0.key) ? $0.value : nil } }
     }
 
+    /// Changes whenever an inode number is handed out (never reused): a set of inodes found
+    /// at one generation has not grown while the generation stays the same.
+    public var generation: UInt64 {
+        state.withLock { $0.next }
+    }
+
     public func key(of inode: UInt64) -> Key? {
         state.withLock { $0.keys[inode]?.key }
     }

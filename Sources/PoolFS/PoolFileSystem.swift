@@ -86,6 +86,9 @@ public final class PoolFileSystem: FileSystemOperations {
     /// Inodes written whose sibling nodes (the same volume's partitions, or their volume) are
     /// yet to be invalidated.
     let siblingsToInvalidate = Locked<Set<UInt64>>([])
+    /// Written inodes found to have no sibling node, with the inode table's generation then:
+    /// until it changes no sibling can have appeared, and a write queues no invalidation.
+    let withoutSiblings = Locked<[UInt64: UInt64]>([:])
     /// Read requests that reached this process (`user.poolfs.read_requests` of the root).
     let readRequests = Atomic<Int>(0)
 
@@ -335,12 +338,19 @@ public final class PoolFileSystem: FileSystemOperations {
     /// After a write to `inode`: the other nodes of its volume (its partitions, or the volume
     /// of a partition) read the same bytes through their own page caches.
     func invalidateSiblings(of inode: UInt64) {
-        guard let kernelCache, let key = inodes.key(of: inode)?.volumeKey,
-              siblingsToInvalidate.withLock({ $0.insert(inode).inserted }) else { return }
-        kernelCache.invalidate { [inodes, siblingsToInvalidate] in
+        guard let kernelCache, let key = inodes.key(of: inode)?.volumeKey else { return }
+        // Most written files have no sibling the kernel knows of: no wake-up of the
+        // invalidation queue per write (a thread switch per request on a busy host).
+        if let generation = withoutSiblings.withLock({ $0[inode] }), generation == inodes.generation { return }
+        guard siblingsToInvalidate.withLock({ $0.insert(inode).inserted }) else { return }
+        kernelCache.invalidate { [inodes, siblingsToInvalidate, withoutSiblings] in
             // Writes from here on queue another invalidation.
             siblingsToInvalidate.withLock { _ = $0.remove(inode) }
-            return inodes.inodes { $0.volumeKey == key }.filter { $0 != inode }
+            // Read before the search: a sibling made during it changes the generation.
+            let generation = inodes.generation
+            let siblings = inodes.inodes { $0.volumeKey == key }.filter { $0 != inode }
+            withoutSiblings.withLock { $0[inode] = siblings.isEmpty ? generation : nil }
+            return siblings
         }
     }
 

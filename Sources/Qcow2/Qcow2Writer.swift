@@ -231,8 +231,7 @@ final class Qcow2WriteState {
         // The last cluster may extend past the end of the disk: covering up to the end is whole.
         let whole = inCluster == 0 && (n == clusterSize || pos + n == size)
         let l1Index = Int(pos >> (layout.clusterBits + layout.l2Bits))
-        let tableOffset = try liveTable(l1Index, l1Touched: &l1Touched)
-        touched.insert(tableOffset)
+        let tableOffset = try liveTable(l1Index, touched: &touched, l1Touched: &l1Touched)
         let at = Int((pos >> layout.clusterBits) & ((1 << layout.l2Bits) - 1)) * layout.l2EntryBytes
         let entryOffset = tableOffset + UInt64(at)
         let entry = readU64(tables[tableOffset]!, at)
@@ -246,6 +245,7 @@ final class Qcow2WriteState {
             } else {
                 setEntry(tableOffset, at, version >= 3 ? ClusterLayout.zeroFlag : 0, bitmap: 0)
             }
+            touched.insert(tableOffset)
             return
         }
 
@@ -282,7 +282,25 @@ final class Qcow2WriteState {
                 overlay(source, into: &buffer, at: Int(inCluster - fillStart), length: Int(n))
                 try dataFile.write(buffer, at: host + fillStart)
             }
-            if newEntry != entry || newBitmap != bitmap { setEntry(tableOffset, at, newEntry, bitmap: newBitmap) }
+            if newEntry != entry || newBitmap != bitmap {
+                setEntry(tableOffset, at, newEntry, bitmap: newBitmap)
+                touched.insert(tableOffset)
+            }
+            return
+        }
+
+        if case .bytes(let data) = source, !externalData, !compressed, host == 0,
+           image.backing == nil || (!layout.extendedL2 && entry & ClusterLayout.zeroFlag != 0) {
+            // The cluster reads as zeros now, and a new one reads as zeros too: allocation only
+            // hands out clusters past the end of the file as opened that nothing wrote since
+            // (holes, or past the end). So only the write's own bytes are written, straight from
+            // the request, as QEMU does; the file then ends inside the cluster at the latest,
+            // which reads as zeros past the end (QEMU's rule, and `ReadPlan.appendHost`).
+            let newHost = try allocateData(guestCluster: clusterStart)
+            try dataFile.write(data, at: newHost + inCluster)
+            try release(entry, entryOffset: entryOffset)
+            setEntry(tableOffset, at, newHost | ClusterLayout.copiedFlag, bitmap: layout.extendedL2 ? 0x0000_0000_ffff_ffff : 0)
+            touched.insert(tableOffset)
             return
         }
 
@@ -295,6 +313,7 @@ final class Qcow2WriteState {
         try dataFile.write(buffer, at: newHost)
         try release(entry, entryOffset: entryOffset)
         setEntry(tableOffset, at, newHost | ClusterLayout.copiedFlag, bitmap: layout.extendedL2 ? 0x0000_0000_ffff_ffff : 0)
+        touched.insert(tableOffset)
     }
 
     /// Whether whole clusters can be made to read as zeros from metadata alone.
@@ -425,14 +444,15 @@ final class Qcow2WriteState {
             || (host + clusterSize > l1Offset && host < l1Offset + l1Bytes)
             || (host + clusterSize > refcounts.tableOffset && host < refcounts.tableOffset + UInt64(refcounts.table.count) * 8)
             || (header.nbSnapshots > 0 && host + clusterSize > header.snapshotsOffset && host <= header.snapshotsOffset)
-            || refcounts.table.contains(host)
+            || refcounts.isBlock(host)
     }
 
     // MARK: L1 and L2
 
     /// The offset of the live L2 table for L1 index `i`, loaded into `tables`, owned by the live
     /// state alone: allocated when missing, copied when a snapshot shares it.
-    func liveTable(_ i: Int, l1Touched: inout Bool) throws -> UInt64 {
+    /// A table made here goes into `touched`: readers must see it before anything points at it.
+    func liveTable(_ i: Int, touched: inout Set<UInt64>, l1Touched: inout Bool) throws -> UInt64 {
         let entry = l1[i]
         let offset = entry & ClusterLayout.offsetMask
         let entryOffset = l1Offset + UInt64(i) * 8
@@ -467,6 +487,7 @@ final class Qcow2WriteState {
         liveTables.insert(fresh)
         l1[i] = fresh | ClusterLayout.copiedFlag
         dirtyL1Chunks.insert(UInt64(i * 8) & ~(clusterSize - 1))
+        touched.insert(fresh)
         l1Touched = true
         return fresh
     }

@@ -11,7 +11,9 @@ final class RefcountWriter {
     let entriesPerBlock: UInt64
     let maxRefcount: UInt64
     private(set) var tableOffset: UInt64
-    private(set) var table: [UInt64]
+    private(set) var table: [UInt64] { didSet { blockOffsetSet = nil } }
+    /// The nonzero entries of `table`, for `isBlock`; made again after the table changes.
+    private var blockOffsetSet: Set<UInt64>?
     /// Refcount blocks read so far, by table index; always equal to the disk (write-through).
     private var blocks: [UInt64: [UInt8]] = [:]
     /// No cluster below this is handed out again in this session: allocation only moves forward.
@@ -37,6 +39,12 @@ final class RefcountWriter {
         table = stride(from: 0, to: bytes.count, by: 8).map { BigEndianReader(bytes: bytes).u64($0) }
         nextFree = (file.size + clusterSize - 1) / clusterSize
         firstNewCluster = nextFree
+    }
+
+    /// Whether a refcount block lies at `offset` (a set lookup, not a scan of the table).
+    func isBlock(_ offset: UInt64) -> Bool {
+        if blockOffsetSet == nil { blockOffsetSet = Set(table.filter { $0 != 0 }) }
+        return blockOffsetSet!.contains(offset)
     }
 
     // MARK: Reading and changing counts
@@ -111,12 +119,17 @@ final class RefcountWriter {
         let b = index / entriesPerBlock
         if b >= UInt64(table.count) { try growTable(covering: b) }
         if table[Int(b)] == 0 { try addBlock(b) }
-        var block = try loadBlock(b)
         let e = index % entriesPerBlock
-        let (byteStart, byteCount) = RefcountBlock.set(&block, e, value, bits: bits)
-        // Memory follows the disk: a write that fails (no space left) changes neither.
-        try file.write(Array(block[byteStart..<byteStart + byteCount]), at: table[Int(b)] + UInt64(byteStart))
-        blocks[b] = block
+        let current = try loadBlock(b).withUnsafeBytes { RefcountBlock.entry($0, e, bits: bits) }
+        // Changed in place (a copy of the block per count would cost a cluster's memcpy), then
+        // written; memory follows the disk: a write that fails (no space left) is undone.
+        let (byteStart, byteCount) = RefcountBlock.set(&blocks[b]!, e, value, bits: bits)
+        do {
+            try file.write(Array(blocks[b]![byteStart..<byteStart + byteCount]), at: table[Int(b)] + UInt64(byteStart))
+        } catch {
+            _ = RefcountBlock.set(&blocks[b]!, e, current, bits: bits)
+            throw error
+        }
     }
 
     private func loadBlock(_ b: UInt64) throws(Qcow2Error) -> [UInt8] {
