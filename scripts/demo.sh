@@ -59,9 +59,11 @@ step "fdisk -l demo-mnt/guest.qcow2"
 fdisk -l "$mnt/guest.qcow2"
 
 if [ "$(id -u)" -eq 0 ]; then
-    step "mount -o loop,ro,offset=1048576 demo-mnt/guest.qcow2: the guest's ext4 partition"
+    step "ls demo-mnt/.partitions/guest.qcow2, then mount -o loop,ro its part1: the guest's ext4 partition, no offset"
+    ls -l "$mnt/.partitions/guest.qcow2"
+    getfattr -d -m user.poolfs.partition "$mnt/.partitions/guest.qcow2/part1" 2>/dev/null || true
     inside="$work/inside" && mkdir "$inside"
-    mount -o loop,ro,offset=1048576 "$mnt/guest.qcow2" "$inside"
+    mount -o loop,ro "$mnt/.partitions/guest.qcow2/part1" "$inside"
     ls -l "$inside" && cat "$inside/README.txt"
     umount "$inside"
 fi
@@ -70,7 +72,7 @@ if [ "$(id -u)" -eq 0 ]; then
     step "Writing into an image: poolfs mount -o rw, on a copy of guest.qcow2"
     mkdir "$work/rw-pool" "$work/rw-mnt" && cp "$pool/guest.qcow2" "$work/rw-pool/"
     "$poolfs" mount -o rw "$work/rw-pool" "$work/rw-mnt"
-    mount -o loop,offset=1048576 "$work/rw-mnt/guest.qcow2" "$inside"
+    mount -o loop "$work/rw-mnt/.partitions/guest.qcow2/part1" "$inside"
     echo "Written through poolfs -o rw" > "$inside/NOTE.txt"
     umount "$inside"
     "$poolfs" unmount "$work/rw-mnt"
