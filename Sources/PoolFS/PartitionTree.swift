@@ -182,13 +182,14 @@ extension PoolFileSystem {
     }
 
     /// Where writes to `node` go with `-o cow`: the overlay of the volume or snapshot it is part
-    /// of (a partition shares its volume's), at `start` in that disk, up to `size` bytes.
-    func overlayTarget(_ node: Node) -> Result<(holder: Node, start: UInt64, size: UInt64, base: any BlockDevice), Errno> {
-        if case .partition(let key, let file, let number) = node {
-            return store.volume(key).flatMap { partitionFile($0, snapshot: file, number: number) }.map { p in
-                (p.holder, p.partition.start, p.device.size, p.device.parent)
-            }
+    /// of (a partition shares its volume's), at `start` in that disk, up to `size` bytes. Worked
+    /// out from the node and the device it resolved to (a partition's window onto its disk), so
+    /// nothing is resolved again.
+    func overlayTarget(_ node: Node, device: any BlockDevice) -> (holder: Node, start: UInt64, size: UInt64, base: any BlockDevice) {
+        guard case .partition(let key, let file, _) = node, let window = device as? PartitionDevice else {
+            return (node, 0, device.size, device)
         }
-        return device(of: node).map { (node, 0, $0.size, $0) }
+        let holder: Node = file.map { .snapshot(key, file: $0) } ?? .volume(key)
+        return (holder, window.start, window.size, window.parent)
     }
 }

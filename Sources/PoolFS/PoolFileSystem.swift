@@ -411,7 +411,7 @@ public final class PoolFileSystem: FileSystemOperations {
             let n = Int(min(UInt64(size), device.size - offset))
             do {
                 // A partition's writes are in its volume's (or snapshot's) overlay, shared.
-                if let cow, let node = inodes.key(of: inode), case .success(let target) = overlayTarget(node),
+                if let cow, let node = inodes.key(of: inode), case let target = overlayTarget(node, device: device),
                    let overlay = cow.overlay(for: target.holder, create: false) {
                     return .success(try overlay.read(at: target.start + offset, length: n, base: target.base))
                 }
@@ -457,7 +457,8 @@ public final class PoolFileSystem: FileSystemOperations {
         }
         guard let cow, let node = inodes.key(of: inode) else { return .failure(.readOnly) }
         defer { invalidateSiblings(of: inode) }
-        return overlayTarget(node).flatMap { target in
+        return device(of: node).flatMap { device in
+            let target = overlayTarget(node, device: device)
             guard offset < target.size else { return .failure(.noSpace) }
             let n = Int(min(UInt64(data.count), target.size - offset))
             return cow.overlay(for: target.holder, create: true)!.write(UnsafeRawBufferPointer(rebasing: data[0..<n]), at: target.start + offset, base: target.base)
@@ -488,20 +489,19 @@ public final class PoolFileSystem: FileSystemOperations {
                 return withWriter(inode, offset: offset, length: n) { try $0.zero(at: $1, length: $2) }
             }
             guard let cow, let node = inodes.key(of: inode) else { return .failure(.readOnly) }
-            return overlayTarget(node).flatMap { target in
-                let overlay = cow.overlay(for: target.holder, create: true)!
-                let zeros = [UInt8](repeating: 0, count: Int(min(n, 1 << 20)))
-                var at = offset
-                while at < offset + n {
-                    let chunk = Int(min(UInt64(zeros.count), offset + n - at))
-                    let written = zeros.withUnsafeBytes {
-                        overlay.write(UnsafeRawBufferPointer(rebasing: $0[0..<chunk]), at: target.start + at, base: target.base)
-                    }
-                    if case .failure(let e) = written { return .failure(e) }
-                    at += UInt64(chunk)
+            let target = overlayTarget(node, device: device)
+            let overlay = cow.overlay(for: target.holder, create: true)!
+            let zeros = [UInt8](repeating: 0, count: Int(min(n, 1 << 20)))
+            var at = offset
+            while at < offset + n {
+                let chunk = Int(min(UInt64(zeros.count), offset + n - at))
+                let written = zeros.withUnsafeBytes {
+                    overlay.write(UnsafeRawBufferPointer(rebasing: $0[0..<chunk]), at: target.start + at, base: target.base)
                 }
-                return .success(())
+                if case .failure(let e) = written { return .failure(e) }
+                at += UInt64(chunk)
             }
+            return .success(())
         }
     }
 
