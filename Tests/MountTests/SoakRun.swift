@@ -120,48 +120,57 @@ final class SoakRun: Sendable {
 
     // MARK: Threads
 
-    /// Reads random ranges of every file and compares them with the model.
-    func reader(_ index: Int) {
-        var rng = SplitMix(seed: seed &+ 0x1000 &+ UInt64(index))
+    /// Runs a reader's or writer's loop with what the thread owns: its random numbers, its tally
+    /// (merged into the total when the loop ends), its descriptors (closed then) and a buffer.
+    func withThreadState(seed: UInt64, bufferBytes: Int,
+                         _ loop: (inout SplitMix, inout SoakTally, inout Descriptors, UnsafeMutableRawBufferPointer) -> Void) {
+        var rng = SplitMix(seed: seed)
         var tally = SoakTally()
         var fds = Descriptors()
-        let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: 1 << 20, alignment: 4096)
+        let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: bufferBytes, alignment: 4096)
         defer {
             buffer.deallocate()
             fds.closeAll(&tally)
             total.withLock { $0.merge(tally) }
         }
-        var ops = 0
-        while !stopped {
-            ops += 1
-            if ops % 200 == 0 { fds.closeAll(&tally) }
-            let i = Int.random(in: 0..<models.count, using: &rng)
-            let model = models[i]
-            let flags = O_RDONLY | (model.writable ? Self.oDirect : 0)
-            guard let fd = fds.open(i, path(model), flags, &tally, failing: fail) else { return }
-            let (offset, length) = Self.range(size: model.size, maxLength: 512 << 10, &rng)
-            let end = min(offset + length, model.size)
-            let ok = model.ranges.with(offset..<end, exclusive: false) { () -> Bool in
-                let n = pread(fd, buffer.baseAddress, length, off_t(offset))
-                let code = errno
-                guard n >= 0 else {
-                    fail("\(model.path): pread of \(length) bytes at \(offset): \(Self.describe(code))")
-                    return false
+        loop(&rng, &tally, &fds, buffer)
+    }
+
+    /// Reads random ranges of every file and compares them with the model.
+    func reader(_ index: Int) {
+        withThreadState(seed: seed &+ 0x1000 &+ UInt64(index), bufferBytes: 1 << 20) { rng, tally, fds, buffer in
+            var ops = 0
+            while !stopped {
+                ops += 1
+                if ops % 200 == 0 { fds.closeAll(&tally) }
+                let i = Int.random(in: 0..<models.count, using: &rng)
+                let model = models[i]
+                let flags = O_RDONLY | (model.writable ? Self.oDirect : 0)
+                guard let fd = fds.open(i, path(model), flags, &tally, failing: fail) else { return }
+                let (offset, length) = Self.range(size: model.size, maxLength: 512 << 10, &rng)
+                let end = min(offset + length, model.size)
+                let ok = model.ranges.with(offset..<end, exclusive: false) { () -> Bool in
+                    let n = pread(fd, buffer.baseAddress, length, off_t(offset))
+                    let code = errno
+                    guard n >= 0 else {
+                        fail("\(model.path): pread of \(length) bytes at \(offset): \(Self.describe(code))")
+                        return false
+                    }
+                    guard n == end - offset else {
+                        fail("\(model.path): pread of \(length) bytes at \(offset) returned \(n), expected \(end - offset)")
+                        return false
+                    }
+                    let data = UnsafeRawBufferPointer(rebasing: buffer[0..<n])
+                    if let first = model.firstDifference(data, at: offset) {
+                        fail(mismatch(model, data, at: offset, first: first, what: "read"))
+                        return false
+                    }
+                    return true
                 }
-                guard n == end - offset else {
-                    fail("\(model.path): pread of \(length) bytes at \(offset) returned \(n), expected \(end - offset)")
-                    return false
-                }
-                let data = UnsafeRawBufferPointer(rebasing: buffer[0..<n])
-                if let first = model.firstDifference(data, at: offset) {
-                    fail(mismatch(model, data, at: offset, first: first, what: "read"))
-                    return false
-                }
-                return true
+                guard ok else { return }
+                tally.add("read")
+                tally.add("read bytes", end - offset)
             }
-            guard ok else { return }
-            tally.add("read")
-            tally.add("read bytes", end - offset)
         }
     }
 
@@ -169,74 +178,67 @@ final class SoakRun: Sendable {
     /// change goes into the model before the range is let go. Descriptors are closed every few
     /// dozen operations, so volumes keep being closed for writing (flushed) and reopened.
     func writer(_ index: Int) {
-        var rng = SplitMix(seed: seed &+ 0x2000 &+ UInt64(index))
-        var tally = SoakTally()
-        var fds = Descriptors()
         let writable = models.indices.filter { models[$0].writable }
-        let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: 256 << 10, alignment: 4096)
-        defer {
-            buffer.deallocate()
-            fds.closeAll(&tally)
-            total.withLock { $0.merge(tally) }
-        }
-        var ops = 0
-        while !stopped {
-            ops += 1
-            if ops % 48 == 0 { fds.closeAll(&tally) }
-            let i = writable.randomElement(using: &rng)!
-            let model = models[i]
-            guard let fd = fds.open(i, path(model), O_RDWR | Self.oDirect, &tally, failing: fail) else { return }
-            // Out of 100: 5 fsync, 8 punch hole, 8 zero range, 10 writes of zeros, 7 of a byte
-            // pattern, 62 of random bytes.
-            let roll = Int.random(in: 0..<100, using: &rng)
-            if roll < 5 {
-                guard fsync(fd) == 0 else { return fail("\(model.path): fsync: \(Self.describe(errno))") }
-                tally.add("fsync")
-                continue
-            }
-            var (offset, length) = Self.range(size: model.size, maxLength: roll < 21 ? 1 << 20 : buffer.count, &rng)
-            let zeros = roll >= 21 && roll < 31
-            if zeros {
-                // Whole 64 KiB clusters of zeros (become zero clusters), or parts of them.
-                offset &= ~0xffff
-                if length >= 0x10000 { length &= ~0xffff }
-            }
-            offset = min(offset, model.size - 1)
-            length = min(length, model.size - offset)
-            let range = offset..<offset + length
-            let ok = model.ranges.with(range, exclusive: true) { () -> Bool in
-                if roll < 21 {
-                    let punch = roll < 13
-                    let r = punch ? poolfs_punch_hole(fd, UInt64(offset), UInt64(length))
-                                  : poolfs_zero_range(fd, UInt64(offset), UInt64(length))
-                    guard r == 0 else {
-                        fail("\(model.path): fallocate \(punch ? "punch hole" : "zero range") of \(length) at \(offset): \(Self.describe(-r))")
+        withThreadState(seed: seed &+ 0x2000 &+ UInt64(index), bufferBytes: 256 << 10) { rng, tally, fds, buffer in
+            var ops = 0
+            while !stopped {
+                ops += 1
+                if ops % 48 == 0 { fds.closeAll(&tally) }
+                let i = writable.randomElement(using: &rng)!
+                let model = models[i]
+                guard let fd = fds.open(i, path(model), O_RDWR | Self.oDirect, &tally, failing: fail) else { return }
+                // Out of 100: 5 fsync, 8 punch hole, 8 zero range, 10 writes of zeros, 7 of a byte
+                // pattern, 62 of random bytes.
+                let roll = Int.random(in: 0..<100, using: &rng)
+                if roll < 5 {
+                    guard fsync(fd) == 0 else { return fail("\(model.path): fsync: \(Self.describe(errno))") }
+                    tally.add("fsync")
+                    continue
+                }
+                var (offset, length) = Self.range(size: model.size, maxLength: roll < 21 ? 1 << 20 : buffer.count, &rng)
+                let zeros = roll >= 21 && roll < 31
+                if zeros {
+                    // Whole 64 KiB clusters of zeros (become zero clusters), or parts of them.
+                    offset &= ~0xffff
+                    if length >= 0x10000 { length &= ~0xffff }
+                }
+                offset = min(offset, model.size - 1)
+                length = min(length, model.size - offset)
+                let range = offset..<offset + length
+                let ok = model.ranges.with(range, exclusive: true) { () -> Bool in
+                    if roll < 21 {
+                        let punch = roll < 13
+                        let r = punch ? poolfs_punch_hole(fd, UInt64(offset), UInt64(length))
+                                      : poolfs_zero_range(fd, UInt64(offset), UInt64(length))
+                        guard r == 0 else {
+                            fail("\(model.path): fallocate \(punch ? "punch hole" : "zero range") of \(length) at \(offset): \(Self.describe(-r))")
+                            return false
+                        }
+                        memset(model.bytes.baseAddress! + offset, 0, length)
+                        tally.add(punch ? "punch hole" : "zero range")
+                        return true
+                    }
+                    let data = UnsafeMutableRawBufferPointer(rebasing: buffer[0..<length])
+                    if zeros {
+                        data.initializeMemory(as: UInt8.self, repeating: 0)
+                    } else if roll < 38 {
+                        data.initializeMemory(as: UInt8.self, repeating: UInt8.random(in: 1...255, using: &rng))
+                    } else {
+                        Self.fill(data, random: &rng)
+                    }
+                    let n = pwrite(fd, data.baseAddress, length, off_t(offset))
+                    let code = errno
+                    guard n == length else {
+                        fail("\(model.path): pwrite of \(length) bytes at \(offset) returned \(n): \(Self.describe(code))")
                         return false
                     }
-                    memset(model.bytes.baseAddress! + offset, 0, length)
-                    tally.add(punch ? "punch hole" : "zero range")
+                    model.bytes.baseAddress!.advanced(by: offset).copyMemory(from: data.baseAddress!, byteCount: length)
+                    tally.add("write")
+                    tally.add("write bytes", length)
                     return true
                 }
-                let data = UnsafeMutableRawBufferPointer(rebasing: buffer[0..<length])
-                if zeros {
-                    data.initializeMemory(as: UInt8.self, repeating: 0)
-                } else if roll < 38 {
-                    data.initializeMemory(as: UInt8.self, repeating: UInt8.random(in: 1...255, using: &rng))
-                } else {
-                    Self.fill(data, random: &rng)
-                }
-                let n = pwrite(fd, data.baseAddress, length, off_t(offset))
-                let code = errno
-                guard n == length else {
-                    fail("\(model.path): pwrite of \(length) bytes at \(offset) returned \(n): \(Self.describe(code))")
-                    return false
-                }
-                model.bytes.baseAddress!.advanced(by: offset).copyMemory(from: data.baseAddress!, byteCount: length)
-                tally.add("write")
-                tally.add("write bytes", length)
-                return true
+                guard ok else { return }
             }
-            guard ok else { return }
         }
     }
 
