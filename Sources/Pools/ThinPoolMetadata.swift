@@ -391,7 +391,9 @@ final class ThinBtreeNode: Sendable {
         let computed = bytes.withUnsafeBytes { CRC32C.dmChecksum(UnsafeRawBufferPointer(rebasing: $0[4...]), xor: checksumXor) }
         guard bytes.le32(at: 0) == computed else { throw .nodeChecksum(block: block) }
         let entries = bytes.le32(at: 16), maxEntries = bytes.le32(at: 20), valueSize = bytes.le32(at: 24)
-        guard UInt64(headerSize) + (8 + UInt64(valueSize)) * UInt64(maxEntries) <= UInt64(bytes.count) else {
+        // Both fields are 32 bits: their product can pass 2^64 (found by the fuzzer).
+        let (entryBytes, overflow) = (8 + UInt64(valueSize)).multipliedReportingOverflow(by: UInt64(maxEntries))
+        guard !overflow, UInt64(headerSize) + entryBytes <= UInt64(bytes.count) else {
             throw .maxEntriesTooLarge(block: block, maxEntries: maxEntries, valueSize: valueSize)
         }
         guard entries <= maxEntries else { throw .tooManyEntries(block: block, entries: entries, maxEntries: maxEntries) }

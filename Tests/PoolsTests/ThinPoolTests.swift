@@ -477,7 +477,7 @@ struct ThinHostileTests {
 
     enum Corruption: String, CaseIterable, CustomTestStringConvertible {
         case superblockMagic, superblockChecksum, superblockLocation, dataBlockSize, incompatFeature, lvmAhead
-        case nodeChecksum, nodeLocation, nodeFlags, tooManyEntries, maxEntriesTooLarge, detailsValueSize
+        case nodeChecksum, nodeLocation, nodeFlags, tooManyEntries, maxEntriesTooLarge, entrySizeOverflows, detailsValueSize
         case keysNotIncreasing, keyBelowParent, childPastEnd, loopToAncestor, emptyInternalNode, chainTooDeep
         case dataDeviceTooShort
 
@@ -519,6 +519,10 @@ struct ThinHostileTests {
             case .maxEntriesTooLarge:
                 m.set32(m.leaf, 20, 255); m.reseal(m.leaf)   // 32 + 16 × 255 = 4112 bytes
                 return .maxEntriesTooLarge(block: m.leaf, maxEntries: 255, valueSize: 8)
+            case .entrySizeOverflows:
+                // (8 + value size) × max entries passes 2^64: a fuzzer's crash, now an error.
+                m.set32(m.leaf, 20, 0xFFFF_FFFF); m.set32(m.leaf, 24, 0xFFFF_FFFF); m.reseal(m.leaf)
+                return .maxEntriesTooLarge(block: m.leaf, maxEntries: 0xFFFF_FFFF, valueSize: 0xFFFF_FFFF)
             case .detailsValueSize:
                 m.set32(m.details, 24, 8); m.reseal(m.details)
                 return .valueSize(block: m.details, found: 8, expected: 24)
