@@ -113,7 +113,11 @@ public final class ISCSIPool: Pool {
                 // Qualifier 0 and type 0: a direct-access block device that is connected.
                 guard let kind = try? connection.inquiry(lun: number), kind.qualifier == 0, kind.deviceType == 0 else { continue }
                 let capacity = try connection.readCapacity16(lun: number)
-                guard capacity.blockLength > 0 else { continue }
+                // A capacity no file can have ((last LBA + 1) × block length past 2^63: only a
+                // broken or hostile target says so) is no volume, rather than an overflow.
+                let (blocks, past) = capacity.lastLBA.addingReportingOverflow(1)
+                let (bytes, over) = blocks.multipliedReportingOverflow(by: UInt64(capacity.blockLength))
+                guard capacity.blockLength > 0, !past, !over, bytes <= UInt64(Int64.max) else { continue }
                 let serial = try? connection.unitSerialNumber(lun: number)
                 found["unit:0:0:\(number)"] = Lun(number: number, lastLBA: capacity.lastLBA, blockLength: capacity.blockLength,
                                                  thinProvisioned: capacity.provisioning, unmappedReadsZero: capacity.zeroesUnmapped,
