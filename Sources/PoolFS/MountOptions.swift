@@ -1,3 +1,5 @@
+import Pools
+
 /// The `-o` options of a mount. poolfs's own are consumed here; the rest go to libfuse and the
 /// kernel (allow_other, default_permissions, nodev, noatime, ...).
 public struct MountOptions: Sendable, Equatable {
@@ -10,6 +12,8 @@ public struct MountOptions: Sendable, Equatable {
     public var passthrough = true
     /// LVM: never use device-mapper; read LVs from their PVs.
     public var noactivate = false
+    /// LVM, `poolfs snapshot create`: the copy-on-write space of a classic snapshot.
+    public var cowSize: LogicalPool.CowSize = .default
     /// Writable files whose writes go to a copy-on-write block cache, never to the images.
     public var cow = false
     /// Writes go into the images themselves (dir pools).
@@ -68,6 +72,18 @@ public struct MountOptions: Sendable, Equatable {
                     o.noactivate = true
                 case "cow":
                     o.cow = true
+                case "cow_size":
+                    // SIZE, or N% of the origin.
+                    if let value, value.hasSuffix("%") {
+                        guard let percent = UInt64(value.dropLast()), (1...100).contains(percent) else {
+                            throw MountError.badOption("\(option): cow_size takes a size (2G) or a percentage of the origin from 1% to 100%")
+                        }
+                        o.cowSize = .percent(percent)
+                    } else {
+                        let bytes = try size(value, option: option)
+                        guard bytes > 0 else { throw MountError.badOption("\(option): cow_size must be more than 0") }
+                        o.cowSize = .bytes(bytes)
+                    }
                 case "cache_dir":
                     guard let value, !value.isEmpty else { throw MountError.badOption("\(option): needs a directory") }
                     o.cacheDirectory = value

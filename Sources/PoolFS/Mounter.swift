@@ -123,6 +123,7 @@ public enum Mounter {
     public static func openPool(_ source: String, options: MountOptions) throws -> any Pool {
         try PoolSource.open(source, type: options.type,
                             lvmMode: LogicalPool.Mode.forThisHost(noactivate: options.noactivate), writable: options.rw,
+                            lvmCowSize: options.cowSize,
                             iscsi: try options.iscsiOptions(), rbd: options.rbdOptions())
     }
 

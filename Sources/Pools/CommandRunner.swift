@@ -10,6 +10,13 @@ public protocol CommandRunner: Sendable {
     /// Runs `arguments` (the first is the program, looked up in PATH); returns its stdout, or
     /// throws `CommandError` when it cannot start, exits non-zero or outlives its time limit.
     func run(_ arguments: [String]) throws -> String
+    /// The same with its own time limit, for a command whose work grows with the data (merging a
+    /// snapshot into its origin). Runners without limits ignore it.
+    func run(_ arguments: [String], timeout: Double) throws -> String
+}
+
+extension CommandRunner {
+    public func run(_ arguments: [String], timeout: Double) throws -> String { try run(arguments) }
 }
 
 /// A failed command, with everything a user needs to see what happened.
@@ -44,6 +51,10 @@ public struct SystemCommandRunner: CommandRunner {
     }
 
     public func run(_ arguments: [String]) throws -> String {
+        try run(arguments, timeout: timeout)
+    }
+
+    public func run(_ arguments: [String], timeout: Double) throws -> String {
         let commandLine = arguments.map { $0.contains(" ") ? "'\($0)'" : $0 }.joined(separator: " ")
         func failure(_ why: String) -> CommandError { CommandError(commandLine: commandLine, status: -1, stderr: why) }
         guard !arguments.isEmpty else { throw failure("no command") }

@@ -54,6 +54,8 @@ public struct VolumeGroupReport: Sendable, Equatable {
         /// The LV has a device-mapper device (whatever its state): activating it again is a no-op,
         /// and deactivating it would undo someone else's activation.
         public var isActive: Bool { state != "-" && state != "X" }
+        /// `lv_attr` character 5: `o` while its device is open (a running VM, a mount, a reader).
+        public var isOpen: Bool { attributes.count > 5 && Array(attributes)[5] == "o" }
         /// A classic snapshot (its COW is its own segments), merging (`S`) or not.
         public var isClassicSnapshot: Bool { "sS".contains(type) }
         /// A thin LV (`V`): its blocks are mapped by its pool.

@@ -39,6 +39,8 @@ public final class LogicalPool: Pool {
     let runner: any CommandRunner
     /// Prepended to device paths: tests point it at a directory of regular files.
     let deviceRoot: String
+    /// `-o cow_size=`: the copy-on-write space of a classic snapshot `poolfs snapshot create` takes.
+    public let cowSize: CowSize
     /// The last lvs report, asked again after `reportLifetime`: new snapshots show within it.
     private let cached: RefreshedValue<Listing>
     /// LVs this mount activated (with whatever lvm2 activated alongside: origins, pools), in the
@@ -50,8 +52,9 @@ public final class LogicalPool: Pool {
     public var statisticsPath: String { "/" }
 
     public init(volumeGroup: String, runner: any CommandRunner, mode: Mode, writable: Bool = false,
-                reportLifetime: Double = 1, deviceRoot: String = "") throws {
+                reportLifetime: Double = 1, deviceRoot: String = "", cowSize: CowSize = .default) throws {
         self.volumeGroup = volumeGroup
+        self.cowSize = cowSize
         self.writable = writable
         self.runner = runner
         self.mode = mode
@@ -74,14 +77,35 @@ public final class LogicalPool: Pool {
             }
             self.snapshots = snapshots
             var generations: [String: String] = [:]
-            for lv in report.volumes {
-                let names = (snapshots[lv.name] ?? []).map { "\($0.name):\($0.attributes)" }.joined(separator: ",")
-                let layout = lv.segments.map { segment in
+            // The thin id and the extents of the LV and of each snapshot: a revert replaces a thin
+            // LV by another under the same name (another thin id) and takes a classic snapshot
+            // again (maybe on other extents), with the same names and attributes.
+            func layout(_ lv: VolumeGroupReport.LogicalVolume) -> String {
+                "#\(lv.thinID.map(String.init) ?? "-") " + lv.segments.map { segment in
                     "\(segment.start)+\(segment.size):" + segment.ranges.map { "\($0.device):\($0.firstExtent)-\($0.lastExtent)" }.joined(separator: " ")
                 }.joined(separator: ";")
-                generations[lv.name] = "\(lv.size) \(lv.attributes) \(layout) [\(names)]"
+            }
+            for lv in report.volumes {
+                let names = (snapshots[lv.name] ?? []).map { "\($0.name):\($0.attributes):\(layout($0))" }.joined(separator: ",")
+                generations[lv.name] = "\(lv.size) \(lv.attributes) \(layout(lv)) [\(names)]"
             }
             self.generations = generations
+        }
+
+        /// The snapshots of `volume` and the name each shows as under `.snapshots/<volume>/`, which
+        /// is also the NAME `poolfs snapshot` takes: the LV name, except for an LV named
+        /// `<volume>+NAME` (as `poolfs snapshot create` names them, LV names being VG-wide), which
+        /// shows as NAME unless another snapshot of the volume is an LV named NAME.
+        func snapshotFiles(of volume: String) -> [(file: String, lv: VolumeGroupReport.LogicalVolume)] {
+            let lvs = snapshots[volume] ?? []
+            let names = Set(lvs.map(\.name))
+            return lvs.map { lv in
+                let prefix = volume + LogicalPool.snapshotSeparator
+                guard lv.name.hasPrefix(prefix) else { return (lv.name, lv) }
+                let short = String(lv.name.dropFirst(prefix.count))
+                guard !short.isEmpty, !short.contains(LogicalPool.snapshotSeparator), !names.contains(short) else { return (lv.name, lv) }
+                return (short, lv)
+            }
         }
 
         /// The volume a snapshot's chain of origins ends at: a thin snapshot of a thin snapshot
@@ -276,12 +300,12 @@ public final class LogicalPool: Pool {
         cached.value.generations[name]
     }
 
+    /// Each snapshot under the name `snapshotFiles` gives it: `web+class` under `web` is `class`.
     public func snapshots(of name: String) -> [PoolSnapshot] {
         let listing = cached.value
-        return (listing.snapshots[name] ?? []).map { lv in
-            let report = listing.report
-            let device = device(of: lv, in: report)
-            return PoolSnapshot(name: lv.name) { device }
+        return listing.snapshotFiles(of: name).map { file, lv in
+            let device = device(of: lv, in: listing.report)
+            return PoolSnapshot(name: file) { device }
         }
     }
 }

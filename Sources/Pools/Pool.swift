@@ -189,7 +189,8 @@ public enum PoolSource {
                             libvirtDirectory: String = libvirtStorageDirectory,
                             runner: any CommandRunner = SystemCommandRunner(),
                             lvmMode: LogicalPool.Mode = LogicalPool.Mode.forThisHost(noactivate: false),
-                            writable: Bool = false, iscsi: ISCSIPool.Options = ISCSIPool.Options(),
+                            writable: Bool = false, lvmCowSize: LogicalPool.CowSize = .default,
+                            iscsi: ISCSIPool.Options = ISCSIPool.Options(),
                             rbd: RBDPool.Options = RBDPool.Options()) throws -> any Pool {
         var path = source
         var resolvedType = type
@@ -237,7 +238,7 @@ public enum PoolSource {
         case "logical":
             // libvirt's target path of a logical pool is /dev/VGNAME.
             let vg = path.split(separator: "/").last.map(String.init) ?? path
-            return try LogicalPool(volumeGroup: vg, runner: runner, mode: lvmMode, writable: writable)
+            return try LogicalPool(volumeGroup: vg, runner: runner, mode: lvmMode, writable: writable, cowSize: lvmCowSize)
         case "disk":
             return try DiskPool(source: path)
         case "zfs":

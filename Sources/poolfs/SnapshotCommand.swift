@@ -30,6 +30,24 @@ struct SnapshotCommand: ParsableCommand {
           rbd pools: rbd_snap_create, rbd_snap_rollback and
           rbd_snap_remove on each image; an image whose exclusive lock
           another client (a running VM) holds is skipped.
+          logical pools (LVM, through device-mapper only): the snapshot
+          NAME of volume VOL is the LV VOL+NAME (LV names are VG-wide;
+          NAME has letters, digits, . _ - and no +), shown as
+          .snapshots/VOL/NAME. create takes a thin snapshot of a thin
+          LV, and of any other LV a classic snapshot whose COW is
+          -o cow_size=SIZE or N% of the origin (default 20%, rounded up
+          to extents, at least one); a COW that fills up invalidates
+          the snapshot. revert of a classic snapshot merges it into
+          the volume (lvconvert --merge, waited for), then takes it
+          again with the same COW size; of a thin snapshot, makes the
+          LV a new thin snapshot of it under the LV's name and takes it
+          again, dropping the old data (--force when the volume has
+          other thin snapshots: they become LVs of their own). delete
+          is lvremove. A volume or snapshot whose device is open (a
+          running VM, a mount that read it) is skipped with what holds
+          it: lvm2 would merge into an open origin only at its next
+          activation. Without device-mapper (-o noactivate, or a
+          kernel without it) nothing is tried.
           Other pool types are not supported yet.
         """,
         subcommands: [Create.self, Revert.self, Delete.self])
@@ -72,7 +90,7 @@ struct SnapshotCommand: ParsableCommand {
     struct Revert: ParsableCommand {
         static let configuration = CommandConfiguration(abstract: "Put every volume back to the snapshot.")
         @OptionGroup var common: Common
-        @Flag(name: .long, help: "zfs: roll back past later snapshots (zfs rollback -r), destroying them.")
+        @Flag(name: .long, help: "zfs: roll back past later snapshots (zfs rollback -r), destroying them. logical: revert a thin LV that has other snapshots (they become LVs of their own).")
         var force = false
         func run() throws { try SnapshotRun(operation: .revert(force: force), common: common).run() }
     }
@@ -94,7 +112,7 @@ struct SnapshotOutcome: Codable, Sendable {
 
 struct SnapshotRun {
     /// The pool types `Pool.snapshot` works on.
-    static let supportedTypes: Set<String> = ["dir", "fs", "netfs", "zfs", "rbd"]
+    static let supportedTypes: Set<String> = ["dir", "fs", "netfs", "logical", "zfs", "rbd"]
     let operation: SnapshotOperation
     let common: SnapshotCommand.Common
 
@@ -105,12 +123,16 @@ struct SnapshotRun {
             var parsed = try MountOptions.parse(common.options)
             if let type = common.type { parsed.type = type }
             if let type = parsed.type, !Self.supportedTypes.contains(type) {
-                throw UsageError(description: "snapshot: not supported yet for this pool type (\(type)); dir, zfs and rbd pools only")
+                throw UsageError(description: "snapshot: not supported yet for this pool type (\(type)); dir, logical, zfs and rbd pools only")
+            }
+            // Said before the volume group is read: lvs works without device-mapper, snapshots do not.
+            if parsed.type == "logical", let refusal = LogicalPool.snapshotRefusal(noactivate: parsed.noactivate) {
+                throw UsageError(description: "snapshot: \(refusal) (\(common.source))")
             }
             let pool = try Mounter.openPool(common.source, options: parsed)
             defer { _ = pool.release() }
             if let refusal = pool.snapshotRefusal {
-                throw UsageError(description: "snapshot: \(refusal) (\(pool.displayName)); dir, zfs and rbd pools only")
+                throw UsageError(description: "snapshot: \(refusal) (\(pool.displayName))" + (pool is LogicalPool ? "" : "; dir, logical, zfs and rbd pools only"))
             }
             let names = common.volumes.isEmpty ? try pool.volumeNames() : common.volumes
             var stderr = StandardError()

@@ -52,9 +52,13 @@ import Pools
         #expect(try !MountOptions.parse(["rw", "ro"]).rw, "the later option wins")
         let cow = try MountOptions.parse(["cow,cache_dir=/srv/spill,cow_memory=1G"])
         #expect(cow.cow && cow.cacheDirectory == "/srv/spill" && cow.cowMemory == 1 << 30 && cow.fuseOptions.isEmpty)
+        #expect(try MountOptions.parse([]).cowSize == .percent(20))
+        #expect(try MountOptions.parse(["cow_size=2G"]).cowSize == .bytes(2 << 30))
+        #expect(try MountOptions.parse(["cow_size=100%"]).cowSize == .percent(100))
     }
 
-    @Test(arguments: ["cache_size=", "cache_size=12Q", "cache_size=-1", "threads=0", "threads=1000", "threads=many", "cache_dir=", "cow_memory=lots", "rw,cow", "max_read=2M", "max_read=1K", "max_read="])
+    @Test(arguments: ["cache_size=", "cache_size=12Q", "cache_size=-1", "threads=0", "threads=1000", "threads=many", "cache_dir=", "cow_memory=lots", "rw,cow", "max_read=2M", "max_read=1K", "max_read=",
+                      "cow_size=", "cow_size=0", "cow_size=0%", "cow_size=101%", "cow_size=%", "cow_size=1.5G", "cow_size=20%%"])
     func badValuesAreRefused(_ option: String) {
         #expect(throws: MountError.self) { try MountOptions.parse([option]) }
     }
