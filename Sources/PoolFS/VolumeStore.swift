@@ -265,16 +265,21 @@ public final class VolumeStore: Sendable {
     }
 
     /// Ends one handle; the last unlocks the backing files, and a volume kept for the file is let
-    /// go (its descriptors close).
+    /// go (its descriptors close), as is the current one where the pool closes idle volumes.
     public func release(_ key: VolumeKey) {
-        let last: (lock: BackingChainLock?, kept: OpenVolume?)? = state.withLock { s in
+        let closesIdle = pool.closesIdleVolumes
+        let last: (lock: BackingChainLock?, kept: OpenVolume?, idle: OpenVolume?)? = state.withLock { s in
             let left = s.handles[key, default: 1] - 1
             guard left <= 0 else {
                 s.handles[key] = left
                 return nil
             }
             s.handles[key] = nil
-            return (s.locks.removeValue(forKey: key), s.kept.removeValue(forKey: key))
+            var idle: OpenVolume?
+            if closesIdle, let current = s.current[key.name], current.key == key, current.writer == nil {
+                idle = s.current.removeValue(forKey: key.name)
+            }
+            return (s.locks.removeValue(forKey: key), s.kept.removeValue(forKey: key), idle)
         }
         // Released outside the lock.
         last?.lock?.release()

@@ -96,6 +96,16 @@ public struct VolumeGroupReport: Sendable, Equatable {
         return try parse(vg: vg, lvs: lvs, vgs: vgs, pvs: pvs)
     }
 
+    /// The LVs asked again (`lvs` only), with the extent size and PV starts of `self`, which
+    /// creating, renaming and removing LVs do not change.
+    public func requeryingVolumes(runner: any CommandRunner) throws -> VolumeGroupReport {
+        let common = ["--reportformat", "json", "--units", "b", "--nosuffix"]
+        let lvs = try runner.run(["lvs", "-a", "-o", Self.lvsFields] + common + [name])
+        var report = self
+        report.volumes = try Self.parseVolumes(lvs, extentSize: extentSize)
+        return report
+    }
+
     public static func parse(vg: String, lvs: String, vgs: String, pvs: String) throws -> VolumeGroupReport {
         let groups = try rows(vgs, "vg")
         guard let group = groups.first(where: { $0["vg_name"] == vg }) else { throw ParseError.json("vgs has no \(vg)") }
@@ -104,6 +114,10 @@ public struct VolumeGroupReport: Sendable, Equatable {
         for pv in try rows(pvs, "pv") where pv["vg_name"] == vg {
             starts[pv["pv_name"] ?? ""] = try number(pv, "pe_start")
         }
+        return VolumeGroupReport(name: vg, extentSize: extentSize, extentStart: starts, volumes: try parseVolumes(lvs, extentSize: extentSize))
+    }
+
+    static func parseVolumes(_ lvs: String, extentSize: UInt64) throws -> [LogicalVolume] {
         var volumes: [LogicalVolume] = []
         for row in try rows(lvs, "lv") {
             let name = row["lv_name"] ?? ""
@@ -122,7 +136,7 @@ public struct VolumeGroupReport: Sendable, Equatable {
                     chunkSize: try optionalNumber(row, "chunk_size") ?? 0))
             }
         }
-        return VolumeGroupReport(name: vg, extentSize: extentSize, extentStart: starts, volumes: volumes)
+        return volumes
     }
 
     static func parseSegment(_ row: [String: String], extentSize: UInt64) throws -> Segment {

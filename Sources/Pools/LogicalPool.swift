@@ -295,6 +295,10 @@ public final class LogicalPool: Pool {
         return failures
     }
 
+    /// Through device-mapper, an LV device held open is an LV in use (`poolfs snapshot` skips it,
+    /// lvm2 defers a merge into it): a mount holds it only while a file of it is open.
+    public var closesIdleVolumes: Bool { mode == .devices }
+
     /// The LV's layout and the names of its snapshots: either changing reopens the volume.
     public func generation(of name: String) -> String? {
         cached.value.generations[name]

@@ -97,7 +97,7 @@ extension LogicalPool {
         if let refusal = snapshotRefusal { throw LogicalSnapshotError.noDeviceMapper(refusal) }
         try Self.checkSnapshotName(name)
         // Asked now, not the mount's cached report: other volumes' operations change it.
-        let listing = Listing(try VolumeGroupReport.query(volumeGroup, runner: runner))
+        let listing = Listing(try self.report().requeryingVolumes(runner: runner))
         let report = listing.report
         guard let lv = report.volume(volume), !lv.isInternal, !lv.isSnapshot else { throw SnapshotError.noSuchVolume(volume) }
         guard lv.type != "O" else { throw LogicalPoolError.merging(full(lv)) }
@@ -122,7 +122,7 @@ extension LogicalPool {
             if existing.type == "S" { throw LogicalPoolError.merging(full(existing)) }
             if existing.isClassicSnapshot {
                 if dryRun { return }
-                try revertClassic(lv, to: existing, extentSize: report.extentSize)
+                try revertClassic(lv, to: existing, in: report)
             } else {
                 // lvm2 keeps no origin for a thin LV whose origin is removed: the other snapshots
                 // of the old data, and those of the kept snapshot, would become volumes of their own.
@@ -154,16 +154,17 @@ extension LogicalPool {
     /// activated first (lvm2 would merge at its next activation) and deactivated after. lvconvert
     /// waits for the merge, bounded by a time that grows with the COW; a merge lvm2 deferred
     /// anyway (the origin was opened meanwhile) leaves the snapshot listed, and fails the volume.
-    private func revertClassic(_ lv: VolumeGroupReport.LogicalVolume, to snapshot: VolumeGroupReport.LogicalVolume, extentSize: UInt64) throws {
+    private func revertClassic(_ lv: VolumeGroupReport.LogicalVolume, to snapshot: VolumeGroupReport.LogicalVolume,
+                               in report: VolumeGroupReport) throws {
         let cow = snapshot.segments.reduce(UInt64(0)) { $0 &+ $1.size }
-        let extents = max(1, cow / max(extentSize, 1))
+        let extents = max(1, cow / max(report.extentSize, 1))
         if !lv.isActive { _ = try runner.run(["lvchange", "-q", "-ay", "-y", "--ignoremonitoring", full(lv)]) }
         // Back as it was, whatever happens.
         defer { if !lv.isActive { _ = try? runner.run(["lvchange", "-q", "-an", full(lv)]) } }
         // 60 s, and 1 s per 16 MiB of COW to copy back.
         let limit = 60 + Double(cow >> 24)
         _ = try runner.run(["lvconvert", "-q", "-y", "--merge", "--interval", "1", full(snapshot)], timeout: limit)
-        let after = try VolumeGroupReport.query(volumeGroup, runner: runner)
+        let after = try report.requeryingVolumes(runner: runner)
         if after.volumes.contains(where: { $0.name == snapshot.name || $0.name == "[\(snapshot.name)]" }) {
             throw LogicalSnapshotError.mergeDeferred(full(snapshot), full(lv))
         }

@@ -40,6 +40,10 @@ public protocol Pool: Sendable {
     /// Runs after unmounting (and when mounting fails): undoes what `prepare` and reading did
     /// (LVs activated, properties changed), logging rather than throwing what cannot be undone.
     func release() -> [String]
+    /// Whether a mount lets a volume go (closing its descriptors) when the last handle on it
+    /// closes, rather than keeping it for the next open: an LV whose device a mount keeps open is
+    /// in use to lvm2, which then defers merges and refuses renames and removals.
+    var closesIdleVolumes: Bool { get }
     /// Why `poolfs snapshot` cannot work on this pool; nil when it can.
     var snapshotRefusal: String? { get }
     /// One snapshot operation on one volume (PoolSnapshotting.swift): returns when done (in a
@@ -61,6 +65,7 @@ extension Pool {
         "\(displayName) cannot be written: dir, disk and iSCSI pools can, and LVM pools through device-mapper (not with noactivate, nor on a kernel without it); use -o cow for a writable view"
     }
     public var problem: String? { nil }
+    public var closesIdleVolumes: Bool { false }
     public func generation(of name: String) -> String? { nil }
     public func snapshots(of name: String) -> [PoolSnapshot] { [] }
     public func properties(of name: String) -> [(key: String, value: String)] { [] }

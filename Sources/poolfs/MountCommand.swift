@@ -30,6 +30,9 @@ struct MountCommand: ParsableCommand {
                               iscsi-direct
           noactivate          logical: never use device-mapper; read
                               LVs and snapshots from their PVs
+          cow_size=SIZE|N%    logical, poolfs snapshot create: the
+                              copy-on-write space of a classic
+                              snapshot, or N% of the origin (20%)
           initiator=IQN       iscsi: the initiator name to log in as
                               (iqn.2026-01.org.poolfs:initiator)
           chap_user=NAME      iscsi: log in with CHAP as NAME

@@ -9,7 +9,9 @@ import Testing
 /// overflowed, a thin pool, a thin LV, a thin snapshot and a snapshot of it) and dumps what
 /// device-mapper reads from every LV; `dm-vm/check-in-vm.sh` then mounts the VG with poolfs
 /// (device-mapper mode with every LV inactive, then with some active, then `-o noactivate`) and
-/// compares every file with its dump. Afterwards this host mounts the same images, attached
+/// compares every file with its dump; `dm-vm/check-snapshots.sh` runs `poolfs snapshot` on a
+/// small VG of its own (a loop device in the VM) and compares the reverted LVs with their dumps,
+/// mounted and not. Afterwards this host mounts the same images, attached
 /// read-only, with `-o noactivate` and compares them with the same dumps.
 ///
 /// Never skipped: a VM that cannot boot fails the test. It takes a few minutes under TCG.
@@ -30,6 +32,8 @@ struct DeviceMapperVMTests {
     ]
     /// The classic snapshot whose COW overflowed: every read fails with EIO.
     static let overflowed = ".snapshots/linear/snapfull"
+    /// check-snapshots.sh's checks, in order (see its header), on a VG of its own.
+    static let snapshotChecks = ["create", "held", "revert", "kept", "mount:new", "mount:revert", "mount:held", "delete", "untouched"]
     /// The parts of check-in-vm.sh, each a fresh mount.
     static let parts = [
         ("dm-inactive", "device-mapper mode, every LV inactive before the mount"),
@@ -54,6 +58,7 @@ struct DeviceMapperVMTests {
         try """
             VG=\(vg) sh '\(scripts)/make-matrix.sh' '\(scratch.path("out"))' || { echo "make-matrix.sh failed: $?"; exit 1; }
             sh '\(scripts)/check-in-vm.sh' '\(scratch.path("out"))' '\(poolfs)' \(vg)
+            sh '\(scripts)/check-snapshots.sh' '\(scratch.path("out"))' '\(poolfs)' \(vg)s
 
             """.write(toFile: scratch.path("run.sh"), atomically: true, encoding: .utf8)
 
@@ -68,7 +73,8 @@ struct DeviceMapperVMTests {
         }
         let vmOutput = vmLog()
         print("DeviceMapperVMTests: the VM ran for \(Int(Date().timeIntervalSince(started))) s")
-        for line in vmOutput.split(separator: "\n") where line.hasPrefix("make-matrix: built") || line.hasPrefix("check-in-vm: ") && (line.hasSuffix(" s") || line.contains(" OK, ")) {
+        for line in vmOutput.split(separator: "\n") where line.hasPrefix("make-matrix: built") || line.hasPrefix("check-snapshots: took")
+            || line.hasPrefix("check-in-vm: ") && (line.hasSuffix(" s") || line.contains(" OK, ")) {
             print("DeviceMapperVMTests: \(line)")
         }
         let syslog = String(decoding: (try? contents(scratch.path("out/syslog.txt"))) ?? Data(), as: UTF8.self)
@@ -79,8 +85,9 @@ struct DeviceMapperVMTests {
             .split(separator: "\n").map { $0.split(separator: "\t", omittingEmptySubsequences: false).map(String.init) }
             .filter { $0.count == 4 }
         var failedInVM = false
-        for (part, meaning) in Self.parts + [("live", "changes while mounted, -o cow and -o rw")] {
+        for (part, meaning) in Self.parts + [("live", "changes while mounted, -o cow and -o rw"), ("snapshot", "poolfs snapshot create|revert|delete")] {
             let checks = part == "live" ? ["cow:write", "cow:unchanged", "live:create", "rw:write", "rw:snapshot", "live:remove"]
+                : part == "snapshot" ? Self.snapshotChecks
                 : ["mount"] + Self.files.map { "cmp:\($0.path)" } + ["tree", "ls", "eio:\(Self.overflowed)", "unmount", "activation"]
             for check in checks {
                 guard let row = rows.first(where: { $0[0] == part && $0[2] == check }) else {

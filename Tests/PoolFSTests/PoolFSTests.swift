@@ -353,3 +353,45 @@ extension Result {
         #expect(MountLock.waitForRelease(scratch.path("never-mounted"), seconds: 0), "no lock file: nothing to wait for")
     }
 }
+
+/// A pool that closes idle volumes (LVM through device-mapper, where a device held open is an LV
+/// in use) has nothing of a volume open once its last handle closes; others keep it for the next.
+@Suite struct IdleVolumeTests {
+    final class IdlePool: Pool {
+        let base: DirectoryPool
+        let closesIdleVolumes: Bool
+        init(_ base: DirectoryPool, closesIdleVolumes: Bool) { self.base = base; self.closesIdleVolumes = closesIdleVolumes }
+        var displayName: String { base.displayName }
+        var statisticsPath: String { base.statisticsPath }
+        func volumeNames() throws -> [String] { try base.volumeNames() }
+        func volume(_ name: String) -> PoolVolume? { base.volume(name) }
+        func openImage(_ name: String, volume: PoolVolume, cache: BlockCache) throws -> Image {
+            try base.openImage(name, volume: volume, cache: cache)
+        }
+    }
+
+    /// Descriptors of this process open on `path`.
+    static func descriptors(on path: String) -> Int {
+        let fds = (try? FileManager.default.contentsOfDirectory(atPath: "/proc/self/fd")) ?? []
+        return fds.filter { (try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/fd/\($0)")) == path }.count
+    }
+
+    @Test(arguments: [true, false])
+    func theLastCloseLetsTheVolumeGo(closesIdle: Bool) throws {
+        let scratch = try Scratch()
+        try scratch.sh("mkdir pool && head -c 65536 /dev/urandom > pool/disk.raw")
+        let pool = IdlePool(try DirectoryPool(path: scratch.path("pool")), closesIdleVolumes: closesIdle)
+        let store = VolumeStore(pool: pool, cache: BlockCache(capacityBytes: 1 << 20), logsFailures: false)
+        let file = pool.base.path + "/disk.raw"
+        let key = try #require(store.volume("disk.raw")).key
+        try store.retain(key)
+        try store.retain(key)
+        #expect(Self.descriptors(on: file) == 1)
+        store.release(key)
+        #expect(Self.descriptors(on: file) == 1, "a handle is still open")
+        store.release(key)
+        #expect(Self.descriptors(on: file) == (closesIdle ? 0 : 1))
+        #expect(try Data(#require(store.volume("disk.raw")?.image).live.read(at: 0, count: 16)) == Data(contentsOf: URL(fileURLWithPath: file)).prefix(16),
+                "opened again on the next use")
+    }
+}
