@@ -44,9 +44,9 @@ struct SnapshotCommand: ParsableCommand {
           again, dropping the old data (--force when the volume has
           other thin snapshots: they become LVs of their own). delete
           is lvremove. A volume or snapshot whose device is open (a
-          running VM, a mount that read it) is skipped with what holds
-          it: lvm2 would merge into an open origin only at its next
-          activation. Without device-mapper (-o noactivate, or a
+          running VM, a file of it open through a poolfs mount) is
+          skipped with what holds it: lvm2 would merge into an open
+          origin only at its next activation. Without device-mapper (-o noactivate, or a
           kernel without it) nothing is tried.
           Other pool types are not supported yet.
         """,

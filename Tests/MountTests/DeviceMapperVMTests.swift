@@ -33,7 +33,7 @@ struct DeviceMapperVMTests {
     /// The classic snapshot whose COW overflowed: every read fails with EIO.
     static let overflowed = ".snapshots/linear/snapfull"
     /// check-snapshots.sh's checks, in order (see its header), on a VG of its own.
-    static let snapshotChecks = ["create", "held", "revert", "kept", "mount:new", "mount:revert", "mount:held", "delete", "untouched"]
+    static let snapshotChecks = ["create", "held", "mount:new", "revert", "mount:revert", "kept", "revert2", "mount:held", "delete", "untouched"]
     /// The parts of check-in-vm.sh, each a fresh mount.
     static let parts = [
         ("dm-inactive", "device-mapper mode, every LV inactive before the mount"),

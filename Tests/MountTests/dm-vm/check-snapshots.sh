@@ -1,7 +1,8 @@
 #!/bin/sh
 # `poolfs snapshot create|revert|delete` on a logical pool, inside scripts/dm-vm.sh's VM, on a
 # VG of its own (a 32 MiB loop device on the VM's tmpfs, 1 MiB extents), so the matrix of
-# make-matrix.sh stays as it is for the host's checks after. Usage: sh check-snapshots.sh OUTDIR POOLFS VG
+# make-matrix.sh stays as it is for the host's checks after. The VG is mounted (device-mapper
+# mode) throughout but for the delete. Usage: sh check-snapshots.sh OUTDIR POOLFS VG
 #
 #   lin    4 MiB linear: classic snapshots (-o cow_size=50%: 2 extents)
 #   thin   4 MiB thin LV in a 12 MiB pool: thin snapshots
@@ -11,15 +12,15 @@
 #   create       exit status 1 (held skipped), lin and thin done; the LVs lin+class (classic,
 #                origin lin) and thin+class (thin, origin thin) exist
 #   held         the row of held says "in use" and names the process holding it (sleep, its pid)
-#   revert       after writes to lin and thin, exit status 1, both done, bytes equal the dumps
-#   kept         the snapshots are still snapshots of their volume (lvs origin)
-#   mount:new    a mount (device-mapper mode) shows .snapshots/lin/lesson within 5 s of
-#                `create lesson lin`
-#   mount:revert the second revert: lin and thin read through the mount, written directly to
-#                their devices, reverted while mounted: done, and the mount reads the dumps
+#   mount:new    the mount shows .snapshots/lin/class and .snapshots/thin/class within 5 s
+#   revert       lin and thin read through the mount, then written on their devices; revert:
+#                exit status 1, both done, the devices' bytes equal the dumps
+#   mount:revert the mount reads the dumps too (it let the devices go when the files closed)
+#   kept         the snapshots are still snapshots of their volume (lvs origin), nothing left over
+#   revert2      written again, reverted again: the bytes are the dumps'
 #   mount:held   a revert of lin while a file of it is open through the mount: skipped, naming
-#                poolfs
-#   delete       delete lesson (of lin), then class: no snapshot LV is left
+#                poolfs, and lin untouched
+#   delete       (unmounted) delete: no snapshot LV is left
 #   untouched    held's bytes and lv_attr are as before; it never had a snapshot
 set -u
 out="${1:?usage: check-snapshots.sh OUTDIR POOLFS VG}"
@@ -69,6 +70,14 @@ sleep 3600 < "/dev/$vg/held" &
 holder=$!
 held_attr="$(t 60 lvs --noheadings -o lv_attr "$vg/held" | tr -d ' ')"
 
+m=/tmp/mnt-snapshots
+mkdir -p "$m"
+if ! t 120 "$poolfs" mount --type logical "$vg" "$m" > "$w/mount.out" 2>&1; then
+    result FAIL create "mount: $(cat "$w/mount.out")"
+    exit 0
+fi
+t 10 ls "$m/.snapshots/lin" "$m/.snapshots/thin" >/dev/null 2>&1
+
 opts="-o cow_size=50%"
 snap create class
 opts=""
@@ -80,8 +89,22 @@ else
     result FAIL create "status $st: $(cat "$w/out.txt"); lvs: $lvs_now"
 fi
 if row held | grep -q "skipped.*in use: $vg/held is open by sleep (pid $holder)"; then result OK held "$(row held)"; else result FAIL held "$(row held)"; fi
+seen=""
+for i in 1 2 3 4 5 6 7 8 9 10; do
+    if t 10 ls "$m/.snapshots/lin" 2>/dev/null | grep -qx class && t 10 ls "$m/.snapshots/thin" 2>/dev/null | grep -qx class; then seen=yes; break; fi
+    sleep 0.5
+done
+if [ -n "$seen" ]; then
+    result OK mount:new "$(t 10 ls "$m/.snapshots/lin" "$m/.snapshots/thin" | tr '\n' ' ')"
+else
+    result FAIL mount:new "after 5 s: $(t 10 ls "$m/.snapshots/lin" "$m/.snapshots/thin" 2>&1)"
+fi
 
+# Read through the mount (it opens the devices), written on the devices, reverted while mounted.
+mdiff=""
+for lv in lin thin; do t 60 cmp "$m/$lv" "$w/$lv.raw" >/dev/null 2>&1 || mdiff="$mdiff $lv differs through the mount before;"; done
 wr lin; wr thin
+sleep 0.5  # the kernel's release of the files reaches the daemon
 snap revert class
 diff="$(same lin thin)"
 if [ $st -eq 1 ] && row lin | grep -q done && row thin | grep -q done && [ -z "$diff" ]; then
@@ -89,60 +112,36 @@ if [ $st -eq 1 ] && row lin | grep -q done && row thin | grep -q done && [ -z "$
 else
     result FAIL revert "status $st: $(cat "$w/out.txt"); $diff"
 fi
+for lv in lin thin; do t 60 cmp "$m/$lv" "$w/$lv.raw" >/dev/null 2>&1 || mdiff="$mdiff $lv differs through the mount after;"; done
+if [ -z "$mdiff" ]; then result OK mount:revert; else result FAIL mount:revert "$mdiff"; fi
 lvs_now="$(origins)"
 if echo "$lvs_now" | grep -q "lin+class,s[^,]*,lin " && echo "$lvs_now" | grep -q "thin+class,V[^,]*,thin " && ! echo "$lvs_now" | grep -q "+old\|+new"; then
     result OK kept "$lvs_now"
 else
     result FAIL kept "$lvs_now"
 fi
-# Mounted (device-mapper mode): a new snapshot shows, a revert reads back, an open file holds its LV.
-m=/tmp/mnt-snapshots
-mkdir -p "$m"
-if t 120 "$poolfs" mount --type logical "$vg" "$m" > "$w/mount.out" 2>&1; then
-    t 10 ls "$m/.snapshots/lin" >/dev/null 2>&1
-    # lin only: a thin LV with another snapshot is reverted with --force only.
-    snap create lesson lin
-    seen=""
-    for i in 1 2 3 4 5 6 7 8 9 10; do
-        if t 10 ls "$m/.snapshots/lin" 2>/dev/null | grep -qx lesson; then seen=yes; break; fi
-        sleep 0.5
-    done
-    if [ -n "$seen" ] && [ $st -eq 0 ]; then
-        result OK mount:new "$(t 10 ls "$m/.snapshots/lin" "$m/.snapshots/thin" | tr '\n' ' ')"
-    else
-        result FAIL mount:new "status $st: $(cat "$w/out.txt"); $(t 10 ls "$m/.snapshots/lin" "$m/.snapshots/thin" 2>&1)"
-    fi
-    # Read through the mount (it opens the devices), then written directly and reverted: the
-    # mount let the devices go when the files closed, and reads the reverted bytes.
-    diff=""
-    for lv in lin thin; do t 60 cmp "$m/$lv" "$w/$lv.raw" >/dev/null 2>&1 || diff="$diff $lv differs through the mount before;"; done
-    wr lin; wr thin
-    sleep 0.5  # the kernel's release of the files reaches the daemon
-    snap revert class
-    for lv in lin thin; do t 60 cmp "$m/$lv" "$w/$lv.raw" >/dev/null 2>&1 || diff="$diff $lv differs through the mount after;"; done
-    if [ $st -eq 1 ] && row lin | grep -q done && row thin | grep -q done && [ -z "$diff" ]; then
-        result OK mount:revert
-    else
-        result FAIL mount:revert "status $st: $(cat "$w/out.txt"); $diff"
-    fi
-    # A file of lin open through the mount: the daemon holds lin's device, so lin is in use.
-    sleep 3600 < "$m/lin" &
-    reader=$!
-    sleep 0.5
-    snap revert class lin
-    kill "$reader" 2>/dev/null; wait "$reader" 2>/dev/null
-    diff="$(same lin)"
-    if [ $st -eq 1 ] && row lin | grep -q "skipped.*in use: $vg/lin is open by poolfs" && [ -z "$diff" ]; then
-        result OK mount:held "$(row lin)"
-    else
-        result FAIL mount:held "status $st: $(cat "$w/out.txt"); $diff"
-    fi
-    t 120 "$poolfs" unmount "$m" >/dev/null 2>&1 || t 30 umount -l "$m"
-else
-    result FAIL mount:new "mount: $(cat "$w/mount.out")"
-fi
 
-snap delete lesson lin
+sleep 0.5
+wr lin; wr thin
+snap revert class
+diff="$(same lin thin)"
+if [ $st -eq 1 ] && [ -z "$diff" ]; then result OK revert2; else result FAIL revert2 "status $st: $(cat "$w/out.txt"); $diff"; fi
+
+# A file of lin open through the mount: the daemon holds lin's device, so lin is in use.
+sleep 3600 < "$m/lin" &
+reader=$!
+sleep 0.5
+wr lin
+t 60 dd if="/dev/$vg/lin" of="$w/lin.now" bs=1M status=none
+snap revert class lin
+kill "$reader" 2>/dev/null; wait "$reader" 2>/dev/null
+if [ $st -eq 1 ] && row lin | grep -q "skipped.*in use: $vg/lin is open by poolfs" && t 60 cmp -s "/dev/$vg/lin" "$w/lin.now"; then
+    result OK mount:held "$(row lin)"
+else
+    result FAIL mount:held "status $st: $(cat "$w/out.txt"); lin changed: $(t 60 cmp "/dev/$vg/lin" "$w/lin.now" 2>&1)"
+fi
+t 120 "$poolfs" unmount "$m" >/dev/null 2>&1 || t 30 umount -l "$m"
+
 snap delete class
 left="$(t 60 lvs --noheadings -o lv_name,origin "$vg" | awk 'NF > 1 { print $1 }' | tr '\n' ' ')"
 lvs_now="$(origins)"
@@ -152,7 +151,7 @@ attr="$(t 60 lvs --noheadings -o lv_attr "$vg/held" | tr -d ' ')"
 if [ -z "$diff" ] && [ "$attr" = "$held_attr" ] && ! echo "$lvs_now" | grep -q "held+"; then
     result OK untouched "$attr"
 else
-    result FAIL untouched "$diff; lv_attr $attr (was $held_attr); $(origins)"
+    result FAIL untouched "$diff; lv_attr $attr (was $held_attr); $lvs_now"
 fi
 
 kill "$holder" 2>/dev/null
