@@ -259,6 +259,25 @@ final class ZfsRunner: CommandRunner {
 /// A volume open for writing is the one every operation sees, from the open until its last
 /// close has flushed it: reads never come from an image opened from the file in between, whose
 /// tables would be older than what the writer acknowledged. Found by the soak (stale reads).
+@Suite struct InPlaceChangeTests {
+    /// Reads trust a volume's descriptors for `descriptorCheckInterval` after an fstat found them
+    /// unmodified; a change made in place is seen once that has passed, without a path lookup.
+    @Test func aVolumeChangedInPlaceIsReopenedAfterTheCheckInterval() throws {
+        let scratch = try Scratch()
+        try scratch.sh("mkdir pool && qemu-img create -q -f qcow2 pool/a.qcow2 1M")
+        let store = VolumeStore(pool: try DirectoryPool(path: scratch.path("pool")), cache: BlockCache(capacityBytes: 1 << 20))
+        let first = try #require(store.volume("a.qcow2"))
+        #expect(store.volume("a.qcow2") === first)
+        // A new modification time, as a write in place would give it; well within the 100 ms
+        // in which the path is not looked up again.
+        #expect(utimensat(AT_FDCWD, scratch.path("pool/a.qcow2"), nil, 0) == 0)
+        usleep(UInt32(VolumeStore.descriptorCheckInterval / 1000) + 5_000)  // and a coarse clock tick
+        let after = try #require(store.volume("a.qcow2"))
+        #expect(after !== first, "the change in place was not seen")
+        #expect(store.volume("a.qcow2") === after)
+    }
+}
+
 @Suite struct WriterHandoverTests {
     /// A directory pool that runs `hook` (once) in the middle of opening a volume read-only.
     final class HookedPool: Pool {
