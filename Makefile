@@ -68,7 +68,9 @@ test-sanitizers: deps
 # poolfs against qemu-storage-daemon's FUSE export and qcowmount, same images, one run; then a big
 # pool, LVM from the PVs, an iSCSI LUN against qemu-storage-daemon, partition files against their
 # volumes, an RBD image against rbd-fuse and qemu-storage-daemon's rbd driver, raw files (passthrough,
-# nopassthrough, qemu-storage-daemon, the file; and writes) and copying a snapshot out (bench/run.py).
+# nopassthrough, qemu-storage-daemon, the file; and writes), qcow2 writes through -o rw against
+# qemu-storage-daemon's writable export (fresh images, qemu-img check after each) and copying a snapshot
+# out (bench/run.py).
 # BENCH_ARGS="--sections iscsi,partitions" runs some sections only.
 bench: release
 	@scripts/install-deps.sh libqcow-utils

@@ -907,6 +907,106 @@ def raw_writes(binary, size, rounds):
     return results
 
 
+def start_qsd_qcow2(image, target, log):
+    """qemu-storage-daemon exporting the qcow2 `image` writable at `target` (driver=file + driver=qcow2,
+    QEMU's default cache mode: the host page cache, flushes on fsync)."""
+    open(target, "a").close()
+    with open(log, "w") as f:
+        proc = subprocess.Popen(["qemu-storage-daemon",
+                                 "--blockdev", f"driver=file,node-name=f,filename={image}",
+                                 "--blockdev", "driver=qcow2,node-name=q,file=f",
+                                 "--export", f"type=fuse,id=e,node-name=q,mountpoint={target},writable=on"],
+                                stdout=f, stderr=f)
+    try:
+        wait_mounted(target, proc)
+    except BaseException:
+        stop_qsd(target, proc)
+        raise
+    return proc
+
+
+def qcow2_writes(binary, rounds, image_size=2 * GiB, seq_size=1 * GiB, rand_size=256 * MiB):
+    """1 MiB sequential writes of `seq_size` bytes and 4 KiB random writes of `rand_size` (each block
+    of the first `rand_size` bytes once, in fio's random order) with fio (psync, one job, end_fsync)
+    into a fresh qcow2 image of `image_size` each time (qemu-img create), through poolfs -o rw and
+    qemu-storage-daemon's writable qcow2 export, alternating which goes first.
+
+    fio fills every write with fresh random bytes from its fixed seed (refill_buffers,
+    scramble_buffers=0), so both sides write the same data, and no verification runs in the
+    timed phase (fio's verify headers and checksums cost fio as much CPU per 4 KiB write as the
+    daemon spends). After each run the image, unmounted, must pass `qemu-img check`; what QEMU
+    reads from it (qemu-img convert) must equal what the mount read back with its cache dropped;
+    and in each round what QEMU reads from poolfs's image must equal what it reads from its own.
+    Returns {measurement: {side: [values per round]}} or a reason."""
+    missing = missing_tools("qemu-storage-daemon", "qemu-img", "fio")
+    if missing:
+        return f"skipped: {', '.join(missing)} not found (scripts/install-deps.sh installs qemu-utils, qemu-system-common, fio)"
+    work = os.path.join(WORK, "qcow2-write")
+    shutil.rmtree(work, ignore_errors=True)
+    pool, mnt, qsd_file = os.path.join(work, "pool"), os.path.join(work, "mnt"), os.path.join(work, "qsd.raw")
+    image, converted = os.path.join(pool, "w.qcow2"), os.path.join(work, "converted.raw")
+    os.makedirs(pool)
+    jobs = {"sequential 1 MiB writes, MB/s": (f"--rw=write --bs=1M --size={seq_size}", seq_size,
+                                               lambda j: j["write"]["bw_bytes"] / 1e6),
+            "4 KiB random write IOPS": (f"--rw=randwrite --bs=4k --size={rand_size}", rand_size,
+                                        lambda j: j["write"]["iops"])}
+    results = {m: {"poolfs": [], "qsd": []} for m in jobs}
+    fio = "--name=w --numjobs=1 --end_fsync=1 --randrepeat=1 --refill_buffers --scramble_buffers=0"
+
+    def poolfs_side(args, region):
+        proc = start_poolfs(binary, pool, mnt, "rw", os.path.join(work, "poolfs.log"))
+        try:
+            path = os.path.join(mnt, "w.qcow2")
+            job = fio_json(f"{fio} --filename={path} {args}")
+            seen = digest(path, 0, region)
+        finally:
+            stop_mount(mnt, proc)
+        return job, seen
+
+    def qsd_side(args, region):
+        proc = start_qsd_qcow2(image, qsd_file, os.path.join(work, "qsd.log"))
+        try:
+            job = fio_json(f"{fio} --filename={qsd_file} {args}")
+            seen = digest(qsd_file, 0, region)
+        finally:
+            stop_qsd(qsd_file, proc)
+        return job, seen
+
+    try:
+        for r in range(rounds):
+            for measure, (args, region, value) in jobs.items():
+                written = {}
+                for side, run in [("poolfs", poolfs_side), ("qsd", qsd_side)][::1 if r % 2 == 0 else -1]:
+                    if os.path.exists(image):
+                        os.remove(image)
+                    sh(f"qemu-img create -q -f qcow2 {image} {image_size}")
+                    job, seen = run(args, region)
+                    if job["error"]:
+                        raise RuntimeError(f"qcow2 writes: fio reported errors through {side}: {job.get('error')}")
+                    check = subprocess.run(["qemu-img", "check", image], text=True, capture_output=True)
+                    if check.returncode != 0:
+                        raise RuntimeError(f"qcow2 writes: qemu-img check of the image {side} wrote failed "
+                                           f"(round {r + 1}, {measure}):\n{check.stdout}{check.stderr}")
+                    sh(f"qemu-img convert -O raw {image} {converted}")
+                    written[side] = digest(converted, 0, region)
+                    os.remove(converted)
+                    if written[side] != seen:
+                        raise RuntimeError(f"qcow2 writes: QEMU reads other bytes from the image {side} wrote "
+                                           f"than {side} read back (round {r + 1}, {measure})")
+                    results[measure][side].append(value(job))
+                if written["poolfs"] != written["qsd"]:
+                    raise RuntimeError(f"qcow2 writes: the same fio job left other bytes through poolfs than through "
+                                       f"qemu-storage-daemon (round {r + 1}, {measure})")
+            print(f"qcow2 write round {r + 1}/{rounds}: " + "; ".join(
+                f"{m}: poolfs {v['poolfs'][-1]:,.0f}, qsd {v['qsd'][-1]:,.0f}, {v['poolfs'][-1] / v['qsd'][-1]:.2f}×"
+                for m, v in results.items()), flush=True)
+    finally:
+        for leftover in (image, converted):
+            if os.path.exists(leftover):
+                os.remove(leftover)
+    return results
+
+
 def make_copyout_image(size):
     """A qcow2 of `size` with every other 64 MiB region written (half allocated), each region its
     own byte pattern, and snapshot `mid` taken after the first half of those writes. Returns the
@@ -1001,7 +1101,7 @@ def copyout(binary, size, rounds):
     return results, allocated, strace
 
 
-SECTIONS = ["peers", "pool", "lvm", "iscsi", "partitions", "rbd", "raw", "copyout"]
+SECTIONS = ["peers", "pool", "lvm", "iscsi", "partitions", "rbd", "raw", "writes", "copyout"]
 
 
 def peers(binary, rounds, quick):
@@ -1157,6 +1257,15 @@ def main():
                   f"{min(raw_size, 256 * MiB) >> 20} MiB of 4 KiB random writes; fio psync, one job, end_fsync, "
                   "verify=crc32c), through poolfs `-o rw` and qemu-storage-daemon's `writable=on` export, interleaved rounds:", ""]
         lines += ratio_table(raw_writes(binary, raw_size, args.rounds), "poolfs", "qsd",
+                             "| measurement | poolfs -o rw | qemu-storage-daemon | poolfs / qsd | per round |")
+    if "writes" in sections:
+        seq_size, rand_size = (256 * MiB, 64 * MiB) if args.quick else (1 * GiB, 256 * MiB)
+        lines += ["", f"qcow2 writes into a fresh 2 GiB qcow2 image each time (`qemu-img create`; {seq_size >> 20} MiB of "
+                  f"1 MiB sequential writes, {rand_size >> 20} MiB of 4 KiB random writes; fio psync, one job, end_fsync, "
+                  "the same random data on both sides), through poolfs `-o rw` and qemu-storage-daemon's `writable=on` "
+                  "qcow2 export, interleaved rounds; after every run `qemu-img check` clean and QEMU reading back what the "
+                  "mount read, and QEMU reading the same bytes from both sides' images:", ""]
+        lines += ratio_table(qcow2_writes(binary, args.rounds, seq_size=seq_size, rand_size=rand_size), "poolfs", "qsd",
                              "| measurement | poolfs -o rw | qemu-storage-daemon | poolfs / qsd | per round |")
     if "copyout" in sections:
         co_size = 1 * GiB if args.quick else 4 * GiB

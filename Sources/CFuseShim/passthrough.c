@@ -6,7 +6,13 @@
  * - INIT: the request's flags/flags2 are kept; the reply (struct fuse_init_out) gets
  *   FUSE_INIT_EXT in flags (bit 30), FUSE_PASSTHROUGH in flags2 (bit 5, flag bit 37) and
  *   max_stack_depth 1 (byte 36), when the kernel offered FUSE_PASSTHROUGH and the reply does not
- *   ask for the writeback cache (the kernel refuses the two together: process_init_reply).
+ *   ask for the writeback cache (the kernel refuses the two together: process_init_reply); and
+ *   FUSE_HANDLE_KILLPRIV_V2 in flags (bit 28) when asked for and offered. With it the kernel
+ *   marks the superblock SB_NOSEC and stops asking for security.capability (GETXATTR, from
+ *   file_remove_privs) before every write: the daemon is then the one to clear setuid, setgid
+ *   and capabilities on write, truncate and chown (FUSE_WRITE_KILL_SUIDGID,
+ *   FATTR_KILL_SUIDGID, FUSE_OPEN_KILL_SUIDGID). poolfs has nothing to clear: its files never
+ *   show those mode bits and it has no security.* attributes (PoolFileSystem.attributes).
  * - OPEN: the request's unique is kept; the reply (struct fuse_open_out { u64 fh; u32 open_flags;
  *   i32 backing_id; }) whose fh carries POOLFS_PASSTHROUGH_FH_TAG in its high half gets
  *   FOPEN_PASSTHROUGH (bit 7) and the backing id from the low half. Only OPEN replies are looked
@@ -38,6 +44,7 @@ enum {
     OPEN_OUT_SIZE = 16,            /* struct fuse_open_out */
 };
 #define INIT_WRITEBACK_CACHE (1u << 16)
+#define INIT_HANDLE_KILLPRIV_V2 (1u << 28)
 #define INIT_EXT (1u << 30)
 #define INIT2_PASSTHROUGH (1u << 5)  /* FUSE_PASSTHROUGH >> 32 */
 #define FOPEN_PASSTHROUGH_FLAG (1u << 7)
@@ -55,9 +62,12 @@ struct backing_map {
 
 static struct {
     int wanted;
+    int killpriv_wanted;
     atomic_uint_fast64_t init_unique;   /* 0 until INIT is read */
+    atomic_uint kernel_flags;           /* INIT's flags */
     atomic_uint kernel_flags2;          /* INIT's flags2 (0 without FUSE_INIT_EXT) */
     atomic_int negotiated;
+    atomic_int killpriv_negotiated;
     atomic_int opens_pending;
     pthread_mutex_t lock;
     uint64_t opens[OPENS_MAX];
@@ -105,26 +115,35 @@ static ssize_t io_read(int fd, void *buf, size_t len, void *userdata) {
     } else if (opcode == OP_INIT && n >= IN_HEADER_SIZE + 20) {
         /* struct fuse_init_in: major 0, minor 4, max_readahead 8, flags 12, flags2 16 */
         uint32_t flags = load32(in + IN_HEADER_SIZE + 12);
+        atomic_store(&pt.kernel_flags, flags);
         atomic_store(&pt.kernel_flags2, (flags & INIT_EXT) ? load32(in + IN_HEADER_SIZE + 16) : 0);
         atomic_store(&pt.init_unique, unique);
     }
     return n;
 }
 
-/* The INIT reply, with passthrough asked for when the kernel offered it. */
+/* The INIT reply, with passthrough and FUSE_HANDLE_KILLPRIV_V2 asked for when wanted and offered. */
 static void complete_init(struct iovec *payload, unsigned char *copy, size_t room) {
-    if (!pt.wanted || !(atomic_load(&pt.kernel_flags2) & INIT2_PASSTHROUGH)) return;
+    int passthrough = pt.wanted && (atomic_load(&pt.kernel_flags2) & INIT2_PASSTHROUGH);
+    int killpriv = pt.killpriv_wanted && (atomic_load(&pt.kernel_flags) & INIT_HANDLE_KILLPRIV_V2);
+    if (!passthrough && !killpriv) return;
     if (payload->iov_len < INIT_OUT_MIN || payload->iov_len > room) return;
     memcpy(copy, payload->iov_base, payload->iov_len);
     /* struct fuse_init_out: flags 12, flags2 32, max_stack_depth 36 */
     uint32_t flags = load32(copy + 12);
-    if (flags & INIT_WRITEBACK_CACHE) return;
-    store32(copy + 12, flags | INIT_EXT);
-    store32(copy + 32, load32(copy + 32) | INIT2_PASSTHROUGH);
-    /* Backing files on ordinary filesystems (stack depth 0); FILESYSTEM_MAX_STACK_DEPTH is 2. */
-    store32(copy + 36, 1);
+    if (killpriv) {
+        flags |= INIT_HANDLE_KILLPRIV_V2;
+        atomic_store(&pt.killpriv_negotiated, 1);
+    }
+    if (passthrough && !(flags & INIT_WRITEBACK_CACHE)) {
+        flags |= INIT_EXT;
+        store32(copy + 32, load32(copy + 32) | INIT2_PASSTHROUGH);
+        /* Backing files on ordinary filesystems (stack depth 0); FILESYSTEM_MAX_STACK_DEPTH is 2. */
+        store32(copy + 36, 1);
+        atomic_store(&pt.negotiated, 1);
+    }
+    store32(copy + 12, flags);
     payload->iov_base = copy;
-    atomic_store(&pt.negotiated, 1);
 }
 
 /* An OPEN reply whose fh names a backing id, made a passthrough open. */
@@ -165,8 +184,9 @@ static ssize_t io_splice_send(int fdin, off_t *offin, int fdout, off_t *offout, 
     return splice(fdin, offin, fdout, offout, len, flags);
 }
 
-int poolfs_session_custom_io(struct fuse_session *session, int passthrough) {
+int poolfs_session_custom_io(struct fuse_session *session, int passthrough, int handle_killpriv) {
     pt.wanted = passthrough;
+    pt.killpriv_wanted = handle_killpriv;
     const struct fuse_custom_io io = {
         .writev = io_writev,
         .read = io_read,
@@ -178,6 +198,10 @@ int poolfs_session_custom_io(struct fuse_session *session, int passthrough) {
 
 int poolfs_passthrough_negotiated(void) {
     return atomic_load(&pt.negotiated);
+}
+
+int poolfs_killpriv_negotiated(void) {
+    return atomic_load(&pt.killpriv_negotiated);
 }
 
 int poolfs_backing_open(struct fuse_session *session, int fd) {

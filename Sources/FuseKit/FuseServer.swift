@@ -29,6 +29,13 @@ public final class FuseServer: @unchecked Sendable {
         /// Told once whether passthrough is in use: nil, or why not. Told again if the kernel
         /// later refuses a file (then no file gets passthrough from there on).
         public var passthroughDecided: (@Sendable (_ unavailable: String?) -> Void)?
+        /// Whether to tell the kernel the filesystem clears setuid, setgid and capabilities itself
+        /// (FUSE_HANDLE_KILLPRIV_V2), when it offers that: it then no longer asks for
+        /// security.capability before every write. Only for a filesystem whose files never have
+        /// those bits nor security.* attributes (see passthrough.c).
+        public var handleKillPriv = false
+        /// Told once, after the kernel's INIT, whether FUSE_HANDLE_KILLPRIV_V2 was asked for.
+        public var killPrivDecided: (@Sendable (Bool) -> Void)?
         /// Where invalidations of the kernel's cache go (see `KernelCache`).
         public var kernelCache: KernelCache?
         /// Told once whether `maxReadahead` could be set (it needs root), after the kernel's INIT.
@@ -103,8 +110,9 @@ public final class FuseServer: @unchecked Sendable {
         configuration.kernelCache?.attach(session)
         defer { configuration.kernelCache?.detach() }
         defer { fuse_session_unmount(session) }
-        if configuration.passthrough, poolfs_session_custom_io(session, 1) != 0 {
-            throw Failure.session("fuse: cannot route the session's I/O for passthrough")
+        if configuration.passthrough || configuration.handleKillPriv,
+           poolfs_session_custom_io(session, configuration.passthrough ? 1 : 0, configuration.handleKillPriv ? 1 : 0) != 0 {
+            throw Failure.session("fuse: cannot route the session's I/O to complete the INIT reply")
         }
         fuse_daemonize(configuration.foreground ? 1 : 0)
         poolfs_tune_malloc()
@@ -136,6 +144,7 @@ public final class FuseServer: @unchecked Sendable {
         let applied = MountReadahead.set(configuration.maxReadahead, mountpoint: mountpoint)
         configuration.readaheadApplied?(applied)
         if configuration.passthrough { probePassthrough() }
+        if configuration.handleKillPriv { configuration.killPrivDecided?(poolfs_killpriv_negotiated() != 0) }
     }
 
     /// After INIT: whether the kernel took passthrough and lets us register a backing file,

@@ -51,6 +51,12 @@ public enum Mounter {
         configuration.splice = options.splice
         configuration.kernelCache = kernelCache
         configuration.passthrough = options.passthrough && !options.cow
+        // Writable files only: a read-only mount gets no writes, so the kernel asks nothing before them.
+        configuration.handleKillPriv = options.rw || options.cow
+        configuration.killPrivDecided = { asked in
+            Log.info(asked ? "writes: the daemon handles setuid/setgid clearing (FUSE_HANDLE_KILLPRIV_V2)"
+                           : "writes: the kernel does not offer FUSE_HANDLE_KILLPRIV_V2 (a GETXATTR before each write)")
+        }
         configuration.passthroughDecided = { unavailable in
             Log.info(unavailable.map { "reads of raw volumes: through the daemon: \($0)" } ?? "reads of raw volumes: FUSE passthrough")
         }

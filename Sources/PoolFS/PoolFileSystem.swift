@@ -151,8 +151,12 @@ public final class PoolFileSystem: FileSystemOperations {
     }
 
     /// Owner, permissions (within `permissions`) and times of `st`, as a node of type `type`.
+    /// A file never shows setuid or setgid (a disk image is no program): writes have none to
+    /// clear, which lets the kernel leave that to the daemon (FUSE_HANDLE_KILLPRIV_V2) and stop
+    /// asking for security.capability before each write.
     func attributes(type: UInt32, from st: stat, permissions: UInt32 = 0o7777) -> Attributes {
-        var a = Attributes(mode: type | (st.st_mode & permissions))
+        let allowed = type == S_IFREG ? permissions & ~(S_ISUID | S_ISGID) : permissions
+        var a = Attributes(mode: type | (st.st_mode & allowed))
         a.uid = st.st_uid
         a.gid = st.st_gid
         a.atime = st.st_atim

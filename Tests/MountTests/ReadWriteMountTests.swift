@@ -111,6 +111,32 @@ struct ReadWriteMountTests {
         try scratch.sh("qemu-img check pool/vm.qcow2 && qemu-img convert -O raw pool/vm.qcow2 vm.raw && cmp -n 3000000 vm.raw data")
     }
 
+    /// One FUSE request per write: the kernel asks for security.capability (GETXATTR) before
+    /// every write unless the daemon takes on clearing setuid, setgid and capabilities
+    /// (FUSE_HANDLE_KILLPRIV_V2), which poolfs can, as its files never show those bits. The
+    /// daemon's read(2) calls (/proc/PID/io `syscr`; one per request) count the requests.
+    @Test func eachWriteIsOneRequest() throws {
+        let scratch = try Scratch()
+        try scratch.sh("mkdir pool && qemu-img create -q -f qcow2 pool/vm.qcow2 64M && chmod 6755 pool/vm.qcow2 && head -c 8192000 /dev/urandom > data")
+        let mount = try PoolMount(scratch.path("pool"), in: scratch, options: ["rw"])
+        defer { mount.unmount() }
+        let file = mount.path("vm.qcow2")
+        #expect(try scratch.sh("stat -c %a '\(file)'") == "755\n", "a volume shows no setuid or setgid bit")
+        func reads() throws -> Int {
+            let io = try String(contentsOfFile: "/proc/\(mount.process.processIdentifier)/io", encoding: .utf8)
+            let line = try #require(io.split(separator: "\n").first { $0.hasPrefix("syscr:") })
+            return try #require(Int(line.dropFirst("syscr:".count).trimmingCharacters(in: .whitespaces)))
+        }
+        let before = try reads()
+        try scratch.sh("dd if=data of='\(file)' bs=4k count=2000 conv=notrunc status=none")
+        let requests = try reads() - before
+        #expect(requests < 2_200, "\(requests) requests for 2000 writes of 4 KiB")
+        #expect(try scratch.sh("stat -c %a '\(file)'") == "755\n")
+        #expect(PassthroughTests.log(mount).contains("FUSE_HANDLE_KILLPRIV_V2"), "\(PassthroughTests.log(mount))")
+        mount.unmount()
+        try scratch.sh("qemu-img check pool/vm.qcow2 && qemu-img convert -O raw pool/vm.qcow2 vm.raw && cmp -n 8192000 vm.raw data")
+    }
+
     /// SIGKILL at random moments of a write workload, round after round: qemu-img check may find
     /// leaked clusters but never corruption, and every write fsync acknowledged is in the image.
     /// Each write goes to a slot of its own (96 KiB, across cluster boundaries), spread over the

@@ -153,6 +153,7 @@ struct SoakTests {
         return log.split(separator: "\n").map(String.init).filter { line in
             !line.hasPrefix("poolfs: mounted ") && !line.hasPrefix("poolfs: unmounted ")
                 && !line.hasPrefix("poolfs: readahead stays") && !line.hasPrefix("poolfs: reads of raw volumes: ")
+                && !line.hasPrefix("poolfs: writes: ")
                 && !(line.contains("image in use: ") && line.contains(", open through this mount: it stays read-only until they are closed"))
         }
     }

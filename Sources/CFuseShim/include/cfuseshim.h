@@ -38,9 +38,13 @@ uint32_t poolfs_req_uid(fuse_req_t req);
 #define POOLFS_PASSTHROUGH_FH_TAG 0x70617373u
 
 /// Routes the session's I/O (mounted already) through the shim, which completes the INIT and
-/// OPEN replies libfuse 3.14 cannot make: asks for FUSE passthrough when `passthrough` and the
-/// kernel offers it. Data replies still splice. fuse_session_custom_io's return.
-int poolfs_session_custom_io(struct fuse_session *session, int passthrough);
+/// OPEN replies libfuse 3.14 cannot make: asks for FUSE passthrough when `passthrough`, and for
+/// FUSE_HANDLE_KILLPRIV_V2 when `handle_killpriv`, each if the kernel offers it. Data replies
+/// still splice. fuse_session_custom_io's return.
+int poolfs_session_custom_io(struct fuse_session *session, int passthrough, int handle_killpriv);
+
+/// Whether the INIT reply asked for FUSE_HANDLE_KILLPRIV_V2.
+int poolfs_killpriv_negotiated(void);
 
 /// Whether the INIT reply asked for FUSE passthrough (the kernel may still have refused it).
 int poolfs_passthrough_negotiated(void);
