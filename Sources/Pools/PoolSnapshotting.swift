@@ -74,7 +74,8 @@ extension DirectoryPool {
 
     /// qcow2 internal snapshots, written by poolfs's own engine as `qemu-img snapshot -c/-a/-d`
     /// writes them. The image is opened for writing, so QEMU's image locks decide whether it is
-    /// in use; a raw file cannot hold snapshots.
+    /// in use (the skip names the programs holding them, where /proc shows them); a raw file
+    /// cannot hold snapshots.
     public func snapshot(_ operation: SnapshotOperation, _ name: String, of volume: String, dryRun: Bool) throws {
         guard let path = self.volume(volume)?.path else { throw SnapshotError.noSuchVolume(volume) }
         do {
@@ -98,7 +99,9 @@ extension DirectoryPool {
             case .delete: try qcow2.deleteSnapshot(name)
             }
         } catch Qcow2Error.inUse(let why) {
-            throw SnapshotSkip.inUse(why)
+            // QEMU's locks do not say whose they are; the holder's descriptors do.
+            let holders = LockHolders.qemuLocks(on: path)
+            throw SnapshotSkip.inUse(holders.isEmpty ? why : "\(holders.map(\.description).joined(separator: ", ")): \(why)")
         }
     }
 }
