@@ -56,9 +56,9 @@ final class SnapshotTransaction {
     let activeL1: [UInt64]
     /// Clusters of the header, the refcount structure, the L1 tables and the snapshot table:
     /// an L2 entry or an L1 entry that points into one of them is corruption.
-    var metadata: Set<UInt64> = []
+    var metadata: ClusterSet
     /// Refcount changes by cluster index.
-    var deltas: [UInt64: Int64] = [:]
+    var deltas: RefcountDeltas
     var tables: [UInt64: [UInt8]] = [:]
 
     static func run<R>(_ image: Qcow2Image, _ body: (SnapshotTransaction) throws -> R) throws -> R {
@@ -92,6 +92,8 @@ final class SnapshotTransaction {
         (entries, tableBytes) = try Self.rawEntries(file, header: header)
         refcounts = try RefcountWriter(file: file, header: header)
         activeL1 = try Self.readL1(file, header.l1TableOffset, header.l1Size)
+        deltas = RefcountDeltas(clusters: refcounts.firstNewCluster)
+        metadata = ClusterSet(clusters: refcounts.firstNewCluster)
         metadata.insert(0)
         markMetadata(header.refcountTableOffset, UInt64(header.refcountTableClusters) * clusterSize)
         for block in refcounts.table where block != 0 { metadata.insert(block / clusterSize) }
@@ -179,12 +181,12 @@ final class SnapshotTransaction {
         let offset = l1Entry & ClusterLayout.offsetMask
         guard offset != 0 else { return }
         let table = try l2Table(offset, entryOffset: entryOffset)
-        deltas[offset / clusterSize, default: 0] += sign
+        deltas[offset / clusterSize] += sign
         try table.withUnsafeBytes { bytes in
             for at in stride(from: 0, to: bytes.count, by: layout.l2EntryBytes) {
                 let entry = bytes.bigEndianU64(at: at)
                 guard let clusters = try referenced(entry, entryOffset: offset + UInt64(at)) else { continue }
-                for c in clusters { deltas[c, default: 0] += sign }
+                for c in clusters { deltas[c] += sign }
             }
         }
     }
@@ -205,7 +207,7 @@ final class SnapshotTransaction {
             }
             clusters = host / clusterSize...host / clusterSize
         }
-        guard clusters.lowerBound < refcounts.firstNewCluster, !clusters.contains(where: metadata.contains) else {
+        guard clusters.lowerBound < refcounts.firstNewCluster, !clusters.contains(where: { metadata.contains($0) }) else {
             throw Qcow2Error.corrupt("L2 entry refers to host cluster \(clusters.lowerBound), past the end of the file or metadata",
                                     offset: entryOffset)
         }
@@ -214,7 +216,7 @@ final class SnapshotTransaction {
 
     func count(_ offset: UInt64, _ bytes: UInt64, _ sign: Int64) {
         guard bytes > 0 else { return }
-        for c in offset / clusterSize...(offset + bytes - 1) / clusterSize { deltas[c, default: 0] += sign }
+        for c in offset / clusterSize...(offset + bytes - 1) / clusterSize { deltas[c] += sign }
     }
 
     func markMetadata(_ offset: UInt64, _ bytes: UInt64) {
@@ -223,7 +225,7 @@ final class SnapshotTransaction {
     }
 
     func final(_ cluster: UInt64) throws -> Int64 {
-        Int64(bitPattern: try refcounts.refcount(ofCluster: cluster)) + deltas[cluster, default: 0]
+        Int64(bitPattern: try refcounts.refcount(ofCluster: cluster)) + deltas[cluster]
     }
 
     // MARK: Reading
@@ -298,7 +300,7 @@ final class SnapshotTransaction {
             if wanted == table {
                 l1[i] = offset | (try final(offset / clusterSize) == 1 ? ClusterLayout.copiedFlag : 0)
             } else {
-                deltas[offset / clusterSize, default: 0] -= 1
+                deltas[offset / clusterSize] -= 1
                 copies.append((i, wanted))
             }
         }
@@ -350,7 +352,7 @@ final class SnapshotTransaction {
         try file.syncData()
         // Runs of freed clusters go back in one call each: a revert may free gigabytes.
         var runs: [(first: UInt64, count: UInt64)] = []
-        for cluster in staged.freed.sorted() {
+        for cluster in staged.freed {
             if let last = runs.last, last.first + last.count == cluster {
                 runs[runs.count - 1].count += 1
             } else {
