@@ -1,4 +1,5 @@
 import Foundation
+import Synchronization
 
 // Internal snapshots written (docs/interop/qcow2.txt, "Snapshots" and "Host cluster management"):
 // what `qemu-img snapshot -c`, `-a` and `-d` do, with the same refcounts: a cluster is counted
@@ -14,7 +15,8 @@ import Foundation
 // counts change and a new refcount table. Then a barrier, then one write inside the header's first
 // sector (bytes 24-95: size, L1, refcount table, snapshot table, autoclear bits) switches the
 // image from the old state to the new, then a barrier, then the clusters only the old state used
-// are punched (their count is already 0). A crash before the header write leaves the old state
+// are punched (their count is already 0), still under the write lock (`PendingPunch`: a command
+// may punch after switching other images). A crash before the header write leaves the old state
 // untouched, with uncounted clusters past its end that no check reports; after it, the new state.
 
 extension Qcow2Image {
@@ -25,20 +27,70 @@ extension Qcow2Image {
     /// still shows the state it was opened with: open the image again to see the new one.
     @discardableResult
     public func createSnapshot(name: String, date: Date = Date(), replace: Bool = false) throws -> Snapshot {
-        try SnapshotTransaction.run(self) { t in try t.create(name: name, date: date, replace: replace) }
+        let (snapshot, punch) = try SnapshotTransaction.run(self) { t in try t.create(name: name, date: date, replace: replace) }
+        punch.run()
+        return snapshot
     }
 
     /// Makes the live state that of the snapshot named `idOrName` (its id first, as QEMU looks it
     /// up), disk size included, as `qemu-img snapshot -a` does. Locking as `createSnapshot`.
     public func revertToSnapshot(_ idOrName: String) throws {
-        try SnapshotTransaction.run(self) { t in try t.revert(idOrName) }
+        try revertToSnapshotLeavingPunch(idOrName).run()
     }
 
     /// Deletes the snapshot `idOrName` and frees what only it used, as `qemu-img snapshot -d`.
     /// Locking as `createSnapshot`.
     public func deleteSnapshot(_ idOrName: String) throws {
-        try SnapshotTransaction.run(self) { t in try t.delete(idOrName) }
+        try deleteSnapshotLeavingPunch(idOrName).run()
     }
+
+    /// `revertToSnapshot`, done and durable, except that the freed clusters are punched (and the
+    /// write lock given back) when the caller runs the returned `PendingPunch`: a command
+    /// reverting many images switches them all first, so that no image's fdatasync waits on the
+    /// journal commit of another's holes (and, on a filesystem mounted with `discard`, their
+    /// discards).
+    public func revertToSnapshotLeavingPunch(_ idOrName: String) throws -> PendingPunch {
+        try SnapshotTransaction.run(self) { t in try t.revert(idOrName) }.1
+    }
+
+    /// `deleteSnapshot`, the freed clusters left to punch as with `revertToSnapshotLeavingPunch`.
+    public func deleteSnapshotLeavingPunch(_ idOrName: String) throws -> PendingPunch {
+        try SnapshotTransaction.run(self) { t in try t.delete(idOrName) }.1
+    }
+}
+
+/// The clusters a snapshot operation freed, not yet punched, with the image's write lock still
+/// held: in the image's counts they are free already, and no other writer may reuse one before
+/// its hole is made (the hole would zero what it wrote). `run()` punches them, one call per run
+/// of clusters, and gives the lock back; the end of the object does so if nobody did.
+public final class PendingPunch: Sendable {
+    let file: HostFile
+    /// Runs of free clusters, as (first cluster, count), in ascending order.
+    let runs: [Run]
+    let clusterSize: UInt64
+    private let done = Atomic<Bool>(false)
+
+    struct Run: Sendable {
+        var first: UInt64
+        var count: UInt64
+    }
+
+    init(file: HostFile, runs: [Run], clusterSize: UInt64) {
+        self.file = file
+        self.runs = runs
+        self.clusterSize = clusterSize
+    }
+
+    /// Bytes to be given back.
+    public var bytes: UInt64 { runs.reduce(0) { $0 + $1.count } * clusterSize }
+
+    public func run() {
+        guard !done.exchange(true, ordering: .acquiringAndReleasing) else { return }
+        for run in runs { file.punchHole(at: run.first * clusterSize, length: run.count * clusterSize) }
+        file.unlockWriting()
+    }
+
+    deinit { run() }
 }
 
 /// One snapshot operation on an image, under its write lock: the state as read from the disk
@@ -61,12 +113,23 @@ final class SnapshotTransaction {
     var deltas: RefcountDeltas
     var tables: [UInt64: [UInt8]] = [:]
 
-    static func run<R>(_ image: Qcow2Image, _ body: (SnapshotTransaction) throws -> R) throws -> R {
+    /// Clusters only the old state used, once `commit` made the new one live: to be punched.
+    var freedRuns: [PendingPunch.Run] = []
+
+    /// Runs `body` under the write lock, which the returned `PendingPunch` gives back once it
+    /// has punched what the operation freed (on an error, it is given back at once).
+    static func run<R>(_ image: Qcow2Image, _ body: (SnapshotTransaction) throws -> R) throws -> (R, PendingPunch) {
         let file = image.file
         guard file.writable else { throw Qcow2Error.writeRefused("\(file.path) was opened read-only") }
         try file.lockForWriting()
-        defer { file.unlockWriting() }
-        return try body(SnapshotTransaction(file: file, clusterSize: image.layout.clusterSize))
+        do {
+            let t = try SnapshotTransaction(file: file, clusterSize: image.layout.clusterSize)
+            let result = try body(t)
+            return (result, PendingPunch(file: file, runs: t.freedRuns, clusterSize: t.clusterSize))
+        } catch {
+            file.unlockWriting()
+            throw error
+        }
     }
 
     /// Reads the header and tables afresh, under the lock: what another program wrote before
@@ -350,16 +413,15 @@ final class SnapshotTransaction {
         }
         try file.write(Array(fields[24...]), at: 24)
         try file.syncData()
-        // Runs of freed clusters go back in one call each: a revert may free gigabytes.
-        var runs: [(first: UInt64, count: UInt64)] = []
+        // Runs of freed clusters go back in one call each (a revert may free gigabytes), after
+        // this barrier: the caller punches them (`PendingPunch`).
         for cluster in staged.freed {
-            if let last = runs.last, last.first + last.count == cluster {
-                runs[runs.count - 1].count += 1
+            if let last = freedRuns.last, last.first + last.count == cluster {
+                freedRuns[freedRuns.count - 1].count += 1
             } else {
-                runs.append((cluster, 1))
+                freedRuns.append(PendingPunch.Run(first: cluster, count: 1))
             }
         }
-        for run in runs { file.punchHole(at: run.first * clusterSize, length: run.count * clusterSize) }
     }
 
     /// The table with COPIED set on each entry whose cluster is counted exactly once in the new

@@ -3,6 +3,7 @@ import Dispatch
 import Foundation
 import PoolFS
 import Pools
+import Qcow2
 import Synchronization
 
 /// `poolfs snapshot create|revert|delete`: one snapshot operation on every volume of a pool (or
@@ -126,37 +127,51 @@ struct SnapshotRun {
     /// Every volume, `jobs` at a time; the rows in the order of `names`. Threads of their own,
     /// not `concurrentPerform`, which runs as many as there are CPUs: each volume mostly waits on
     /// the disk (two fdatasyncs, a hole punched), and the waits of different files overlap.
+    /// Every volume's operation is done (and durable) before any freed clusters are punched:
+    /// a punch's journal commit (and, with the `discard` mount option, its discards) would
+    /// otherwise hold up the next volume's fdatasync.
     func run(on names: [String], in pool: any Pool) -> [SnapshotOutcome] {
         let results = Mutex<[SnapshotOutcome?]>(Array(repeating: nil, count: names.count))
+        let punches = Mutex<[PendingPunch]>([])
+        inParallel(names.count) { i in
+            let (outcome, punch) = run(names[i], in: pool)
+            results.withLock { $0[i] = outcome }
+            if let punch { punches.withLock { $0.append(punch) } }
+        }
+        let pending = punches.withLock { $0 }
+        inParallel(pending.count) { i in pending[i].run() }
+        return results.withLock { $0.map { $0! } }
+    }
+
+    /// `work(0..<count)` on up to `jobs` threads.
+    func inParallel(_ count: Int, _ work: @escaping @Sendable (Int) -> Void) {
         let next = Atomic<Int>(0)
         let done = DispatchGroup()
-        for _ in 0..<min(common.jobs, max(names.count, 1)) {
+        for _ in 0..<min(common.jobs, count) {
             done.enter()
             Thread {
                 while true {
                     let i = next.add(1, ordering: .relaxed).oldValue
-                    guard i < names.count else { break }
-                    let outcome = run(names[i], in: pool)
-                    results.withLock { $0[i] = outcome }
+                    guard i < count else { break }
+                    work(i)
                 }
                 done.leave()
             }.start()
         }
         done.wait()
-        return results.withLock { $0.map { $0! } }
     }
 
-    func run(_ name: String, in pool: any Pool) -> SnapshotOutcome {
+    func run(_ name: String, in pool: any Pool) -> (SnapshotOutcome, PendingPunch?) {
         func row(_ status: SnapshotOutcome.Status, _ reason: String? = nil) -> SnapshotOutcome {
             SnapshotOutcome(volume: name, status: status, reason: reason)
         }
         do {
-            try pool.snapshot(operation, common.name, of: name, dryRun: common.dryRun)
-            return row(common.dryRun ? .wouldDo : .done)
+            let punch = try pool.snapshotLeavingPunch(operation, common.name, of: name, dryRun: common.dryRun)
+            return (row(common.dryRun ? .wouldDo : .done), punch)
         } catch let skip as SnapshotSkip {
-            return row(.skipped, skip.description)
+            return (row(.skipped, skip.description), nil)
         } catch {
-            return row(.failed, "\(error)")
+            return (row(.failed, "\(error)"), nil)
         }
     }
 

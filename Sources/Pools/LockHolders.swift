@@ -1,3 +1,6 @@
+#if canImport(Glibc)
+import Glibc
+#endif
 import Foundation
 
 /// Which processes hold QEMU's image locks (QemuLocks.swift) on a file, to name them when an image
