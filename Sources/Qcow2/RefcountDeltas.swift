@@ -30,14 +30,33 @@ struct RefcountDeltas {
         }
     }
 
-    /// The clusters whose count changes (by a delta other than 0), in ascending order.
-    func nonzero() -> [(cluster: UInt64, delta: Int64)] {
-        var out: [(cluster: UInt64, delta: Int64)] = []
-        dense.withUnsafeBufferPointer { d in
-            for i in d.indices where d[i] != 0 { out.append((UInt64(i), d[i])) }
+    /// The clusters in `range` whose count changes (by a delta other than 0), in ascending order.
+    func forEachNonzero(in range: Range<UInt64>, _ body: (UInt64, Int64) throws(Qcow2Error) -> Void) throws(Qcow2Error) {
+        let denseEnd = min(range.upperBound, denseCount)
+        if range.lowerBound < denseEnd {
+            try dense.withUnsafeBufferPointer { (d) throws(Qcow2Error) in
+                for i in Int(range.lowerBound)..<Int(denseEnd) where d[i] != 0 { try body(UInt64(i), d[i]) }
+            }
         }
-        for (c, v) in sparse.sorted(by: { $0.key < $1.key }) where v != 0 { out.append((c, v)) }
-        return out
+        guard range.upperBound > denseCount, !sparse.isEmpty else { return }
+        for (c, v) in sparse.filter({ range.contains($0.key) && $0.value != 0 }).sorted(by: { $0.key < $1.key }) {
+            try body(c, v)
+        }
+    }
+
+    /// The clusters whose count changes, each `per` clusters counted once (the refcount blocks
+    /// that change, with `per` the entries of a block).
+    func groupsWithChanges(of per: UInt64) -> Set<UInt64> {
+        var groups: Set<UInt64> = []
+        dense.withUnsafeBufferPointer { d in
+            var last = UInt64.max
+            for i in d.indices where d[i] != 0 && UInt64(i) / per != last {
+                last = UInt64(i) / per
+                groups.insert(last)
+            }
+        }
+        for (c, v) in sparse where v != 0 { groups.insert(c / per) }
+        return groups
     }
 }
 

@@ -251,7 +251,7 @@ extension RefcountWriter {
             let oldTableClusters = (UInt64(table.count) * 8 + clusterSize - 1) / clusterSize
             for c in oldTableFirst..<oldTableFirst + oldTableClusters { changes[c] -= 1 }
             // Each touched block moves; the old copy's count drops, which may touch another block.
-            var touched = Set(changes.nonzero().map { $0.cluster / entriesPerBlock })
+            var touched = changes.groupsWithChanges(of: entriesPerBlock)
             var pending = Array(touched)
             while let b = pending.popLast() {
                 guard b < UInt64(table.count), table[Int(b)] != 0 else { continue }
@@ -272,16 +272,12 @@ extension RefcountWriter {
             var newTable = table + [UInt64](repeating: 0, count: Int(tableClusters * clusterSize / 8) - table.count)
             var writes: [(offset: UInt64, bytes: [UInt8])] = []
             var freed: [UInt64] = []
-            // In cluster order, so block by block as `touched` is sorted (each change's block is
-            // in it), and `freed` comes out sorted.
-            let ordered = changes.nonzero()
-            var next = 0
+            // Block by block in order, each block's changes in cluster order: `freed` comes out
+            // sorted. (Every change's block is in `touched`.)
             for (n, b) in touched.sorted().enumerated() {
                 var block = b < UInt64(table.count) && table[Int(b)] != 0
                     ? try loadBlockForStaging(b) : [UInt8](repeating: 0, count: Int(clusterSize))
-                while next < ordered.count, ordered[next].cluster / entriesPerBlock == b {
-                    let (cluster, delta) = ordered[next]
-                    next += 1
+                try changes.forEachNonzero(in: b * entriesPerBlock..<(b + 1) * entriesPerBlock) { (cluster, delta) throws(Qcow2Error) in
                     let e = cluster % entriesPerBlock
                     let current = block.withUnsafeBytes { RefcountBlock.entry($0, e, bits: bits) }
                     let value = Int64(bitPattern: current) + delta
@@ -299,7 +295,6 @@ extension RefcountWriter {
                 newTable[Int(b)] = at
                 writes.append((at, block))
             }
-            precondition(next == ordered.count, "a refcount change outside the touched blocks")
             var tableBytes = [UInt8](repeating: 0, count: newTable.count * 8)
             for (i, entry) in newTable.enumerated() where entry != 0 { tableBytes.storeBigEndian(entry, at: i * 8) }
             writes.append((tableStart * clusterSize, tableBytes))

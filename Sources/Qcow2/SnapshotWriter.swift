@@ -244,12 +244,17 @@ final class SnapshotTransaction {
         let offset = l1Entry & ClusterLayout.offsetMask
         guard offset != 0 else { return }
         let table = try l2Table(offset, entryOffset: entryOffset)
-        deltas[offset / clusterSize] += sign
+        // Counted in a local, swapped in and out (no copy): a class property would be checked
+        // for exclusive access at every entry, which cost as much as the counting.
+        var local = RefcountDeltas(clusters: 0)
+        swap(&local, &deltas)
+        defer { swap(&local, &deltas) }
+        local[offset / clusterSize] += sign
         try table.withUnsafeBytes { bytes in
             for at in stride(from: 0, to: bytes.count, by: layout.l2EntryBytes) {
                 let entry = bytes.bigEndianU64(at: at)
                 guard let clusters = try referenced(entry, entryOffset: offset + UInt64(at)) else { continue }
-                for c in clusters { deltas[c] += sign }
+                for c in clusters { local[c] += sign }
             }
         }
     }
@@ -428,11 +433,14 @@ final class SnapshotTransaction {
     /// state, and clear on the others (compressed entries, which never carry it, are left).
     func withCopiedFlags(_ table: [UInt8]) throws -> [UInt8] {
         var out = table
+        var local = RefcountDeltas(clusters: 0)  // as in `path`
+        swap(&local, &deltas)
+        defer { swap(&local, &deltas) }
         for at in stride(from: 0, to: table.count, by: layout.l2EntryBytes) {
             let entry = table.withUnsafeBytes { $0.bigEndianU64(at: at) }
             guard entry & ClusterLayout.compressedFlag == 0 else { continue }
             let host = entry & ClusterLayout.offsetMask
-            let copied = try host != 0 && final(host / clusterSize) == 1
+            let copied = try host != 0 && Int64(bitPattern: refcounts.refcount(ofCluster: host / clusterSize)) + local[host / clusterSize] == 1
             let wanted = copied ? entry | ClusterLayout.copiedFlag : entry & ~ClusterLayout.copiedFlag
             if wanted != entry { out.storeBigEndian(wanted, at: at) }
         }

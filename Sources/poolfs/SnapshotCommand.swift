@@ -94,6 +94,8 @@ struct SnapshotOutcome: Codable, Sendable {
 }
 
 struct SnapshotRun {
+    /// Punches left for the end at most (each holds a descriptor and the image's lock).
+    static let maxPendingPunches = 128
     /// The pool types `Pool.snapshot` works on.
     static let supportedTypes: Set<String> = ["dir", "fs", "netfs", "zfs", "rbd"]
     let operation: SnapshotOperation
@@ -136,7 +138,11 @@ struct SnapshotRun {
         inParallel(names.count) { i in
             let (outcome, punch) = run(names[i], in: pool)
             results.withLock { $0[i] = outcome }
-            if let punch { punches.withLock { $0.append(punch) } }
+            // Each waiting punch keeps its image open and locked: past a bound, the oldest goes now.
+            let overflow = punch.flatMap { punch in
+                punches.withLock { $0.append(punch); return $0.count > Self.maxPendingPunches ? $0.removeFirst() : nil }
+            }
+            overflow?.run()
         }
         let pending = punches.withLock { $0 }
         inParallel(pending.count) { i in pending[i].run() }
