@@ -81,9 +81,6 @@ public final class PendingPunch: Sendable {
         self.clusterSize = clusterSize
     }
 
-    /// Bytes to be given back.
-    public var bytes: UInt64 { runs.reduce(0) { $0 + $1.count } * clusterSize }
-
     public func run() {
         guard !done.exchange(true, ordering: .acquiringAndReleasing) else { return }
         for run in runs { file.punchHole(at: run.first * clusterSize, length: run.count * clusterSize) }

@@ -206,7 +206,7 @@ struct RBDSnapshotCommandTests {
 /// delays are drawn in [0, the command's measured duration]; `POOLFS_KILL_SEED` replays a run
 /// (the seed is printed and named in every failure).
 @Suite("poolfs snapshot revert killed")
-struct KilledRevertTests {
+struct SnapshotCommandKilledRevertTests {
     static let volumes = ["plain", "small", "tiny", "packed", "subclusters"].map { "\($0).qcow2" }
 
     /// Varied images, each with snapshot `class` (taken by qemu-img) and many clusters written
@@ -248,7 +248,7 @@ struct KilledRevertTests {
 
     @Test func eachImageIsOldOrNewAfterAKillAtAnyPoint() throws {
         let seed = ProcessInfo.processInfo.environment["POOLFS_KILL_SEED"].flatMap { UInt64($0) } ?? UInt64.random(in: 1...999_999)
-        print("KilledRevertTests: seed \(seed) (POOLFS_KILL_SEED=\(seed) replays it)")
+        print("SnapshotCommandKilledRevertTests: seed \(seed) (POOLFS_KILL_SEED=\(seed) replays it)")
         var rng = SplitMix(seed: seed)
         let scratch = try Scratch()
         try scratch.sh(Self.setup)
@@ -261,11 +261,12 @@ struct KilledRevertTests {
         }
         try scratch.sh("cp -a pool template")
 
-        /// Starts the revert; with `killAfter`, SIGKILLs it then. Whether it ran to the end.
-        func revert(killAfter delay: Double?) throws -> (finished: Bool, seconds: Double) {
+        /// Starts the revert, `jobs` volumes at a time (1: one after another, so a kill lands
+        /// between volumes more often); with `killAfter`, SIGKILLs it then. Whether it ran to the end.
+        func revert(jobs: Int = 8, killAfter delay: Double?) throws -> (finished: Bool, seconds: Double) {
             let process = Process()
             process.executableURL = URL(fileURLWithPath: Binary.path)
-            process.arguments = ["snapshot", "revert", "pool", "class"]
+            process.arguments = ["snapshot", "revert", "--jobs", String(jobs), "pool", "class"]
             process.currentDirectoryURL = URL(fileURLWithPath: scratch.dir)
             process.standardOutput = FileHandle.nullDevice
             process.standardError = FileHandle.nullDevice
@@ -280,10 +281,10 @@ struct KilledRevertTests {
             return (process.terminationReason == .exit && process.terminationStatus == 0, seconds)
         }
 
-        // The command's duration, for the delays: the longer of two full runs.
+        // The command's duration, for the delays: the longer of two full runs, one per --jobs.
         var duration = 0.0
-        for _ in 0..<2 {
-            let run = try revert(killAfter: nil)
+        for jobs in [1, 8] {
+            let run = try revert(jobs: jobs, killAfter: nil)
             #expect(run.finished, "seed \(seed): the revert failed")
             #expect(Self.states(scratch) == Self.volumes.map { _ in "new" }, "seed \(seed): a full revert")
             duration = max(duration, run.seconds)
@@ -292,9 +293,10 @@ struct KilledRevertTests {
         var outcomes: [String] = []
         for trial in 0..<6 {
             let delay = Double.random(in: 0...duration, using: &rng)
-            let run = try revert(killAfter: delay)
+            let jobs = trial % 2 == 0 ? 1 : 8
+            let run = try revert(jobs: jobs, killAfter: delay)
             let states = Self.states(scratch)
-            outcomes.append("\(String(format: "%.3f", delay)) s: \(run.finished ? "finished" : "killed") \(states.joined(separator: ","))")
+            outcomes.append("--jobs \(jobs), \(String(format: "%.3f", delay)) s: \(run.finished ? "finished" : "killed") \(states.joined(separator: ","))")
             #expect(states.allSatisfy { $0 == "old" || $0 == "new" },
                     "seed \(seed), trial \(trial), killed after \(delay) s: \(states)")
             // Finished: every image is new. Killed: whatever it reached stays, and a second
@@ -305,7 +307,7 @@ struct KilledRevertTests {
             #expect(Self.states(scratch) == Self.volumes.map { _ in "new" }, "seed \(seed), trial \(trial): after the second revert")
             try scratch.sh("rm -rf pool && cp -a template pool")
         }
-        print("KilledRevertTests: seed \(seed), duration \(String(format: "%.3f", duration)) s:\n  " + outcomes.joined(separator: "\n  "))
+        print("SnapshotCommandKilledRevertTests: seed \(seed), duration \(String(format: "%.3f", duration)) s:\n  " + outcomes.joined(separator: "\n  "))
         #expect(outcomes.contains { $0.contains("old") && $0.contains("new") } || outcomes.contains { $0.contains("killed") },
                 "seed \(seed): no kill landed during the revert: \(outcomes)")
     }
