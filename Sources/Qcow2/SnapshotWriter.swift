@@ -105,7 +105,7 @@ final class SnapshotTransaction {
     let activeL1: [UInt64]
     /// Clusters of the header, the refcount structure, the L1 tables and the snapshot table:
     /// an L2 entry or an L1 entry that points into one of them is corruption.
-    var metadata: ClusterSet
+    let metadata: ClusterSet
     /// Refcount changes by cluster index.
     var deltas: RefcountDeltas
     var tables: [UInt64: [UInt8]] = [:]
@@ -153,13 +153,20 @@ final class SnapshotTransaction {
         refcounts = try RefcountWriter(file: file, header: header)
         activeL1 = try Self.readL1(file, header.l1TableOffset, header.l1Size)
         deltas = RefcountDeltas(clusters: refcounts.firstNewCluster)
-        metadata = ClusterSet(clusters: refcounts.firstNewCluster)
+        // A `let` once made: read for every L2 entry, a `var` would be checked for exclusive access.
+        var metadata = ClusterSet(clusters: refcounts.firstNewCluster)
+        let clusterSize = header.clusterSize
+        func mark(_ offset: UInt64, _ bytes: UInt64) {
+            guard bytes > 0 else { return }
+            for c in offset / clusterSize...(offset + bytes - 1) / clusterSize { metadata.insert(c) }
+        }
         metadata.insert(0)
-        markMetadata(header.refcountTableOffset, UInt64(header.refcountTableClusters) * clusterSize)
+        mark(header.refcountTableOffset, UInt64(header.refcountTableClusters) * clusterSize)
         for block in refcounts.table where block != 0 { metadata.insert(block / clusterSize) }
-        markMetadata(header.l1TableOffset, UInt64(header.l1Size) * 8)
-        markMetadata(header.snapshotsOffset, tableBytes)
-        for s in snapshots { markMetadata(s.l1TableOffset, UInt64(s.l1Size) * 8) }
+        mark(header.l1TableOffset, UInt64(header.l1Size) * 8)
+        mark(header.snapshotsOffset, tableBytes)
+        for s in snapshots { mark(s.l1TableOffset, UInt64(s.l1Size) * 8) }
+        self.metadata = metadata
     }
 
     // MARK: Operations
@@ -284,10 +291,6 @@ final class SnapshotTransaction {
         for c in offset / clusterSize...(offset + bytes - 1) / clusterSize { deltas[c] += sign }
     }
 
-    func markMetadata(_ offset: UInt64, _ bytes: UInt64) {
-        guard bytes > 0 else { return }
-        for c in offset / clusterSize...(offset + bytes - 1) / clusterSize { metadata.insert(c) }
-    }
 
     func final(_ cluster: UInt64) throws -> Int64 {
         Int64(bitPattern: try refcounts.refcount(ofCluster: cluster)) + deltas[cluster]
