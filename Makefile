@@ -69,9 +69,9 @@ test-sanitizers: deps
 # pool, LVM from the PVs, an iSCSI LUN against qemu-storage-daemon, partition files against their
 # volumes, an RBD image against rbd-fuse and qemu-storage-daemon's rbd driver, raw files (passthrough,
 # nopassthrough, qemu-storage-daemon, the file; and writes), qcow2 writes through -o rw against
-# qemu-storage-daemon's writable export (fresh images, qemu-img check after each) and copying a snapshot
-# out (bench/run.py).
-# BENCH_ARGS="--sections iscsi,partitions" runs some sections only.
+# qemu-storage-daemon's writable export (fresh images, qemu-img check after each), copying a snapshot
+# out, and reverting a pool of 30 qcow2 volumes against a qemu-img snapshot -a loop (bench/run.py).
+# BENCH_ARGS="--sections iscsi,partitions" runs some sections only; "--sections revert" the revert.
 bench: release
 	@scripts/install-deps.sh libqcow-utils
 	bench/run.py "$(BIN_RELEASE)" $(BENCH_ARGS)

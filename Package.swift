@@ -18,8 +18,8 @@ let package = Package(
         .target(name: "CCompress", linkerSettings: [.linkedLibrary("deflate"), .linkedLibrary("z"), .linkedLibrary("zstd")]),
         .target(name: "CHostIO"),
         .systemLibrary(name: "CISCSI", pkgConfig: "libiscsi", providers: [.apt(["libiscsi-dev"])]),
-        // librados and librbd ship no pkg-config file: the module map links them.
-        .systemLibrary(name: "CRBD", providers: [.apt(["librbd-dev"])]),
+        // librados and librbd (librbd-dev): loaded on first use (loader.c), not linked.
+        .target(name: "CRBD", linkerSettings: [.linkedLibrary("dl")]),
         // The lock every module uses: a pthread mutex, which ThreadSanitizer understands.
         .target(name: "Locking"),
 

@@ -1101,7 +1101,92 @@ def copyout(binary, size, rounds):
     return results, allocated, strace
 
 
-SECTIONS = ["peers", "pool", "lvm", "iscsi", "partitions", "rbd", "raw", "writes", "copyout"]
+REVERT_VOLUMES, REVERT_DISK, REVERT_STEP = 30, 20 * GiB, 16 * MiB
+
+
+def make_revert_template(work, written):
+    """A 20 GiB qcow2 (64 KiB clusters) with snapshot `class`: 64 KiB of 0x5a every 16 MiB of
+    [1 GiB, 1 GiB + written) before the snapshot, then all of that range written with zeros after it
+    (one contiguous range, so `written` bytes of new clusters, in one run at the end of the file).
+    The zero clusters are then dug out of the file (fallocate --dig-holes): each copy is small,
+    and `fallocate` of the copy gives those clusters their disk blocks back (unwritten extents)
+    without writing `written` bytes per volume per round. Returns the template's path."""
+    template = os.path.join(work, f"template-{written >> 20}M.qcow2")
+    if os.path.exists(template):
+        return template
+    marks = " ".join(f"-c 'write -P 0x5a {GiB + o} 64k'" for o in range(0, written, REVERT_STEP))
+    sh(f"qemu-img create -q -f qcow2 -o cluster_size=64k {template}.tmp {REVERT_DISK}")
+    sh(f"qemu-io -f qcow2 {marks} {template}.tmp >/dev/null")
+    sh(f"qemu-img snapshot -c class {template}.tmp")
+    sh(f"qemu-io -f qcow2 -c 'write -P 0 {GiB} {written}' {template}.tmp >/dev/null")
+    sh(f"fallocate --dig-holes {template}.tmp && mv {template}.tmp {template}")
+    return template
+
+
+def fill_revert_pool(pool, template, written):
+    """The pool's 30 volumes as copies of `template`, every hole of each allocated again (the
+    `written` bytes of clusters after the snapshot), then synced: setup, never timed."""
+    shutil.rmtree(pool, ignore_errors=True)
+    os.makedirs(pool)
+    for i in range(REVERT_VOLUMES):
+        v = os.path.join(pool, f"vm{i:02}.qcow2")
+        sh(f"cp --sparse=always {template} {v} && fallocate -l $(stat -c %s {v}) {v}")
+        if i == 0 and os.stat(v).st_blocks * 512 < written:
+            raise RuntimeError(f"revert: {v} has {os.stat(v).st_blocks * 512} bytes allocated, under {written}")
+    sh("sync")
+
+
+def check_reverted(pool, written, who):
+    """Spot checks of three volumes: qemu-img check clean, the marks of the snapshot back, the
+    snapshot still listed."""
+    for i in (0, REVERT_VOLUMES // 2, REVERT_VOLUMES - 1):
+        v = os.path.join(pool, f"vm{i:02}.qcow2")
+        reads = " ".join(f"-c 'read -P 0x5a {GiB + o} 64k' -c 'read -P 0 {GiB + o + 64 * 1024} 64k'"
+                         for o in (0, written - REVERT_STEP))
+        out = sh(f"qemu-img check {v} && qemu-io -f qcow2 {reads} {v} && qemu-img snapshot -l {v}")
+        if "Pattern verification failed" in out or " class " not in out:
+            raise RuntimeError(f"revert: {v} not reverted by {who}:\n{out}")
+
+
+def revert_section(binary, rounds, sizes):
+    """`poolfs snapshot revert` of a pool of 30 volumes against a shell loop of `qemu-img snapshot -a`
+    over the same pool, interleaved rounds (the order alternates), for each size written after the
+    snapshot. Returns ({written: {side: [seconds per round]}}, {written: {side: allocated bytes of
+    the pool after}}) or a reason."""
+    missing = missing_tools("qemu-img", "qemu-io", "fallocate")
+    if missing:
+        return f"skipped: {', '.join(missing)} not found (scripts/install-deps.sh installs qemu-utils)", {}
+    work = os.path.join(WORK, "revert")
+    shutil.rmtree(work, ignore_errors=True)
+    os.makedirs(work)
+    pool = os.path.join(work, "pool")
+    commands = {"poolfs": f"'{binary}' snapshot revert --type dir {pool} class >/dev/null",
+                "qemu-img": f"for f in {pool}/*.qcow2; do qemu-img snapshot -a class \"$f\" || exit 1; done"}
+    results, allocated = {}, {}
+    try:
+        for written in sizes:
+            template = make_revert_template(work, written)
+            results[written] = {side: [] for side in commands}
+            allocated[written] = {}
+            for r in range(rounds):
+                for side in (list(commands) if r % 2 == 0 else list(commands)[::-1]):
+                    fill_revert_pool(pool, template, written)
+                    start = time.perf_counter()
+                    sh(commands[side])
+                    results[written][side].append(time.perf_counter() - start)
+                    if r == 0:
+                        check_reverted(pool, written, side)
+                        allocated[written][side] = sum(os.stat(os.path.join(pool, f)).st_blocks * 512 for f in os.listdir(pool))
+                v = results[written]
+                print(f"revert {written >> 20} MiB round {r + 1}/{rounds}: poolfs {v['poolfs'][-1]:.3f} s, "
+                      f"qemu-img {v['qemu-img'][-1]:.3f} s, {v['qemu-img'][-1] / v['poolfs'][-1]:.1f}×", flush=True)
+            os.remove(template)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return results, allocated
+
+
+SECTIONS = ["peers", "pool", "lvm", "iscsi", "partitions", "rbd", "raw", "writes", "copyout", "revert"]
 
 
 def peers(binary, rounds, quick):
@@ -1293,6 +1378,39 @@ def main():
             if strace:
                 keys = ["lseek", "read", "write", "copy_file_range", "ioctl", "fadvise64"]
                 lines.append("`strace -c -f` of the poolfs `cp`: " + ", ".join(f"{k} {strace[k]:,}" for k in keys if k in strace) + ".")
+    if "revert" in sections:
+        # 30 × 2 GiB allocated at once does not fit beside the rest of this disk: the largest
+        # size that leaves a margin, and a quarter of it, to show how the time scales.
+        free = shutil.disk_usage(WORK).free
+        want = [64 * MiB, 256 * MiB] if args.quick else [256 * MiB, 2 * GiB]
+        big = want[1]
+        while big > want[0] and REVERT_VOLUMES * big * 1.3 + 8 * GiB > free:
+            big //= 2
+        sizes = [min(want[0], big // 4), big]
+        note = "" if big == want[1] else (f" 30 × {want[1] >> 20} MiB allocated would not fit ({free >> 30} GiB free on this disk): "
+                                          f"{big >> 20} MiB per volume, the most that leaves a margin, and {sizes[0] >> 20} MiB, "
+                                          "to show how the time scales with what was written.")
+        times, allocated = revert_section(binary, args.rounds, sizes)
+        lines += ["", f"Reverting a pool: {REVERT_VOLUMES} qcow2 volumes of {REVERT_DISK >> 30} GiB (64 KiB clusters), each with snapshot "
+                  "`class`, then one contiguous range written after it (its clusters allocated, one run at the end of the file; each copy of the "
+                  "template gets those clusters' disk blocks back by `fallocate`, as unwritten extents, rather than by writing them again); "
+                  "`poolfs snapshot revert` of the pool (every volume, default --jobs) against a shell loop of "
+                  f"`qemu-img snapshot -a class` over the same pool; seconds for all {REVERT_VOLUMES}, interleaved rounds, "
+                  "the pool made again (untimed) before each." + note, ""]
+        if isinstance(times, str):
+            print(times, flush=True)
+            lines.append(times)
+        else:
+            lines += ["| written after the snapshot, per volume | poolfs | qemu-img loop | qemu-img / poolfs | per round | pool allocated after: poolfs, qemu-img |",
+                      "| --- | ---: | ---: | ---: | --- | --- |"]
+            for written, sides in times.items():
+                p, q = statistics.median(sides["poolfs"]), statistics.median(sides["qemu-img"])
+                per_round = ", ".join(f"{b / a:.1f}" for a, b in zip(sides["poolfs"], sides["qemu-img"]))
+                a = allocated[written]
+                lines.append(f"| {written >> 20} MiB ({REVERT_VOLUMES * written >> 20} MiB in all) | {p:.3f} | {q:.3f} | {q / p:.1f}× | {per_round} | "
+                             f"{a['poolfs'] >> 20} MiB, {a['qemu-img'] >> 20} MiB |")
+            lines += ["", "Both leave every volume reverted (qemu-img check, the snapshot's bytes read back on three of them) "
+                      "and give the freed clusters' disk space back (poolfs punches them, qemu-img discards them)."]
     report = "\n".join(lines)
     print(report)
     with open(os.path.join(WORK, "results.md"), "w") as f:

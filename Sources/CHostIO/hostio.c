@@ -4,6 +4,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <linux/falloc.h>
+#include <malloc.h>
 #include <signal.h>
 #include <spawn.h>
 #include <stdlib.h>
@@ -106,4 +107,9 @@ int poolfs_wait(int pid, int timeout_ms, int *status) {
         usleep((useconds_t)pause_us);
         if (pause_us < 20000) pause_us *= 2;
     }
+}
+
+void poolfs_keep_freed_memory(int mmap_threshold, int trim_threshold) {
+    mallopt(M_MMAP_THRESHOLD, mmap_threshold);
+    mallopt(M_TRIM_THRESHOLD, trim_threshold);
 }

@@ -50,6 +50,10 @@ public protocol Pool: Sendable {
     /// dry run, when it could be done now), throws `SnapshotSkip` when the volume was left alone
     /// for a reason, any other error when it failed.
     func snapshot(_ operation: SnapshotOperation, _ name: String, of volume: String, dryRun: Bool) throws
+    /// `snapshot`, leaving to the caller what can wait until the other volumes are done: the
+    /// holes of a dir pool's freed clusters (the volume stays locked until they are punched).
+    /// nil when nothing waits; the default runs `snapshot`.
+    func snapshotLeavingPunch(_ operation: SnapshotOperation, _ name: String, of volume: String, dryRun: Bool) throws -> PendingPunch?
 }
 
 extension Pool {

@@ -67,6 +67,11 @@ extension Pool {
     public func snapshot(_ operation: SnapshotOperation, _ name: String, of volume: String, dryRun: Bool) throws {
         throw SnapshotError.unsupported(pool: displayName)
     }
+
+    public func snapshotLeavingPunch(_ operation: SnapshotOperation, _ name: String, of volume: String, dryRun: Bool) throws -> PendingPunch? {
+        try snapshot(operation, name, of: volume, dryRun: dryRun)
+        return nil
+    }
 }
 
 extension DirectoryPool {
@@ -74,8 +79,15 @@ extension DirectoryPool {
 
     /// qcow2 internal snapshots, written by poolfs's own engine as `qemu-img snapshot -c/-a/-d`
     /// writes them. The image is opened for writing, so QEMU's image locks decide whether it is
-    /// in use; a raw file cannot hold snapshots.
+    /// in use (the skip names the programs holding them, where /proc shows them); a raw file
+    /// cannot hold snapshots.
     public func snapshot(_ operation: SnapshotOperation, _ name: String, of volume: String, dryRun: Bool) throws {
+        try snapshotLeavingPunch(operation, name, of: volume, dryRun: dryRun)?.run()
+    }
+
+    /// `snapshot`, the clusters a revert or delete freed left to punch (`PendingPunch`), the
+    /// image still locked until then.
+    public func snapshotLeavingPunch(_ operation: SnapshotOperation, _ name: String, of volume: String, dryRun: Bool) throws -> PendingPunch? {
         guard let path = self.volume(volume)?.path else { throw SnapshotError.noSuchVolume(volume) }
         do {
             let image = try Image.open(path: path, cache: BlockCache(capacityBytes: 1 << 20), writable: true)
@@ -90,15 +102,19 @@ extension DirectoryPool {
                 // The lock decides whether it could be done now.
                 try image.hostFiles[0].lockForWriting()
                 image.hostFiles[0].unlockWriting()
-                return
+                return nil
             }
             switch operation {
-            case .create(let replace): try qcow2.createSnapshot(name: name, replace: replace)
-            case .revert: try qcow2.revertToSnapshot(name)
-            case .delete: try qcow2.deleteSnapshot(name)
+            case .create(let replace):
+                try qcow2.createSnapshot(name: name, replace: replace)
+                return nil
+            case .revert: return try qcow2.revertToSnapshotLeavingPunch(name)
+            case .delete: return try qcow2.deleteSnapshotLeavingPunch(name)
             }
         } catch Qcow2Error.inUse(let why) {
-            throw SnapshotSkip.inUse(why)
+            // QEMU's locks do not say whose they are; the holder's descriptors do.
+            let holders = LockHolders.qemuLocks(on: path)
+            throw SnapshotSkip.inUse(holders.isEmpty ? why : "\(holders.map(\.description).joined(separator: ", ")): \(why)")
         }
     }
 }

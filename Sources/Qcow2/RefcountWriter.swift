@@ -227,7 +227,8 @@ struct StagedRefcounts {
     var tableClusters: UInt32
     /// New refcount blocks and the new table, at clusters that nothing on disk counts or uses.
     var writes: [(offset: UInt64, bytes: [UInt8])]
-    /// Clusters counted before and free in the staged structure: punched once it is live.
+    /// Clusters counted before and free in the staged structure, in ascending order: punched
+    /// once it is live.
     var freed: [UInt64]
 }
 
@@ -237,7 +238,7 @@ extension RefcountWriter {
     /// new cluster and the table is copied too, so the live structure stays as it is until the
     /// header points at the staged one; the old table and blocks are freed in the staged counts.
     /// Nothing is written here and no count changes.
-    func stage(deltas: [UInt64: Int64], contentClusters: UInt64) throws(Qcow2Error) -> StagedRefcounts {
+    func stage(deltas: RefcountDeltas, contentClusters: UInt64) throws(Qcow2Error) -> StagedRefcounts {
         // The table and blocks count themselves: grow their number until it covers them. Placed
         // past everything counted, more clusters only touch more blocks, so this converges.
         var extra: UInt64 = 2
@@ -245,17 +246,17 @@ extension RefcountWriter {
             let start = try freeRunForStaging(contentClusters + extra)
             let tableStart = start + contentClusters
             var changes = deltas
-            for c in start..<start + contentClusters + extra { changes[c, default: 0] += 1 }
+            for c in start..<start + contentClusters + extra { changes[c] += 1 }
             let oldTableFirst = tableOffset / clusterSize
             let oldTableClusters = (UInt64(table.count) * 8 + clusterSize - 1) / clusterSize
-            for c in oldTableFirst..<oldTableFirst + oldTableClusters { changes[c, default: 0] -= 1 }
+            for c in oldTableFirst..<oldTableFirst + oldTableClusters { changes[c] -= 1 }
             // Each touched block moves; the old copy's count drops, which may touch another block.
-            var touched = Set(changes.filter { $0.value != 0 }.keys.map { $0 / entriesPerBlock })
+            var touched = changes.groupsWithChanges(of: entriesPerBlock)
             var pending = Array(touched)
             while let b = pending.popLast() {
                 guard b < UInt64(table.count), table[Int(b)] != 0 else { continue }
                 let old = table[Int(b)] / clusterSize
-                changes[old, default: 0] -= 1
+                changes[old] -= 1
                 if touched.insert(old / entriesPerBlock).inserted { pending.append(old / entriesPerBlock) }
             }
             let entries = max(UInt64(table.count), (touched.max() ?? 0) + 1)
@@ -271,11 +272,12 @@ extension RefcountWriter {
             var newTable = table + [UInt64](repeating: 0, count: Int(tableClusters * clusterSize / 8) - table.count)
             var writes: [(offset: UInt64, bytes: [UInt8])] = []
             var freed: [UInt64] = []
-            let byBlock = Dictionary(grouping: changes.filter { $0.value != 0 }, by: { $0.key / entriesPerBlock })
+            // Block by block in order, each block's changes in cluster order: `freed` comes out
+            // sorted. (Every change's block is in `touched`.)
             for (n, b) in touched.sorted().enumerated() {
                 var block = b < UInt64(table.count) && table[Int(b)] != 0
                     ? try loadBlockForStaging(b) : [UInt8](repeating: 0, count: Int(clusterSize))
-                for (cluster, delta) in byBlock[b] ?? [] {
+                try changes.forEachNonzero(in: b * entriesPerBlock..<(b + 1) * entriesPerBlock) { (cluster, delta) throws(Qcow2Error) in
                     let e = cluster % entriesPerBlock
                     let current = block.withUnsafeBytes { RefcountBlock.entry($0, e, bits: bits) }
                     let value = Int64(bitPattern: current) + delta
@@ -293,9 +295,8 @@ extension RefcountWriter {
                 newTable[Int(b)] = at
                 writes.append((at, block))
             }
-            var tableBytes: [UInt8] = []
-            tableBytes.reserveCapacity(newTable.count * 8)
-            for entry in newTable { tableBytes += bigEndianBytes(entry) }
+            var tableBytes = [UInt8](repeating: 0, count: newTable.count * 8)
+            for (i, entry) in newTable.enumerated() where entry != 0 { tableBytes.storeBigEndian(entry, at: i * 8) }
             writes.append((tableStart * clusterSize, tableBytes))
             return StagedRefcounts(contentStart: start * clusterSize, tableOffset: tableStart * clusterSize,
                                    tableClusters: UInt32(tableClusters), writes: writes, freed: freed)

@@ -1,4 +1,5 @@
 import Foundation
+import Synchronization
 
 // Internal snapshots written (docs/interop/qcow2.txt, "Snapshots" and "Host cluster management"):
 // what `qemu-img snapshot -c`, `-a` and `-d` do, with the same refcounts: a cluster is counted
@@ -14,7 +15,8 @@ import Foundation
 // counts change and a new refcount table. Then a barrier, then one write inside the header's first
 // sector (bytes 24-95: size, L1, refcount table, snapshot table, autoclear bits) switches the
 // image from the old state to the new, then a barrier, then the clusters only the old state used
-// are punched (their count is already 0). A crash before the header write leaves the old state
+// are punched (their count is already 0), still under the write lock (`PendingPunch`: a command
+// may punch after switching other images). A crash before the header write leaves the old state
 // untouched, with uncounted clusters past its end that no check reports; after it, the new state.
 
 extension Qcow2Image {
@@ -25,20 +27,67 @@ extension Qcow2Image {
     /// still shows the state it was opened with: open the image again to see the new one.
     @discardableResult
     public func createSnapshot(name: String, date: Date = Date(), replace: Bool = false) throws -> Snapshot {
-        try SnapshotTransaction.run(self) { t in try t.create(name: name, date: date, replace: replace) }
+        let (snapshot, punch) = try SnapshotTransaction.run(self) { t in try t.create(name: name, date: date, replace: replace) }
+        punch.run()
+        return snapshot
     }
 
     /// Makes the live state that of the snapshot named `idOrName` (its id first, as QEMU looks it
     /// up), disk size included, as `qemu-img snapshot -a` does. Locking as `createSnapshot`.
     public func revertToSnapshot(_ idOrName: String) throws {
-        try SnapshotTransaction.run(self) { t in try t.revert(idOrName) }
+        try revertToSnapshotLeavingPunch(idOrName).run()
     }
 
     /// Deletes the snapshot `idOrName` and frees what only it used, as `qemu-img snapshot -d`.
     /// Locking as `createSnapshot`.
     public func deleteSnapshot(_ idOrName: String) throws {
-        try SnapshotTransaction.run(self) { t in try t.delete(idOrName) }
+        try deleteSnapshotLeavingPunch(idOrName).run()
     }
+
+    /// `revertToSnapshot`, done and durable, except that the freed clusters are punched (and the
+    /// write lock given back) when the caller runs the returned `PendingPunch`: a command
+    /// reverting many images switches them all first, so that no image's fdatasync waits on the
+    /// journal commit of another's holes (and, on a filesystem mounted with `discard`, their
+    /// discards).
+    public func revertToSnapshotLeavingPunch(_ idOrName: String) throws -> PendingPunch {
+        try SnapshotTransaction.run(self) { t in try t.revert(idOrName) }.1
+    }
+
+    /// `deleteSnapshot`, the freed clusters left to punch as with `revertToSnapshotLeavingPunch`.
+    public func deleteSnapshotLeavingPunch(_ idOrName: String) throws -> PendingPunch {
+        try SnapshotTransaction.run(self) { t in try t.delete(idOrName) }.1
+    }
+}
+
+/// The clusters a snapshot operation freed, not yet punched, with the image's write lock still
+/// held: in the image's counts they are free already, and no other writer may reuse one before
+/// its hole is made (the hole would zero what it wrote). `run()` punches them, one call per run
+/// of clusters, and gives the lock back; the end of the object does so if nobody did.
+public final class PendingPunch: Sendable {
+    let file: HostFile
+    /// Runs of free clusters, as (first cluster, count), in ascending order.
+    let runs: [Run]
+    let clusterSize: UInt64
+    private let done = Atomic<Bool>(false)
+
+    struct Run: Sendable {
+        var first: UInt64
+        var count: UInt64
+    }
+
+    init(file: HostFile, runs: [Run], clusterSize: UInt64) {
+        self.file = file
+        self.runs = runs
+        self.clusterSize = clusterSize
+    }
+
+    public func run() {
+        guard !done.exchange(true, ordering: .acquiringAndReleasing) else { return }
+        for run in runs { file.punchHole(at: run.first * clusterSize, length: run.count * clusterSize) }
+        file.unlockWriting()
+    }
+
+    deinit { run() }
 }
 
 /// One snapshot operation on an image, under its write lock: the state as read from the disk
@@ -56,17 +105,28 @@ final class SnapshotTransaction {
     let activeL1: [UInt64]
     /// Clusters of the header, the refcount structure, the L1 tables and the snapshot table:
     /// an L2 entry or an L1 entry that points into one of them is corruption.
-    var metadata: Set<UInt64> = []
+    let metadata: ClusterSet
     /// Refcount changes by cluster index.
-    var deltas: [UInt64: Int64] = [:]
+    var deltas: RefcountDeltas
     var tables: [UInt64: [UInt8]] = [:]
 
-    static func run<R>(_ image: Qcow2Image, _ body: (SnapshotTransaction) throws -> R) throws -> R {
+    /// Clusters only the old state used, once `commit` made the new one live: to be punched.
+    var freedRuns: [PendingPunch.Run] = []
+
+    /// Runs `body` under the write lock, which the returned `PendingPunch` gives back once it
+    /// has punched what the operation freed (on an error, it is given back at once).
+    static func run<R>(_ image: Qcow2Image, _ body: (SnapshotTransaction) throws -> R) throws -> (R, PendingPunch) {
         let file = image.file
         guard file.writable else { throw Qcow2Error.writeRefused("\(file.path) was opened read-only") }
         try file.lockForWriting()
-        defer { file.unlockWriting() }
-        return try body(SnapshotTransaction(file: file, clusterSize: image.layout.clusterSize))
+        do {
+            let t = try SnapshotTransaction(file: file, clusterSize: image.layout.clusterSize)
+            let result = try body(t)
+            return (result, PendingPunch(file: file, runs: t.freedRuns, clusterSize: t.clusterSize))
+        } catch {
+            file.unlockWriting()
+            throw error
+        }
     }
 
     /// Reads the header and tables afresh, under the lock: what another program wrote before
@@ -92,12 +152,21 @@ final class SnapshotTransaction {
         (entries, tableBytes) = try Self.rawEntries(file, header: header)
         refcounts = try RefcountWriter(file: file, header: header)
         activeL1 = try Self.readL1(file, header.l1TableOffset, header.l1Size)
+        deltas = RefcountDeltas(clusters: refcounts.firstNewCluster)
+        // A `let` once made: read for every L2 entry, a `var` would be checked for exclusive access.
+        var metadata = ClusterSet(clusters: refcounts.firstNewCluster)
+        let clusterSize = header.clusterSize
+        func mark(_ offset: UInt64, _ bytes: UInt64) {
+            guard bytes > 0 else { return }
+            for c in offset / clusterSize...(offset + bytes - 1) / clusterSize { metadata.insert(c) }
+        }
         metadata.insert(0)
-        markMetadata(header.refcountTableOffset, UInt64(header.refcountTableClusters) * clusterSize)
+        mark(header.refcountTableOffset, UInt64(header.refcountTableClusters) * clusterSize)
         for block in refcounts.table where block != 0 { metadata.insert(block / clusterSize) }
-        markMetadata(header.l1TableOffset, UInt64(header.l1Size) * 8)
-        markMetadata(header.snapshotsOffset, tableBytes)
-        for s in snapshots { markMetadata(s.l1TableOffset, UInt64(s.l1Size) * 8) }
+        mark(header.l1TableOffset, UInt64(header.l1Size) * 8)
+        mark(header.snapshotsOffset, tableBytes)
+        for s in snapshots { mark(s.l1TableOffset, UInt64(s.l1Size) * 8) }
+        self.metadata = metadata
     }
 
     // MARK: Operations
@@ -179,12 +248,17 @@ final class SnapshotTransaction {
         let offset = l1Entry & ClusterLayout.offsetMask
         guard offset != 0 else { return }
         let table = try l2Table(offset, entryOffset: entryOffset)
-        deltas[offset / clusterSize, default: 0] += sign
+        // Counted in a local, swapped in and out (no copy): a class property would be checked
+        // for exclusive access at every entry, which cost as much as the counting.
+        var local = RefcountDeltas(clusters: 0)
+        swap(&local, &deltas)
+        defer { swap(&local, &deltas) }
+        local[offset / clusterSize] += sign
         try table.withUnsafeBytes { bytes in
             for at in stride(from: 0, to: bytes.count, by: layout.l2EntryBytes) {
                 let entry = bytes.bigEndianU64(at: at)
                 guard let clusters = try referenced(entry, entryOffset: offset + UInt64(at)) else { continue }
-                for c in clusters { deltas[c, default: 0] += sign }
+                for c in clusters { local[c] += sign }
             }
         }
     }
@@ -205,7 +279,7 @@ final class SnapshotTransaction {
             }
             clusters = host / clusterSize...host / clusterSize
         }
-        guard clusters.lowerBound < refcounts.firstNewCluster, !clusters.contains(where: metadata.contains) else {
+        guard clusters.lowerBound < refcounts.firstNewCluster, !clusters.contains(where: { metadata.contains($0) }) else {
             throw Qcow2Error.corrupt("L2 entry refers to host cluster \(clusters.lowerBound), past the end of the file or metadata",
                                     offset: entryOffset)
         }
@@ -214,16 +288,12 @@ final class SnapshotTransaction {
 
     func count(_ offset: UInt64, _ bytes: UInt64, _ sign: Int64) {
         guard bytes > 0 else { return }
-        for c in offset / clusterSize...(offset + bytes - 1) / clusterSize { deltas[c, default: 0] += sign }
+        for c in offset / clusterSize...(offset + bytes - 1) / clusterSize { deltas[c] += sign }
     }
 
-    func markMetadata(_ offset: UInt64, _ bytes: UInt64) {
-        guard bytes > 0 else { return }
-        for c in offset / clusterSize...(offset + bytes - 1) / clusterSize { metadata.insert(c) }
-    }
 
     func final(_ cluster: UInt64) throws -> Int64 {
-        Int64(bitPattern: try refcounts.refcount(ofCluster: cluster)) + deltas[cluster, default: 0]
+        Int64(bitPattern: try refcounts.refcount(ofCluster: cluster)) + deltas[cluster]
     }
 
     // MARK: Reading
@@ -298,7 +368,7 @@ final class SnapshotTransaction {
             if wanted == table {
                 l1[i] = offset | (try final(offset / clusterSize) == 1 ? ClusterLayout.copiedFlag : 0)
             } else {
-                deltas[offset / clusterSize, default: 0] -= 1
+                deltas[offset / clusterSize] -= 1
                 copies.append((i, wanted))
             }
         }
@@ -348,27 +418,29 @@ final class SnapshotTransaction {
         }
         try file.write(Array(fields[24...]), at: 24)
         try file.syncData()
-        // Runs of freed clusters go back in one call each: a revert may free gigabytes.
-        var runs: [(first: UInt64, count: UInt64)] = []
-        for cluster in staged.freed.sorted() {
-            if let last = runs.last, last.first + last.count == cluster {
-                runs[runs.count - 1].count += 1
+        // Runs of freed clusters go back in one call each (a revert may free gigabytes), after
+        // this barrier: the caller punches them (`PendingPunch`).
+        for cluster in staged.freed {
+            if let last = freedRuns.last, last.first + last.count == cluster {
+                freedRuns[freedRuns.count - 1].count += 1
             } else {
-                runs.append((cluster, 1))
+                freedRuns.append(PendingPunch.Run(first: cluster, count: 1))
             }
         }
-        for run in runs { file.punchHole(at: run.first * clusterSize, length: run.count * clusterSize) }
     }
 
     /// The table with COPIED set on each entry whose cluster is counted exactly once in the new
     /// state, and clear on the others (compressed entries, which never carry it, are left).
     func withCopiedFlags(_ table: [UInt8]) throws -> [UInt8] {
         var out = table
+        var local = RefcountDeltas(clusters: 0)  // as in `path`
+        swap(&local, &deltas)
+        defer { swap(&local, &deltas) }
         for at in stride(from: 0, to: table.count, by: layout.l2EntryBytes) {
             let entry = table.withUnsafeBytes { $0.bigEndianU64(at: at) }
             guard entry & ClusterLayout.compressedFlag == 0 else { continue }
             let host = entry & ClusterLayout.offsetMask
-            let copied = try host != 0 && final(host / clusterSize) == 1
+            let copied = try host != 0 && Int64(bitPattern: refcounts.refcount(ofCluster: host / clusterSize)) + local[host / clusterSize] == 1
             let wanted = copied ? entry | ClusterLayout.copiedFlag : entry & ~ClusterLayout.copiedFlag
             if wanted != entry { out.storeBigEndian(wanted, at: at) }
         }

@@ -25,4 +25,9 @@ int poolfs_spawn(const char *args, int argc, const char *env, int envc, int out_
 /// while it runs; another -errno on failure.
 int poolfs_wait(int pid, int timeout_ms, int *status);
 
+/// mallopt(M_MMAP_THRESHOLD, mmap_threshold) and mallopt(M_TRIM_THRESHOLD, trim_threshold): for
+/// a short-lived command whose work allocates and frees the same few MB over and over, kept
+/// rather than mapped and page-faulted in afresh each time.
+void poolfs_keep_freed_memory(int mmap_threshold, int trim_threshold);
+
 #endif
