@@ -221,6 +221,10 @@ public final class RBDPool: Pool {
     }
 
     public func release() -> [String] {
+        // A listing still running in the background keeps the cluster connected: a process that
+        // exits meanwhile runs librados's static destructors under its busy threads, which
+        // aborts (boost::bad_get). Bounded like every cluster operation.
+        images.settle(seconds: options.timeout + 1)
         handles.removeAll()
         return []
     }

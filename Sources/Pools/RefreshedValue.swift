@@ -67,6 +67,13 @@ final class RefreshedValue<Value: Sendable>: Sendable {
         return state.withLock { $0.value }
     }
 
+    /// Waits up to `seconds` for a refresh running in the background to end, so that whoever
+    /// lets the value go (a pool released before the process exits) leaves no query behind.
+    func settle(seconds: Double) {
+        guard let running = state.withLock({ $0.refreshing }) else { return }
+        _ = running.wait(timeout: .now() + seconds)
+    }
+
     static func now() -> Double {
         var ts = timespec()
         clock_gettime(CLOCK_MONOTONIC, &ts)
