@@ -13,6 +13,10 @@
  *   and capabilities on write, truncate and chown (FUSE_WRITE_KILL_SUIDGID,
  *   FATTR_KILL_SUIDGID, FUSE_OPEN_KILL_SUIDGID). poolfs has nothing to clear: its files never
  *   show those mode bits and it has no security.* attributes (PoolFileSystem.attributes).
+ *   And FUSE_DIRECT_IO_ALLOW_MMAP in flags2 (bit 4, flag bit 36; kernel 6.6) when asked for and
+ *   offered: writers' opens are FOPEN_DIRECT_IO (the kernel hands the daemon the writer's own
+ *   pages instead of copying them into the FUSE file's page cache first), and without it the
+ *   kernel refuses MAP_SHARED of such an open (fuse_file_mmap: ENODEV).
  * - OPEN: the request's unique is kept; the reply (struct fuse_open_out { u64 fh; u32 open_flags;
  *   i32 backing_id; }) whose fh carries POOLFS_PASSTHROUGH_FH_TAG in its high half gets
  *   FOPEN_PASSTHROUGH (bit 7) and the backing id from the low half. Only OPEN replies are looked
@@ -46,6 +50,7 @@ enum {
 #define INIT_WRITEBACK_CACHE (1u << 16)
 #define INIT_HANDLE_KILLPRIV_V2 (1u << 28)
 #define INIT_EXT (1u << 30)
+#define INIT2_DIRECT_IO_ALLOW_MMAP (1u << 4)  /* FUSE_DIRECT_IO_ALLOW_MMAP >> 32 */
 #define INIT2_PASSTHROUGH (1u << 5)  /* FUSE_PASSTHROUGH >> 32 */
 #define FOPEN_PASSTHROUGH_FLAG (1u << 7)
 
@@ -63,11 +68,13 @@ struct backing_map {
 static struct {
     int wanted;
     int killpriv_wanted;
+    int direct_mmap_wanted;
     atomic_uint_fast64_t init_unique;   /* 0 until INIT is read */
     atomic_uint kernel_flags;           /* INIT's flags */
     atomic_uint kernel_flags2;          /* INIT's flags2 (0 without FUSE_INIT_EXT) */
     atomic_int negotiated;
     atomic_int killpriv_negotiated;
+    atomic_int direct_mmap_negotiated;
     atomic_int opens_pending;
     pthread_mutex_t lock;
     uint64_t opens[OPENS_MAX];
@@ -122,11 +129,13 @@ static ssize_t io_read(int fd, void *buf, size_t len, void *userdata) {
     return n;
 }
 
-/* The INIT reply, with passthrough and FUSE_HANDLE_KILLPRIV_V2 asked for when wanted and offered. */
+/* The INIT reply, with passthrough, FUSE_HANDLE_KILLPRIV_V2 and FUSE_DIRECT_IO_ALLOW_MMAP asked
+ * for when wanted and offered. */
 static void complete_init(struct iovec *payload, unsigned char *copy, size_t room) {
     int passthrough = pt.wanted && (atomic_load(&pt.kernel_flags2) & INIT2_PASSTHROUGH);
     int killpriv = pt.killpriv_wanted && (atomic_load(&pt.kernel_flags) & INIT_HANDLE_KILLPRIV_V2);
-    if (!passthrough && !killpriv) return;
+    int direct_mmap = pt.direct_mmap_wanted && (atomic_load(&pt.kernel_flags2) & INIT2_DIRECT_IO_ALLOW_MMAP);
+    if (!passthrough && !killpriv && !direct_mmap) return;
     if (payload->iov_len < INIT_OUT_MIN || payload->iov_len > room) return;
     memcpy(copy, payload->iov_base, payload->iov_len);
     /* struct fuse_init_out: flags 12, flags2 32, max_stack_depth 36 */
@@ -141,6 +150,11 @@ static void complete_init(struct iovec *payload, unsigned char *copy, size_t roo
         /* Backing files on ordinary filesystems (stack depth 0); FILESYSTEM_MAX_STACK_DEPTH is 2. */
         store32(copy + 36, 1);
         atomic_store(&pt.negotiated, 1);
+    }
+    if (direct_mmap) {
+        flags |= INIT_EXT;
+        store32(copy + 32, load32(copy + 32) | INIT2_DIRECT_IO_ALLOW_MMAP);
+        atomic_store(&pt.direct_mmap_negotiated, 1);
     }
     store32(copy + 12, flags);
     payload->iov_base = copy;
@@ -184,9 +198,11 @@ static ssize_t io_splice_send(int fdin, off_t *offin, int fdout, off_t *offout, 
     return splice(fdin, offin, fdout, offout, len, flags);
 }
 
-int poolfs_session_custom_io(struct fuse_session *session, int passthrough, int handle_killpriv) {
+int poolfs_session_custom_io(struct fuse_session *session, int passthrough, int handle_killpriv,
+                             int direct_io_mmap) {
     pt.wanted = passthrough;
     pt.killpriv_wanted = handle_killpriv;
+    pt.direct_mmap_wanted = direct_io_mmap;
     const struct fuse_custom_io io = {
         .writev = io_writev,
         .read = io_read,
@@ -202,6 +218,10 @@ int poolfs_passthrough_negotiated(void) {
 
 int poolfs_killpriv_negotiated(void) {
     return atomic_load(&pt.killpriv_negotiated);
+}
+
+int poolfs_direct_io_mmap_negotiated(void) {
+    return atomic_load(&pt.direct_mmap_negotiated);
 }
 
 int poolfs_backing_open(struct fuse_session *session, int fd) {
@@ -222,6 +242,11 @@ int poolfs_reply_open(fuse_req_t req, struct fuse_file_info *fi, int backing_id,
         fi->fh = ((uint64_t)POOLFS_PASSTHROUGH_FH_TAG << 32) | (uint32_t)backing_id;
         fi->keep_cache = 0;
         fi->direct_io = direct_io ? 1 : 0;
+    } else if (direct_io) {
+        /* Nothing of this open is cached; its writes drop what other opens cached of their range
+         * (fuse_direct_io: invalidate_inode_pages2_range). */
+        fi->keep_cache = 0;
+        fi->direct_io = 1;
     } else {
         fi->keep_cache = keep_cache ? 1 : 0;
     }

@@ -36,6 +36,10 @@ public final class FuseServer: @unchecked Sendable {
         public var handleKillPriv = false
         /// Told once, after the kernel's INIT, whether FUSE_HANDLE_KILLPRIV_V2 was asked for.
         public var killPrivDecided: (@Sendable (Bool) -> Void)?
+        /// Whether opens whose `OpenReply.directIO` is set may be FOPEN_DIRECT_IO: asks the
+        /// kernel for FUSE_DIRECT_IO_ALLOW_MMAP, without which it refuses MAP_SHARED of such an
+        /// open, and grants `directIO` only when it was asked for (kernel 6.6 and later).
+        public var directIO = false
         /// Where invalidations of the kernel's cache go (see `KernelCache`).
         public var kernelCache: KernelCache?
         /// Told once whether `maxReadahead` could be set (it needs root), after the kernel's INIT.
@@ -110,8 +114,9 @@ public final class FuseServer: @unchecked Sendable {
         configuration.kernelCache?.attach(session)
         defer { configuration.kernelCache?.detach() }
         defer { fuse_session_unmount(session) }
-        if configuration.passthrough || configuration.handleKillPriv,
-           poolfs_session_custom_io(session, configuration.passthrough ? 1 : 0, configuration.handleKillPriv ? 1 : 0) != 0 {
+        if configuration.passthrough || configuration.handleKillPriv || configuration.directIO,
+           poolfs_session_custom_io(session, configuration.passthrough ? 1 : 0, configuration.handleKillPriv ? 1 : 0,
+                                    configuration.directIO ? 1 : 0) != 0 {
             throw Failure.session("fuse: cannot route the session's I/O to complete the INIT reply")
         }
         fuse_daemonize(configuration.foreground ? 1 : 0)
@@ -328,7 +333,9 @@ extension FuseServer {
                 // (EINVAL for what the daemon serves): its reads and writes come to the daemon
                 // (FOPEN_DIRECT_IO), while the open stays a passthrough one, as the kernel wants
                 // every open of an inode in passthrough mode to be.
-                let direct = backing > 0 && poolfs_is_direct_open(fi!.pointee.flags) != 0
+                // A writer's open served by the daemon is FOPEN_DIRECT_IO (see `OpenReply.directIO`).
+                let direct = backing > 0 ? poolfs_is_direct_open(fi!.pointee.flags) != 0
+                    : reply.directIO && server.configuration.directIO && poolfs_direct_io_mmap_negotiated() != 0
                 // An open the kernel gave up on (interrupted) is never released: neither is its id.
                 if poolfs_reply_open(req, fi, backing, reply.keepCache ? 1 : 0, direct ? 1 : 0) != 0, backing > 0 {
                     server.releaseBacking(inode: ino)

@@ -103,10 +103,16 @@ public struct OpenReply: Sendable, Equatable {
     public var passthroughFile: Int32?
     /// The pages the kernel has cached for the node are still right (FOPEN_KEEP_CACHE).
     public var keepCache: Bool
+    /// The kernel is to send this open's reads and writes as they come, from and into the
+    /// caller's own pages (FOPEN_DIRECT_IO), when the server's configuration allows it and the
+    /// kernel maps such opens shared: a buffered write would first be copied into the FUSE
+    /// file's page cache, which only the daemon's copy reads. Ignored with `passthroughFile`.
+    public var directIO: Bool
 
-    public init(passthroughFile: Int32? = nil, keepCache: Bool = false) {
+    public init(passthroughFile: Int32? = nil, keepCache: Bool = false, directIO: Bool = false) {
         self.passthroughFile = passthroughFile
         self.keepCache = keepCache
+        self.directIO = directIO
     }
 
     public static let plain = OpenReply()

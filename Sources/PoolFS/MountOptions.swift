@@ -10,6 +10,8 @@ public struct MountOptions: Sendable, Equatable {
     public var splice = true
     /// Raw volumes through FUSE passthrough (the kernel reads their files itself) where it can.
     public var passthrough = true
+    /// Writers' opens through the kernel's page cache instead of FOPEN_DIRECT_IO (see `OpenReply.directIO`).
+    public var cachedWrites = false
     /// LVM: never use device-mapper; read LVs from their PVs.
     public var noactivate = false
     /// LVM, `poolfs snapshot create`: the copy-on-write space of a classic snapshot.
@@ -68,6 +70,8 @@ public struct MountOptions: Sendable, Equatable {
                     o.splice = false
                 case "nopassthrough":
                     o.passthrough = false
+                case "cached_writes":
+                    o.cachedWrites = true
                 case "noactivate":
                     o.noactivate = true
                 case "cow":

@@ -53,6 +53,7 @@ public enum Mounter {
         configuration.passthrough = options.passthrough && !options.cow
         // Writable files only: a read-only mount gets no writes, so the kernel asks nothing before them.
         configuration.handleKillPriv = options.rw || options.cow
+        configuration.directIO = (options.rw || options.cow) && !options.cachedWrites
         configuration.killPrivDecided = { asked in
             Log.info(asked ? "writes: the daemon handles setuid/setgid clearing (FUSE_HANDLE_KILLPRIV_V2)"
                            : "writes: the kernel does not offer FUSE_HANDLE_KILLPRIV_V2 (a GETXATTR before each write)")

@@ -309,7 +309,7 @@ public final class PoolFileSystem: FileSystemOperations {
             defer { opened[inode] = fingerprint }
             return opened[inode]
         }
-        return OpenReply(keepCache: fingerprint != nil && previous == fingerprint)
+        return OpenReply(keepCache: fingerprint != nil && previous == fingerprint, directIO: writing)
     }
 
     /// The file whose bytes are the volume's, from its start to its end: a raw image in a

@@ -55,6 +55,10 @@ struct MountCommand: ParsableCommand {
                               instead of by the kernel itself (FUSE
                               passthrough, used when the kernel offers
                               it, as root, without cow)
+          cached_writes       with rw or cow: writers' opens go through
+                              the kernel's page cache (small reads
+                              through them are cached; each write is
+                              copied once more)
           defaults, auto, noauto, user, users, nouser, nofail,
           _netdev, owner, group, comment=..., x-*
                               for mount(8), fstab and systemd: ignored
@@ -147,5 +151,5 @@ struct ListCommand: ParsableCommand {
 /// What the completion scripts offer for --type and -o.
 let poolTypes = ["dir", "fs", "netfs", "logical", "zfs", "disk", "iscsi", "iscsi-direct"]
 let mountOptionNames = ["ro", "rw", "cow", "cow_memory=", "cache_dir=", "type=", "noactivate", "initiator=", "chap_user=",
-                        "chap_secret_file=", "cache_size=", "threads=", "readahead=", "max_read=", "nosplice", "nopassthrough",
+                        "chap_secret_file=", "cache_size=", "threads=", "readahead=", "max_read=", "nosplice", "nopassthrough", "cached_writes",
                         "allow_other", "default_permissions", "noatime"]

@@ -18,7 +18,7 @@ struct InstallTests {
         "dir", "logical", "zfs", "disk", "iscsi",
         "ro", "rw", "cow", "cow_memory=SIZE", "cache_dir=DIR", "type=TYPE", "noactivate", "initiator=IQN",
         "chap_user=NAME", "chap_secret_file=FILE", "cache_size=SIZE", "threads=N", "readahead=SIZE", "max_read=SIZE",
-        "nosplice", "-o cow", "-o rw",
+        "nosplice", "cached_writes", "-o cow", "-o rw",
         "VOLUME", ".snapshots/VOLUME/SNAPSHOT", ".partitions/VOLUME/partN", ".partitions/.snapshots/VOLUME/SNAPSHOT/partN",
         "user.poolfs.format,", "user.poolfs.error", "user.poolfs.partition_table,", "user.poolfs.iscsi.target,",
     ]

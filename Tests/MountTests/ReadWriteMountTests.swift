@@ -84,6 +84,51 @@ struct ReadWriteMountTests {
         #expect(dataBytes < 16 << 20, "\(dataBytes) bytes of data after mkfs with discard")
     }
 
+    /// A writer's open is FOPEN_DIRECT_IO: its pages go to the daemon without a copy into the FUSE
+    /// file's page cache. The kernel is the oracle: after the write, mincore(2) on a reader's
+    /// mapping finds none of the written range cached (a buffered write leaves it all there); the
+    /// reader, which read the range before, reads the new bytes; a MAP_SHARED mapping of the
+    /// writer (FUSE_DIRECT_IO_ALLOW_MMAP) writes too; and QEMU reads both back from the image.
+    /// With `cached_writes` the written range stays cached, and the rest holds as well.
+    @Test(arguments: [false, true]) func writersGoUncachedAndStayCoherent(cachedWrites: Bool) throws {
+        let scratch = try Scratch()
+        try scratch.sh("mkdir pool && qemu-img create -q -f qcow2 pool/vm.qcow2 16M && qemu-io -c 'write -P 1 0 4M' pool/vm.qcow2 >/dev/null")
+        do {
+            let mount = try PoolMount(scratch.path("pool"), in: scratch, options: cachedWrites ? ["rw,cached_writes"] : ["rw"])
+            defer { mount.unmount() }
+            let out = try scratch.sh("""
+                python3 - '\(mount.path("vm.qcow2"))' <<'EOF'
+                import ctypes, mmap, os, sys
+                libc = ctypes.CDLL(None, use_errno=True)
+                libc.mmap.restype = ctypes.c_void_p
+                libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+                libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
+                MiB = 1 << 20
+                reader = os.open(sys.argv[1], os.O_RDONLY)
+                assert os.pread(reader, MiB, 0) == bytes([1]) * MiB
+                writer = os.open(sys.argv[1], os.O_RDWR)
+                os.pwrite(writer, bytes([7]) * MiB, 0)
+                view = libc.mmap(None, MiB, mmap.PROT_READ, mmap.MAP_SHARED, reader, 0)
+                assert view != ctypes.c_void_p(-1).value, os.strerror(ctypes.get_errno())
+                pages = ctypes.create_string_buffer(MiB // mmap.PAGESIZE)
+                assert libc.mincore(view, MiB, pages) == 0, os.strerror(ctypes.get_errno())
+                print("cached", sum(b & 1 for b in pages.raw))
+                print("reader", os.pread(reader, MiB, 0) == bytes([7]) * MiB)
+                shared = mmap.mmap(writer, MiB, mmap.MAP_SHARED, offset=2 * MiB)
+                shared[:] = bytes([9]) * MiB
+                shared.flush()
+                shared.close()
+                print("mapped", os.pread(reader, MiB, 2 * MiB) == bytes([9]) * MiB)
+                os.close(writer)
+                os.close(reader)
+                EOF
+                """)
+            #expect(out == "cached \(cachedWrites ? 256 : 0)\nreader True\nmapped True\n", "\(out)")
+        }
+        try scratch.sh("qemu-img check pool/vm.qcow2")
+        try scratch.sh("qemu-io -c 'read -P 7 0 1M' -c 'read -P 1 1M 1M' -c 'read -P 9 2M 1M' -c 'read -P 1 3M 1M' pool/vm.qcow2 | (! grep Pattern)")
+    }
+
     /// A daemonized `-o rw` mount as a script uses it: `st_blocks` follows the writes, and
     /// `poolfs unmount` returns only when the daemon is done (image flushed, locks released,
     /// process gone), so qemu-img can run right after it.

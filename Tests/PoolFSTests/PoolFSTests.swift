@@ -46,6 +46,8 @@ import Pools
         #expect(throws: MountError.self) { try MountOptions.parse(["keyring="]) }
         #expect(try MountOptions.parse([]).readahead == 2 << 20)
         #expect(!o.splice)
+        #expect(!o.cachedWrites)
+        #expect(try MountOptions.parse(["rw,cached_writes"]).cachedWrites)
         #expect(o.fuseOptions == ["allow_other", "default_permissions", "noatime"])
         #expect(try MountOptions.parse(["type=dir"]).type == "dir")
         #expect(try MountOptions.parse(["rw"]).rw)

@@ -39,12 +39,17 @@ uint32_t poolfs_req_uid(fuse_req_t req);
 
 /// Routes the session's I/O (mounted already) through the shim, which completes the INIT and
 /// OPEN replies libfuse 3.14 cannot make: asks for FUSE passthrough when `passthrough`, and for
-/// FUSE_HANDLE_KILLPRIV_V2 when `handle_killpriv`, each if the kernel offers it. Data replies
-/// still splice. fuse_session_custom_io's return.
-int poolfs_session_custom_io(struct fuse_session *session, int passthrough, int handle_killpriv);
+/// FUSE_HANDLE_KILLPRIV_V2 when `handle_killpriv`, and for FUSE_DIRECT_IO_ALLOW_MMAP when
+/// `direct_io_mmap`, each if the kernel offers it. Data replies still splice.
+/// fuse_session_custom_io's return.
+int poolfs_session_custom_io(struct fuse_session *session, int passthrough, int handle_killpriv,
+                             int direct_io_mmap);
 
 /// Whether the INIT reply asked for FUSE_HANDLE_KILLPRIV_V2.
 int poolfs_killpriv_negotiated(void);
+
+/// Whether the INIT reply asked for FUSE_DIRECT_IO_ALLOW_MMAP (MAP_SHARED of a FOPEN_DIRECT_IO open).
+int poolfs_direct_io_mmap_negotiated(void);
 
 /// Whether the INIT reply asked for FUSE passthrough (the kernel may still have refused it).
 int poolfs_passthrough_negotiated(void);
@@ -56,8 +61,8 @@ int poolfs_backing_open(struct fuse_session *session, int fd);
 int poolfs_backing_close(struct fuse_session *session, int backing_id);
 
 /// fuse_reply_open: as a passthrough open of `backing_id` (> 0), whose reads and writes still
-/// come to the daemon when `direct_io` (FOPEN_DIRECT_IO); else with FOPEN_KEEP_CACHE when
-/// `keep_cache`.
+/// come to the daemon when `direct_io` (FOPEN_DIRECT_IO); else as FOPEN_DIRECT_IO when
+/// `direct_io`; else with FOPEN_KEEP_CACHE when `keep_cache`.
 int poolfs_reply_open(fuse_req_t req, struct fuse_file_info *fi, int backing_id, int keep_cache, int direct_io);
 
 /// Whether open(2) flags have O_DIRECT (which Swift's Glibc hides behind _GNU_SOURCE).
