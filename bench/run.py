@@ -10,7 +10,7 @@ files on the same mount: with the measured file's own pages alone dropped, a 3-l
 after the live and snapshot reads ran at 350-400 MB/s, and at 1.9 GB/s with all of them dropped.)
 Usage: bench/run.py POOLFS_BINARY [--rounds N] [--quick] [--sections a,b]
 """
-import argparse, datetime, hashlib, json, os, platform, shutil, signal, socket, statistics, subprocess, sys, time
+import argparse, contextlib, datetime, hashlib, json, os, platform, shutil, signal, socket, statistics, subprocess, sys, time
 
 WORK = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "bench-work"))
 MiB, GiB = 1 << 20, 1 << 30
@@ -1102,37 +1102,76 @@ def copyout(binary, size, rounds):
 
 
 REVERT_VOLUMES, REVERT_DISK, REVERT_STEP = 30, 20 * GiB, 16 * MiB
+# The scratch XFS the pool lives on: a sparse file, so only what is written takes host disk.
+REVERT_XFS_BYTES = 64 * GiB
 
 
-def make_revert_template(work, written):
+@contextlib.contextmanager
+def reflink_filesystem(work):
+    """An XFS with reflinks (`mkfs.xfs -m reflink=1`) on a sparse file through a loop device,
+    mounted at work/xfs, unmounted and detached in the end (also on failure). XFS rather than
+    btrfs: its reflinks share extents as btrfs does, but it has no checksums, compression or
+    copy-on-write of data in place, so a punch and an fdatasync there cost what they cost on the
+    XFS or ext4 a pool usually lives on. Yields the mount point."""
+    image, mnt, loop = os.path.join(work, "xfs.img"), os.path.join(work, "xfs"), None
+    try:
+        with open(image, "wb") as f:
+            f.truncate(REVERT_XFS_BYTES)
+        loop = sh(f"losetup --find --show {image}").strip()
+        sh(f"mkfs.xfs -q -f -m reflink=1 {loop}")
+        os.makedirs(mnt, exist_ok=True)
+        sh(f"mount -t xfs {loop} {mnt}")
+        yield mnt
+    finally:
+        if mounted(mnt):
+            subprocess.run(["umount", mnt], capture_output=True)
+        if loop:
+            subprocess.run(["losetup", "-d", loop], capture_output=True)
+        if os.path.exists(image):
+            os.remove(image)
+
+
+def make_revert_template(work, written, reflinks):
     """A 20 GiB qcow2 (64 KiB clusters) with snapshot `class`: 64 KiB of 0x5a every 16 MiB of
-    [1 GiB, 1 GiB + written) before the snapshot, then all of that range written with zeros after it
+    [1 GiB, 1 GiB + written) before the snapshot, then all of that range written again after it
     (one contiguous range, so `written` bytes of new clusters, in one run at the end of the file).
-    The zero clusters are then dug out of the file (fallocate --dig-holes): each copy is small,
-    and `fallocate` of the copy gives those clusters their disk blocks back (unwritten extents)
-    without writing `written` bytes per volume per round. Returns the template's path."""
+    With `reflinks`, they are written with 0xa5 once, here: each copy shares their extents.
+    Otherwise (ext4), with zeros, dug out of the file (fallocate --dig-holes) so each copy is small,
+    and `fallocate` of the copy gives those clusters their disk blocks back (unwritten extents).
+    Returns the template's path."""
     template = os.path.join(work, f"template-{written >> 20}M.qcow2")
     if os.path.exists(template):
         return template
     marks = " ".join(f"-c 'write -P 0x5a {GiB + o} 64k'" for o in range(0, written, REVERT_STEP))
+    # qemu-io writes at most 2 GiB - 512 in one request.
+    after = " ".join(f"-c 'write -P {0xa5 if reflinks else 0} {GiB + o} {min(GiB, written - o)}'" for o in range(0, written, GiB))
     sh(f"qemu-img create -q -f qcow2 -o cluster_size=64k {template}.tmp {REVERT_DISK}")
     sh(f"qemu-io -f qcow2 {marks} {template}.tmp >/dev/null")
     sh(f"qemu-img snapshot -c class {template}.tmp")
-    sh(f"qemu-io -f qcow2 -c 'write -P 0 {GiB} {written}' {template}.tmp >/dev/null")
-    sh(f"fallocate --dig-holes {template}.tmp && mv {template}.tmp {template}")
+    sh(f"qemu-io -f qcow2 {after} {template}.tmp >/dev/null")
+    if not reflinks:
+        sh(f"fallocate --dig-holes {template}.tmp")
+    sh(f"mv {template}.tmp {template} && sync")
     return template
 
 
-def fill_revert_pool(pool, template, written):
-    """The pool's 30 volumes as copies of `template`, every hole of each allocated again (the
-    `written` bytes of clusters after the snapshot), then synced: setup, never timed."""
+def fill_revert_pool(pool, template, written, reflinks):
+    """The pool's 30 volumes as copies of `template` (reflinks: `cp --reflink=always`, extents
+    shared; ext4: every hole of each copy allocated again), then synced: setup, never timed. Each
+    volume must have at least `written` bytes allocated, and with reflinks share the template's
+    extents (filefrag: `shared`), or the bench stops."""
     shutil.rmtree(pool, ignore_errors=True)
     os.makedirs(pool)
     for i in range(REVERT_VOLUMES):
         v = os.path.join(pool, f"vm{i:02}.qcow2")
-        sh(f"cp --sparse=always {template} {v} && fallocate -l $(stat -c %s {v}) {v}")
-        if i == 0 and os.stat(v).st_blocks * 512 < written:
+        if reflinks:
+            sh(f"cp --reflink=always {template} {v}")
+        else:
+            sh(f"cp --sparse=always {template} {v} && fallocate -l $(stat -c %s {v}) {v}")
+        if os.stat(v).st_blocks * 512 < written:
             raise RuntimeError(f"revert: {v} has {os.stat(v).st_blocks * 512} bytes allocated, under {written}")
+    if reflinks and "shared" not in sh(f"filefrag -v {os.path.join(pool, 'vm00.qcow2')}"):
+        raise RuntimeError("revert: the copies do not share the template's extents")
     sh("sync")
 
 
@@ -1148,39 +1187,42 @@ def check_reverted(pool, written, who):
             raise RuntimeError(f"revert: {v} not reverted by {who}:\n{out}")
 
 
-def revert_section(binary, rounds, sizes):
+def revert_section(binary, rounds, sizes, reflinks):
     """`poolfs snapshot revert` of a pool of 30 volumes against a shell loop of `qemu-img snapshot -a`
     over the same pool, interleaved rounds (the order alternates), for each size written after the
-    snapshot. Returns ({written: {side: [seconds per round]}}, {written: {side: allocated bytes of
-    the pool after}}) or a reason."""
-    missing = missing_tools("qemu-img", "qemu-io", "fallocate")
+    snapshot. The pool lives on a scratch XFS with reflinks when `reflinks`, else in WORK (ext4).
+    Returns ({written: {side: [seconds per round]}}, {written: {side: allocated bytes of the pool
+    after}}) or a reason."""
+    missing = missing_tools("qemu-img", "qemu-io", "fallocate", *(["mkfs.xfs", "losetup", "filefrag"] if reflinks else []))
     if missing:
-        return f"skipped: {', '.join(missing)} not found (scripts/install-deps.sh installs qemu-utils)", {}
+        return f"skipped: {', '.join(missing)} not found (scripts/install-deps.sh installs qemu-utils, xfsprogs, e2fsprogs)", {}
     work = os.path.join(WORK, "revert")
     shutil.rmtree(work, ignore_errors=True)
     os.makedirs(work)
-    pool = os.path.join(work, "pool")
-    commands = {"poolfs": f"'{binary}' snapshot revert --type dir {pool} class >/dev/null",
-                "qemu-img": f"for f in {pool}/*.qcow2; do qemu-img snapshot -a class \"$f\" || exit 1; done"}
     results, allocated = {}, {}
     try:
-        for written in sizes:
-            template = make_revert_template(work, written)
-            results[written] = {side: [] for side in commands}
-            allocated[written] = {}
-            for r in range(rounds):
-                for side in (list(commands) if r % 2 == 0 else list(commands)[::-1]):
-                    fill_revert_pool(pool, template, written)
-                    start = time.perf_counter()
-                    sh(commands[side])
-                    results[written][side].append(time.perf_counter() - start)
-                    if r == 0:
-                        check_reverted(pool, written, side)
-                        allocated[written][side] = sum(os.stat(os.path.join(pool, f)).st_blocks * 512 for f in os.listdir(pool))
-                v = results[written]
-                print(f"revert {written >> 20} MiB round {r + 1}/{rounds}: poolfs {v['poolfs'][-1]:.3f} s, "
-                      f"qemu-img {v['qemu-img'][-1]:.3f} s, {v['qemu-img'][-1] / v['poolfs'][-1]:.1f}×", flush=True)
-            os.remove(template)
+        with (reflink_filesystem(work) if reflinks else contextlib.nullcontext(work)) as where:
+            pool = os.path.join(where, "pool")
+            commands = {"poolfs": f"'{binary}' snapshot revert --type dir {pool} class >/dev/null",
+                        "qemu-img": f"for f in {pool}/*.qcow2; do qemu-img snapshot -a class \"$f\" || exit 1; done"}
+            for written in sizes:
+                template = make_revert_template(where, written, reflinks)
+                results[written] = {side: [] for side in commands}
+                allocated[written] = {}
+                for r in range(rounds):
+                    for side in (list(commands) if r % 2 == 0 else list(commands)[::-1]):
+                        fill_revert_pool(pool, template, written, reflinks)
+                        start = time.perf_counter()
+                        sh(commands[side])
+                        results[written][side].append(time.perf_counter() - start)
+                        if r == 0:
+                            check_reverted(pool, written, side)
+                            allocated[written][side] = sum(os.stat(os.path.join(pool, f)).st_blocks * 512 for f in os.listdir(pool))
+                    v = results[written]
+                    print(f"revert {written >> 20} MiB round {r + 1}/{rounds}: poolfs {v['poolfs'][-1]:.3f} s, "
+                          f"qemu-img {v['qemu-img'][-1]:.3f} s, {v['qemu-img'][-1] / v['poolfs'][-1]:.1f}×", flush=True)
+                shutil.rmtree(pool, ignore_errors=True)
+                os.remove(template)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return results, allocated
@@ -1379,22 +1421,28 @@ def main():
                 keys = ["lseek", "read", "write", "copy_file_range", "ioctl", "fadvise64"]
                 lines.append("`strace -c -f` of the poolfs `cp`: " + ", ".join(f"{k} {strace[k]:,}" for k in keys if k in strace) + ".")
     if "revert" in sections:
-        # 30 × 2 GiB allocated at once does not fit beside the rest of this disk: the largest
-        # size that leaves a margin, and a quarter of it, to show how the time scales.
-        free = shutil.disk_usage(WORK).free
-        want = [64 * MiB, 256 * MiB] if args.quick else [256 * MiB, 2 * GiB]
-        big = want[1]
-        while big > want[0] and REVERT_VOLUMES * big * 1.3 + 8 * GiB > free:
-            big //= 2
-        sizes = [min(want[0], big // 4), big]
-        note = "" if big == want[1] else (f" 30 × {want[1] >> 20} MiB allocated would not fit ({free >> 30} GiB free on this disk): "
-                                          f"{big >> 20} MiB per volume, the most that leaves a margin, and {sizes[0] >> 20} MiB, "
-                                          "to show how the time scales with what was written.")
-        times, allocated = revert_section(binary, args.rounds, sizes)
+        # 30 × 2 GiB allocated is 60 GiB: on a scratch XFS with reflinks the 30 copies share one
+        # template's extents, so every size fits. Without it (no xfsprogs, not root), the pool is
+        # made in WORK by fallocate, and the sizes are capped by the disk's free space.
+        want = [64 * MiB, 256 * MiB] if args.quick else [256 * MiB, 1 * GiB, 2 * GiB]
+        reflinks = os.geteuid() == 0 and not missing_tools("mkfs.xfs", "losetup", "filefrag")
+        sizes, note = want, ""
+        if not reflinks:
+            free = shutil.disk_usage(WORK).free
+            big = want[-1]
+            while big > want[0] and REVERT_VOLUMES * big * 1.3 + 8 * GiB > free:
+                big //= 2
+            sizes = sorted({min(want[0], big // 4), big})
+            note = (" No scratch XFS (needs root, xfsprogs and a loop device): the pool is in WORK, each copy's clusters allocated by `fallocate`."
+                    + ("" if big == want[-1] else f" 30 × {want[-1] >> 20} MiB would not fit ({free >> 30} GiB free): {big >> 20} MiB per volume, the most that leaves a margin."))
+        times, allocated = revert_section(binary, args.rounds, sizes, reflinks)
         lines += ["", f"Reverting a pool: {REVERT_VOLUMES} qcow2 volumes of {REVERT_DISK >> 30} GiB (64 KiB clusters), each with snapshot "
-                  "`class`, then one contiguous range written after it (its clusters allocated, one run at the end of the file; each copy of the "
-                  "template gets those clusters' disk blocks back by `fallocate`, as unwritten extents, rather than by writing them again); "
-                  "`poolfs snapshot revert` of the pool (every volume, default --jobs) against a shell loop of "
+                  "`class`, then one contiguous range written after it (its clusters allocated, one run at the end of the file). "
+                  + ("The pool is on a scratch XFS (`mkfs.xfs -m reflink=1` on a sparse file, loop device) and each volume is a "
+                     "`cp --reflink=always` copy of one template: the copies share the written clusters' extents (checked: "
+                     "st_blocks and filefrag), so 30 × 2 GiB allocated costs no 60 GiB of disk, while the revert's writes, "
+                     "fdatasyncs and punches are real. " if reflinks else "")
+                  + "`poolfs snapshot revert` of the pool (every volume, default --jobs) against a shell loop of "
                   f"`qemu-img snapshot -a class` over the same pool; seconds for all {REVERT_VOLUMES}, interleaved rounds, "
                   "the pool made again (untimed) before each." + note, ""]
         if isinstance(times, str):

@@ -216,7 +216,9 @@ struct SnapshotRun {
             lines.append(r.volume.padding(toLength: width, withPad: " ", startingAt: 0) + "  "
                          + r.status.rawValue.padding(toLength: 8, withPad: " ", startingAt: 0) + "  " + (r.reason ?? ""))
         }
-        return lines.map { $0.replacingOccurrences(of: "\\s+$", with: "", options: .regularExpression) }.joined(separator: "\n")
+        // Trailing blanks trimmed by hand: a regular expression per row cost milliseconds of a
+        // run that takes a tenth of a second.
+        return lines.map { String($0.reversed().drop(while: \.isWhitespace).reversed()) }.joined(separator: "\n")
     }
 
     func json(_ rows: [SnapshotOutcome]) -> String {

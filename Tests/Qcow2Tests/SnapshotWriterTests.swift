@@ -145,6 +145,40 @@ struct SnapshotWriterTests {
         #expect(try scratch.bytes("img.qcow2") == file)
     }
 
+    /// What the live L2 table's first allocated entry is made to say, from the header's fields
+    /// and the entry as qemu-io wrote it.
+    enum BadEntry: String, CaseIterable, CustomTestStringConvertible {
+        case refcountTable = "points at the refcount table", unaligned = "is not cluster-aligned", pastEnd = "points past the end of the file"
+        var testDescription: String { rawValue }
+        func entry(_ entry: UInt64, refcountTable: UInt64, fileSize: UInt64) -> UInt64 {
+            switch self {
+            case .refcountTable: refcountTable | 1 << 63
+            case .unaligned: entry + 512
+            case .pastEnd: (fileSize + 1 << 20) & ~0xffff | 1 << 63
+            }
+        }
+    }
+
+    @Test("a revert through a live L2 entry that is corrupt is refused, nothing changed", arguments: BadEntry.allCases)
+    func corruptEntry(_ bad: BadEntry) throws {
+        let scratch = try Scratch()
+        try scratch.sh("qemu-img create -q -f qcow2 img.qcow2 4M && \(Self.data) && qemu-img snapshot -c class img.qcow2 && \(Self.later)")
+        var file = try scratch.bytes("img.qcow2")
+        func u64(_ at: Int) -> UInt64 { file[at..<at + 8].reduce(0) { $0 << 8 | UInt64($1) } }
+        let l2 = Int(u64(Int(u64(40))) & 0x00ff_ffff_ffff_fe00)
+        let at = try #require(stride(from: l2, to: l2 + 65536, by: 8).first { u64($0) & 0x00ff_ffff_ffff_fe00 != 0 })
+        let patched = bad.entry(u64(at), refcountTable: u64(48), fileSize: UInt64(file.count))
+        for i in 0..<8 { file[at + i] = UInt8(truncatingIfNeeded: patched >> (56 - 8 * UInt64(i))) }
+        try scratch.write("img.qcow2", file)
+        do {
+            try Self.open(scratch).revertToSnapshot("class")
+            Issue.record("the revert went through an entry that \(bad.rawValue)")
+        } catch let error as Qcow2Error {
+            guard case .corrupt = error else { Issue.record("\(error)"); return }
+        }
+        #expect(try scratch.bytes("img.qcow2") == file, "a refused revert changed the image")
+    }
+
     @Test("an image that QEMU holds is never touched")
     func heldImage() throws {
         let scratch = try Scratch()
