@@ -763,15 +763,16 @@ def start_poolfs(binary, pool, mnt, options, log):
     return proc
 
 
-def start_qsd_raw(source, target, log, writable):
-    """qemu-storage-daemon exporting the raw file `source` at `target` (driver=file + driver=raw)."""
+def start_qsd_export(target, log, image, driver, writable):
+    """qemu-storage-daemon exporting `image` (driver=file, then `driver`: raw or qcow2, QEMU's
+    default cache mode: the host page cache, flushes on fsync) over FUSE at `target`."""
     open(target, "a").close()
     ro = "off" if writable else "on"
     with open(log, "w") as f:
         proc = subprocess.Popen(["qemu-storage-daemon",
-                                 "--blockdev", f"driver=file,node-name=f,filename={source},read-only={ro}",
-                                 "--blockdev", f"driver=raw,node-name=r,file=f,read-only={ro}",
-                                 "--export", f"type=fuse,id=e,node-name=r,mountpoint={target},"
+                                 "--blockdev", f"driver=file,node-name=f,filename={image},read-only={ro}",
+                                 "--blockdev", f"driver={driver},node-name=d,file=f,read-only={ro}",
+                                 "--export", f"type=fuse,id=e,node-name=d,mountpoint={target},"
                                              f"writable={'on' if writable else 'off'}"],
                                 stdout=f, stderr=f)
     try:
@@ -780,6 +781,11 @@ def start_qsd_raw(source, target, log, writable):
         stop_qsd(target, proc)
         raise
     return proc
+
+
+def start_qsd_raw(source, target, log, writable):
+    """qemu-storage-daemon exporting the raw file `source` at `target`."""
+    return start_qsd_export(target, log, source, "raw", writable)
 
 
 def stop_qsd(target, proc):
@@ -908,21 +914,8 @@ def raw_writes(binary, size, rounds):
 
 
 def start_qsd_qcow2(image, target, log):
-    """qemu-storage-daemon exporting the qcow2 `image` writable at `target` (driver=file + driver=qcow2,
-    QEMU's default cache mode: the host page cache, flushes on fsync)."""
-    open(target, "a").close()
-    with open(log, "w") as f:
-        proc = subprocess.Popen(["qemu-storage-daemon",
-                                 "--blockdev", f"driver=file,node-name=f,filename={image}",
-                                 "--blockdev", "driver=qcow2,node-name=q,file=f",
-                                 "--export", f"type=fuse,id=e,node-name=q,mountpoint={target},writable=on"],
-                                stdout=f, stderr=f)
-    try:
-        wait_mounted(target, proc)
-    except BaseException:
-        stop_qsd(target, proc)
-        raise
-    return proc
+    """qemu-storage-daemon exporting the qcow2 `image` writable at `target`."""
+    return start_qsd_export(target, log, image, "qcow2", writable=True)
 
 
 def qcow2_writes(binary, rounds, image_size=2 * GiB, seq_size=1 * GiB, rand_size=256 * MiB):
