@@ -196,6 +196,7 @@ public enum PoolSource {
 
     public static func open(_ source: String, type: String?,
                             libvirtDirectory: String = libvirtStorageDirectory,
+                            secretsDirectory: String = LibvirtSecretStore.defaultDirectory,
                             runner: any CommandRunner = SystemCommandRunner(),
                             lvmMode: LogicalPool.Mode = LogicalPool.Mode.forThisHost(noactivate: false),
                             writable: Bool = false, lvmCowSize: LogicalPool.CowSize = .default,
@@ -230,15 +231,34 @@ public enum PoolSource {
                 path = target.url
                 iscsi.initiator = iscsi.initiator ?? target.initiator
                 iscsi.chapUser = iscsi.chapUser ?? target.chapUser
+                // -o chap_secret_file wins; else the secret the definition names, from libvirt's store.
                 if iscsi.chapUser != nil, iscsi.chapSecret == nil {
-                    throw PoolError.libvirt("libvirt pool \(source) uses CHAP: give its secret with -o chap_secret_file=PATH")
+                    guard let reference = LibvirtSecretStore.reference(inPool: xml) else {
+                        throw PoolError.libvirt("libvirt pool \(source) uses CHAP but names no <secret> in its <auth>: give the secret with -o chap_secret_file=PATH")
+                    }
+                    let value = try LibvirtSecretStore(directory: secretsDirectory).value(reference, usage: .iscsi, pool: source)
+                    guard let text = String(data: value, encoding: .utf8) else {
+                        throw PoolError.libvirt("libvirt pool \(source): its CHAP secret in \(secretsDirectory) is not text")
+                    }
+                    iscsi.chapSecret = text
                 }
             }
             if parsed.type == "rbd" {
-                let source = try parseLibvirtRBD(xml, file: definition)
-                path = source.pool
-                rbd.monHost = rbd.monHost ?? source.monHost
-                rbd.id = rbd.id ?? source.user
+                let rbdSource = try parseLibvirtRBD(xml, file: definition)
+                path = rbdSource.pool
+                rbd.monHost = rbd.monHost ?? rbdSource.monHost
+                rbd.id = rbd.id ?? rbdSource.user
+                // With no -o keyring, the cephx key of the secret the definition names. A cluster
+                // may need none (or the Ceph conf names a keyring), so a secret that cannot be had
+                // is said only if connecting fails.
+                if rbd.keyring == nil, let reference = LibvirtSecretStore.reference(inPool: xml) {
+                    do {
+                        // librados takes the key as libvirt gives it: the value, base64.
+                        rbd.key = try LibvirtSecretStore(directory: secretsDirectory).value(reference, usage: .ceph, pool: source).base64EncodedString()
+                    } catch {
+                        rbd.keyProblem = "\(error)"
+                    }
+                }
             }
         }
         switch resolvedType ?? "dir" {
@@ -306,7 +326,7 @@ public enum PoolSource {
     }
 
     /// An `rbd` pool's `<source>`: `<name>POOL[/NAMESPACE]</name>`, `<host name= port=/>` (each a monitor) and
-    /// `<auth username= type='ceph'>`. The secret is libvirt's; poolfs takes it from a keyring file.
+    /// `<auth username= type='ceph'>`. Its secret is looked up in libvirt's store (LibvirtSecretStore) unless a keyring is given.
     static func parseLibvirtRBD(_ xml: String, file: String) throws -> (pool: String, monHost: String?, user: String?) {
         func firstMatch(_ pattern: String) -> String? { Self.firstMatch(pattern, in: xml) }
         guard let name = firstMatch(#"<source>.*?<name>\s*([^<]*?)\s*</name>"#), !name.isEmpty else {

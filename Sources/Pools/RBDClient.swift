@@ -65,7 +65,8 @@ public final class RBDCluster: @unchecked Sendable {
             let read = rados_conf_read_file(cluster, confFile)
             if confFile != nil { try RBDError.check(read, "rados_conf_read_file \(confFile!)") }
             for (key, value) in settings {
-                try RBDError.check(rados_conf_set(cluster, key, value), "rados_conf_set \(key)=\(value)")
+                // The cephx key is secret: its name only.
+                try RBDError.check(rados_conf_set(cluster, key, value), key == "key" ? "rados_conf_set key" : "rados_conf_set \(key)=\(value)")
             }
             try RBDError.check(rados_connect(cluster), "rados_connect")
             try RBDError.check(rados_ioctx_create(cluster, pool, &ioctx), "rados_ioctx_create \(pool)")

@@ -26,6 +26,11 @@ public final class RBDPool: Pool {
         /// The client id (`admin` for client.admin).
         public var id: String?
         public var keyring: String?
+        /// The cephx key itself (base64), from libvirt's secret store: passed to librados by
+        /// `rados_conf_set("key")`, never on a command line nor in a message.
+        public var key: String?
+        /// Why the libvirt pool's secret could not be had, said if connecting fails.
+        public var keyProblem: String?
         public var monHost: String?
         public var writable = false
         /// Seconds any cluster operation may take.
@@ -80,13 +85,15 @@ public final class RBDPool: Pool {
                         // other handle (a snapshot's, `rbd export`) reads, and flush is simple.
                         ("rbd_cache", "false")]
         if let keyring = options.keyring { settings.append(("keyring", keyring)) }
+        if let key = options.key { settings.append(("key", key)) }
         if let monHost = options.monHost { settings.append(("mon_host", monHost)) }
         let cluster: RBDCluster
         do {
             cluster = try RBDCluster(id: options.id, confFile: options.confFile, settings: settings, pool: pool, namespace: namespace)
         } catch {
             let where_ = options.monHost.map { " at \($0)" } ?? options.confFile.map { " (conf \($0))" } ?? ""
-            throw PoolError.libvirt("rbd: cannot reach Ceph cluster\(where_) for pool \(pool): \(error)")
+            let note = options.keyProblem.map { " (and the pool's libvirt secret was not used: \($0))" } ?? ""
+            throw PoolError.libvirt("rbd: cannot reach Ceph cluster\(where_) for pool \(pool): \(error)\(note)")
         }
         self.cluster = cluster
         handles = RBDHandleCache(capacity: options.handleCapacity)
