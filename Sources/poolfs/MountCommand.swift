@@ -40,7 +40,10 @@ struct MountCommand: ParsableCommand {
                               iscsi: the file that holds the CHAP
                               secret, read at mount (a final newline
                               is not part of it), so that it is never
-                              on a command line; needs chap_user
+                              on a command line; needs chap_user.
+                              A libvirt pool without it takes the
+                              secret its <auth> names from
+                              /etc/libvirt/secrets
           cache_size=SIZE     metadata (L1/L2 tables, refcounts) and
                               decompressed clusters cached, for all
                               volumes together (64M)

@@ -54,7 +54,11 @@ struct PoolfsCommand: ParsableCommand {
                    chap_secret_file=FILE (see poolfs mount).
           A SOURCE without a slash that is no file names a libvirt pool:
           /etc/libvirt/storage/SOURCE.xml gives its type (any of the
-          above) and where it is.
+          above) and where it is. The secret its <auth> names (a CHAP
+          secret, a Ceph key), by uuid= or usage=, is read from
+          libvirt's store, /etc/libvirt/secrets/UUID.xml and
+          UUID.base64 (root only; an ephemeral secret cannot be read):
+          -o chap_secret_file (iscsi) or keyring (rbd) gives it instead.
 
         THE TREE
           VOLUME
