@@ -179,4 +179,71 @@ struct LibvirtSecretTests {
         // -o keyring wins: the store is not read at all.
         #expect(!failure(secrets: scratch.path("nosuch"), keyring: "/dev/null").contains("secret"))
     }
+
+    /// The store's ceph key reaches librados: a Ceph monitor of the test's own that wants cephx
+    /// (no OSD: connecting is what the key is for) lets the pool connect with the key libvirt's
+    /// store holds, and refuses the key of another secret. The pool itself does not exist, so
+    /// the open fails after connecting, at rados_ioctx_create, with a line that says so.
+    @Test func rbdPoolConnectsWithTheStoresCephxKey() throws {
+        guard FileManager.default.isExecutableFile(atPath: "/usr/bin/ceph-mon") else {
+            print("SKIPPED: rbdPoolConnectsWithTheStoresCephxKey: no ceph-mon"); return
+        }
+        let scratch = try Scratch()
+        let port = try TestTarget.freePort()
+        let d = scratch.dir
+        try """
+            [global]
+            fsid = \(UUID().uuidString.lowercased())
+            mon host = 127.0.0.1:\(port)
+            mon initial members = a
+            auth cluster required = cephx
+            auth service required = cephx
+            auth client required = cephx
+            ms bind ipv6 = false
+            run dir = \(d)/run
+            log file = \(d)/$name.log
+            admin socket = \(d)/run/$name.asok
+            pid file = \(d)/run/$name.pid
+            mon data = \(d)/mon/$name
+            keyring = /dev/null
+
+            """.write(toFile: scratch.path("ceph.conf"), atomically: true, encoding: .utf8)
+        try scratch.sh("""
+            mkdir -p run mon && ceph-authtool --create-keyring mon.keyring --gen-key -n mon. --cap mon 'allow *' >/dev/null && \
+            ceph-authtool --create-keyring client.keyring --gen-key -n client.libvirt --cap mon 'allow *' >/dev/null && \
+            ceph-authtool mon.keyring --import-keyring client.keyring >/dev/null && \
+            ceph-mon -c ceph.conf --id a --mkfs --keyring mon.keyring 2>&1
+            """)
+        // Started detached (descriptors 3 and up closed, as CephCluster does), stopped by its pid file.
+        try scratch.sh(#"/usr/bin/python3 -c 'import os, sys; os.closerange(3, 65536); os.execvp(sys.argv[1], sys.argv[1:])' ceph-mon -c ceph.conf --id a </dev/null >>daemons.log 2>&1"#)
+        defer {
+            if let text = try? String(contentsOfFile: scratch.path("run/mon.a.pid"), encoding: .utf8), let pid = Int32(text.trimmingCharacters(in: .whitespacesAndNewlines)) {
+                kill(pid, SIGKILL)
+                for _ in 0..<100 where kill(pid, 0) == 0 && !((try? String(contentsOfFile: "/proc/\(pid)/stat", encoding: .utf8))?.contains(") Z") ?? true) { usleep(50_000) }
+            }
+        }
+        let key = try #require(try String(contentsOfFile: scratch.path("client.keyring"), encoding: .utf8)
+            .split(separator: "\n").first { $0.contains("key = ") }.map { String($0.split(separator: "=", maxSplits: 1)[1]).trimmingCharacters(in: .whitespaces) })
+        try Self.defineSecret(scratch, Self.uuidA, usage: "ceph", name: "client.libvirt secret", value: nil, base64: key)
+        try Self.defineSecret(scratch, Self.uuidB, usage: "ceph", name: "other", value: nil, base64: "AQCusw5r7a53JRAALzMPQ444DP32LmVyPomzRQ==")
+        for (name, secret) in [("right", "usage='client.libvirt secret'"), ("wrong", "uuid='\(Self.uuidB)'")] {
+            try """
+                <pool type='rbd'><name>\(name)</name><source><name>rbdpool</name>
+                <host name='127.0.0.1' port='\(port)'/>
+                <auth username='libvirt' type='ceph'><secret \(secret)/></auth>
+                </source></pool>
+                """.write(toFile: scratch.path("\(name).xml"), atomically: true, encoding: .utf8)
+        }
+        func failure(_ name: String) -> String {
+            var options = RBDPool.Options(confFile: "/dev/null")
+            // A refused key is retried until the bound (rados_connect: timed out).
+            options.timeout = 2
+            return message { try PoolSource.open(name, type: nil, libvirtDirectory: scratch.dir, secretsDirectory: scratch.path("secrets"), rbd: options) }
+        }
+        let right = failure("right")
+        #expect(right.contains("rados_ioctx_create rbdpool"), "\(right)")
+        let wrong = failure("wrong")
+        #expect(wrong.contains("rados_connect") && !wrong.contains("rados_ioctx_create"), "\(wrong)")
+        for text in [right, wrong] { #expect(!text.contains(key) && !text.contains("AQCusw5r"), "\(text)") }
+    }
 }
