@@ -258,9 +258,7 @@ public final class RBDPool: Pool {
     public func properties(of name: String) -> [(key: String, value: String)] {
         guard let image = images.value[name] else { return [] }
         var properties = [(key: "rbd.pool", value: pool), (key: "rbd.image", value: image.name), (key: "rbd.id", value: image.id),
-                          (key: "rbd.object_size", value: "\(image.objectSize)"), (key: "rbd.snapshots", value: "\(image.snapshots.count)"),
-                          // Images opened by this mount so far (each several round trips).
-                          (key: "rbd.opens", value: "\(cluster.opens)")]
+                          (key: "rbd.object_size", value: "\(image.objectSize)"), (key: "rbd.snapshots", value: "\(image.snapshots.count)")]
         if !namespace.isEmpty { properties.append((key: "rbd.namespace", value: namespace)) }
         if let parent = image.parent { properties.append((key: "rbd.parent", value: parent)) }
         return properties
