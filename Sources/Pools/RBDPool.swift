@@ -12,8 +12,9 @@ import Qcow2
 /// (`RefreshedValue`): images and snapshots made or removed, and resized images, show at the next
 /// listing, and no read waits for it. A listing is `rbd_list2` and one small header read per
 /// image, all at once; only images that are new or changed are opened for their info (`list`),
-/// so a pool of hundreds of images is not opened image by image every second. Image data is never read at mount: devices open their image on first
-/// read, through a cache of at most `handleCapacity` open handles.
+/// so a pool of hundreds of images is not opened image by image every second. Image data is
+/// never read at mount: devices open their image on first read, through a cache of at most
+/// `handleCapacity` open handles.
 ///
 /// Every librados call is bounded: the conf sets `client_mount_timeout`, `rados_mon_op_timeout`
 /// and `rados_osd_op_timeout` to `timeout` seconds, and each asynchronous read or write waits at
