@@ -53,6 +53,18 @@ FORWARD(rados_library, int, rados_ioctx_create, (rados_t cluster, const char *po
 FORWARD_VOID(rados_library, rados_ioctx_destroy, (rados_ioctx_t io), (io))
 FORWARD_VOID(rados_library, rados_ioctx_set_namespace, (rados_ioctx_t io, const char *nspace), (io, nspace))
 FORWARD_VOID(rados_library, rados_shutdown, (rados_t cluster), (cluster))
+FORWARD(rados_library, int, rados_aio_create_completion2, (void *cb_arg, rados_callback_t cb_complete, rados_completion_t *pc),
+        (cb_arg, cb_complete, pc), -ELIBACC)
+FORWARD(rados_library, int, rados_aio_get_return_value, (rados_completion_t c), (c), -ELIBACC)
+FORWARD_VOID(rados_library, rados_aio_release, (rados_completion_t c), (c))
+FORWARD(rados_library, rados_read_op_t, rados_create_read_op, (void), (), NULL)
+FORWARD_VOID(rados_library, rados_release_read_op, (rados_read_op_t read_op), (read_op))
+FORWARD_VOID(rados_library, rados_read_op_exec_user_buf,
+             (rados_read_op_t read_op, const char *cls, const char *method, const char *in_buf, size_t in_len, char *out_buf,
+              size_t out_len, size_t *used_len, int *prval),
+             (read_op, cls, method, in_buf, in_len, out_buf, out_len, used_len, prval))
+FORWARD(rados_library, int, rados_aio_read_op_operate, (rados_read_op_t read_op, rados_ioctx_t io, rados_completion_t completion, const char *oid, int flags),
+        (read_op, io, completion, oid, flags), -ELIBACC)
 
 FORWARD(rbd_library, int, rbd_aio_create_completion, (void *cb_arg, rbd_callback_t complete_cb, rbd_completion_t *c), (cb_arg, complete_cb, c), -ELIBACC)
 FORWARD(rbd_library, int, rbd_aio_flush, (rbd_image_t image, rbd_completion_t c), (image, c), -ELIBACC)

@@ -50,6 +50,9 @@ public final class RBDCluster: @unchecked Sendable {
     let ioctx: rados_ioctx_t
     public let pool: String
     public let namespace: String
+    private let openCount = Locked(0)
+    /// How many images (or snapshots) `open` opened so far: each costs several round trips.
+    public var opens: Int { openCount.withLock { $0 } }
 
     /// `rados_create` as client `id`, the conf file (`rados_conf_read_file`; nil reads Ceph's
     /// default search path, and a missing default file is no error), then `settings` in order
@@ -112,6 +115,7 @@ public final class RBDCluster: @unchecked Sendable {
     /// Opens `image` (at `snapshot` when given): read-only (`rbd_open_read_only`) or read-write
     /// (`rbd_open`).
     public func open(_ image: String, snapshot: String? = nil, readOnly: Bool) throws(RBDError) -> RBDImageHandle {
+        openCount.withLock { $0 += 1 }
         var handle: rbd_image_t?
         let what = snapshot.map { "\(pool)/\(image)@\($0)" } ?? "\(pool)/\(image)"
         if readOnly {
@@ -120,6 +124,112 @@ public final class RBDCluster: @unchecked Sendable {
             try RBDError.check(rbd_open(ioctx, image, &handle, snapshot), "rbd_open \(what)")
         }
         return RBDImageHandle(handle!, cluster: self, name: what)
+    }
+}
+
+/// What the header object of a format-2 image (`rbd_header.<id>`) says of it now: the head's
+/// size and the ids of its snapshots (of every snapshot namespace, newest first, as the
+/// snapshot context lists them).
+public struct RBDHeader: Equatable, Sendable {
+    public var size: UInt64
+    public var snapshots: [UInt64]
+}
+
+extension RBDCluster {
+    /// Reads the header of each image in `ids` without opening it: one compound read of
+    /// `rbd_header.<id>` calling cls_rbd's `get_size` (of the head, CEPH_NOSNAP) and
+    /// `get_snapcontext` (`rados_read_op_exec_user_buf`), all sent at once
+    /// (`rados_aio_read_op_operate`) and waited for together at most `seconds`. So N images cost
+    /// N small OSD reads and one round trip of time, where opening them costs several round trips
+    /// each. An image whose read failed (removed meanwhile, a format-1 image) or did not answer in
+    /// time is left out.
+    public func headers(of ids: [String], seconds: Double) -> [String: RBDHeader] {
+        let group = DispatchGroup()
+        var reads: [HeaderRead] = []
+        for id in ids {
+            let read = HeaderRead(id: id, group: group)
+            guard read.start(ioctx) else { continue }
+            reads.append(read)
+        }
+        _ = group.wait(timeout: .now() + seconds)
+        var found: [String: RBDHeader] = [:]
+        for read in reads {
+            if let header = read.result.withLock({ $0 }) { found[read.id] = header }
+        }
+        return found
+    }
+}
+
+/// One header read in flight. Its buffers are written by librados when the read completes, so
+/// the completion holds a reference until then, also when the waiter gave up.
+// SAFETY: @unchecked Sendable because the buffers are only touched by librados until the
+// completion, then by the completion callback; the result is behind a lock.
+final class HeaderRead: @unchecked Sendable {
+    let id: String
+    private let group: DispatchGroup
+    let result = Locked<RBDHeader?>(nil)
+    /// `get_size` answers (u8 order, u64 size); `get_snapcontext` (u64 seq, u32 count, u64 ids).
+    private let sizeOut = UnsafeMutableRawBufferPointer.allocate(byteCount: 16, alignment: 8)
+    private let snapOut = UnsafeMutableRawBufferPointer.allocate(byteCount: 8 + 4 + 8 * 1024, alignment: 8)
+    private let used = UnsafeMutablePointer<Int>.allocate(capacity: 2)
+    private let status = UnsafeMutablePointer<Int32>.allocate(capacity: 2)
+    private var operation: rados_read_op_t?
+
+    init(id: String, group: DispatchGroup) {
+        self.id = id
+        self.group = group
+        used.initialize(repeating: 0, count: 2)
+        status.initialize(repeating: 0, count: 2)
+    }
+
+    deinit {
+        if let operation { rados_release_read_op(operation) }
+        sizeOut.deallocate(); snapOut.deallocate(); used.deallocate(); status.deallocate()
+    }
+
+    /// Sends the read; false if it could not be sent (then nothing waits for it).
+    func start(_ ioctx: rados_ioctx_t) -> Bool {
+        guard let operation = rados_create_read_op() else { return false }
+        self.operation = operation
+        var head = UInt64(0xffff_ffff_ffff_fffe).littleEndian  // CEPH_NOSNAP
+        withUnsafeBytes(of: &head) { input in
+            // librados copies the input into the operation.
+            rados_read_op_exec_user_buf(operation, "rbd", "get_size", input.baseAddress!.assumingMemoryBound(to: CChar.self), input.count,
+                                        sizeOut.baseAddress!.assumingMemoryBound(to: CChar.self), sizeOut.count, used, status)
+        }
+        rados_read_op_exec_user_buf(operation, "rbd", "get_snapcontext", nil, 0,
+                                    snapOut.baseAddress!.assumingMemoryBound(to: CChar.self), snapOut.count, used + 1, status + 1)
+        var completion: rados_completion_t?
+        // SAFETY: the retain is given back by the callback, which librados calls exactly once.
+        let retained = Unmanaged.passRetained(self).toOpaque()
+        guard rados_aio_create_completion2(retained, { completion, arg in
+            let read = Unmanaged<HeaderRead>.fromOpaque(arg!).takeRetainedValue()
+            let result = rados_aio_get_return_value(completion)
+            rados_aio_release(completion)
+            read.finish(result)
+        }, &completion) >= 0 else {
+            Unmanaged<HeaderRead>.fromOpaque(retained).release()
+            return false
+        }
+        group.enter()
+        guard rados_aio_read_op_operate(operation, ioctx, completion, "rbd_header." + id, 0) >= 0 else {
+            // Not started: the callback never runs.
+            rados_aio_release(completion)
+            Unmanaged<HeaderRead>.fromOpaque(retained).release()
+            group.leave()
+            return false
+        }
+        return true
+    }
+
+    private func finish(_ returned: Int32) {
+        defer { group.leave() }
+        guard returned >= 0, status[0] >= 0, status[1] >= 0, used[0] >= 9, used[1] >= 12 else { return }
+        let size = sizeOut.loadUnaligned(fromByteOffset: 1, as: UInt64.self).littleEndian
+        let count = Int(snapOut.loadUnaligned(fromByteOffset: 8, as: UInt32.self).littleEndian)
+        guard 12 + 8 * count <= used[1] else { return }
+        let snapshots = (0..<count).map { snapOut.loadUnaligned(fromByteOffset: 12 + 8 * $0, as: UInt64.self).littleEndian }
+        result.withLock { $0 = RBDHeader(size: size, snapshots: snapshots) }
     }
 }
 

@@ -8,11 +8,13 @@ import Qcow2
 /// A libvirt `rbd` pool: the images of one Ceph pool (and namespace), read through librbd. Each
 /// image is a raw volume; each of its RBD snapshots a read-only volume of its own.
 ///
-/// The image list (`rbd_list2`, then for each image a short read-only open for its size,
-/// snapshots, parent and creation time) is asked again once older than a second, on a thread of
-/// its own (`RefreshedValue`): images and snapshots made or removed show at the next listing, and
-/// no read waits for it. Image data is never read at mount: devices open their image on first
-/// read, through a cache of at most `handleCapacity` open handles.
+/// The image list is asked again once older than a second, on a thread of its own
+/// (`RefreshedValue`): images and snapshots made or removed, and resized images, show at the next
+/// listing, and no read waits for it. A listing is `rbd_list2` and one small header read per
+/// image, all at once; only images that are new or changed are opened for their info (`list`),
+/// so a pool of hundreds of images is not opened image by image every second. Image data is
+/// never read at mount: devices open their image on first read, through a cache of at most
+/// `handleCapacity` open handles.
 ///
 /// Every librados call is bounded: the conf sets `client_mount_timeout`, `rados_mon_op_timeout`
 /// and `rados_osd_op_timeout` to `timeout` seconds, and each asynchronous read or write waits at
@@ -98,24 +100,67 @@ public final class RBDPool: Pool {
         self.cluster = cluster
         handles = RBDHandleCache(capacity: options.handleCapacity)
         device = ISCSIPool.fnv1a(cluster.fsid() + "/" + pool + "/" + namespace)
-        images = try RefreshedValue(lifetime: refresh) { try Self.list(cluster) }
+        let known = Locked<[String: Known]>([:]), timeout = options.timeout
+        images = try RefreshedValue(lifetime: refresh) { try Self.list(cluster, known: known, timeout: timeout) }
     }
 
-    /// `rbd_list2`, then each image's size, features, snapshots and parent from a short
-    /// read-only open. An image removed meanwhile is left out.
-    static func list(_ cluster: RBDCluster) throws -> [String: ImageInfo] {
-        var found: [String: ImageInfo] = [:]
-        for (id, name) in try cluster.listImages() {
-            guard let image = try? cluster.open(name, readOnly: true),
-                  let stat = try? image.stat(), let features = try? image.features() else { continue }
-            let fastDiff = features.features & RBDFeatures.fastDiff != 0 && features.flags & RBDFeatures.fastDiffInvalid == 0
-            let snapshots = ((try? image.snapshots()) ?? []).map { SnapshotInfo(id: $0.id, name: $0.name, size: $0.size, taken: $0.time) }
-            found[FileNames.escape(name)] = ImageInfo(
-                id: id, name: name, size: stat.size, objectSize: stat.objectSize, wholeObject: fastDiff,
-                created: (try? image.createTimestamp()) ?? timespec(), snapshots: snapshots,
-                parent: (try? image.parent()) ?? nil)
+    /// What the listings last read of one image, by id: its info, the header it was read at
+    /// (nil if the header could not be read then) and when.
+    struct Known: Sendable {
+        var info: ImageInfo
+        var header: RBDHeader?
+        var read: Double
+    }
+
+    /// Images whose info is read again per listing although their header did not change, the
+    /// oldest first once older than `rereadAge` seconds: what the header does not show (a
+    /// flattened clone's parent, an invalidated fast-diff map) is at most that old plus
+    /// `images / rereadBatch` listings.
+    static let rereadBatch = 4
+    static let rereadAge = 60.0
+
+    /// `rbd_list2`, then every image's header at once (`RBDCluster.headers`, one small read per
+    /// image, no open). Only an image that is new, renamed, or whose size or snapshot ids
+    /// changed, plus a few of the oldest (`rereadBatch`), is opened read-only for its size,
+    /// features, snapshots, parent and creation time; every other keeps what was read of it.
+    /// An image whose header could not be read at all (a format-1 image) is opened each time;
+    /// one whose header did not answer this time, or that cannot be opened, keeps its last
+    /// info. An image that rbd_list2 no longer lists is gone.
+    static func list(_ cluster: RBDCluster, known: Locked<[String: Known]>, timeout: Double) throws -> [String: ImageInfo] {
+        let listed = try cluster.listImages()
+        let headers = cluster.headers(of: listed.map(\.id), seconds: timeout)
+        let now = RefreshedValue<Bool>.now()
+        let previous = known.withLock { $0 }
+        let stale = Set(previous.values.filter { now - $0.read >= rereadAge }.sorted { $0.read < $1.read }
+                            .prefix(rereadBatch).map(\.info.id))
+        var next: [String: Known] = [:]
+        for (id, name) in listed {
+            let header = headers[id]
+            if let old = previous[id], old.info.name == name, !stale.contains(id),
+               header == nil ? old.header != nil : header == old.header {
+                next[id] = old
+            } else if let info = read(cluster, id: id, name: name) {
+                next[id] = Known(info: info, header: header, read: now)
+            } else if let old = previous[id], old.info.name == name {
+                next[id] = old
+            }
         }
+        known.withLock { $0 = next }
+        var found: [String: ImageInfo] = [:]
+        for entry in next.values { found[FileNames.escape(entry.info.name)] = entry.info }
         return found
+    }
+
+    /// One image's size, features, snapshots and parent from a short read-only open; nil if it
+    /// cannot be opened (removed meanwhile).
+    static func read(_ cluster: RBDCluster, id: String, name: String) -> ImageInfo? {
+        guard let image = try? cluster.open(name, readOnly: true),
+              let stat = try? image.stat(), let features = try? image.features() else { return nil }
+        let fastDiff = features.features & RBDFeatures.fastDiff != 0 && features.flags & RBDFeatures.fastDiffInvalid == 0
+        let snapshots = ((try? image.snapshots()) ?? []).map { SnapshotInfo(id: $0.id, name: $0.name, size: $0.size, taken: $0.time) }
+        return ImageInfo(id: id, name: name, size: stat.size, objectSize: stat.objectSize, wholeObject: fastDiff,
+                         created: (try? image.createTimestamp()) ?? timespec(), snapshots: snapshots,
+                         parent: (try? image.parent()) ?? nil)
     }
 
     public func volumeNames() throws -> [String] {

@@ -118,6 +118,45 @@ struct RBDTests {
         #expect(pool.volume("b") == nil)
     }
 
+    /// A listing opens only the images that are new or changed, not every image each time; new,
+    /// removed and resized images and new snapshots still show within a few refreshes.
+    @Test func listingsOpenOnlyChangedImages() throws {
+        let cluster = try CephCluster.shared()
+        let ns = try cluster.newNamespace()
+        let count = 16
+        try cluster.rbd("create --size 1M \(ns)/i0; for i in $(seq 1 \(count - 1)); do rbd \(cluster.c) create --size 1M \(ns)/i$i || exit 1; done")
+        let pool = try Self.open(ns, cluster, refresh: 0.2)
+        defer { _ = pool.release() }
+        let atMount = pool.cluster.opens
+        #expect(atMount == count)
+        // Listings over 2 s (about ten refreshes): the unchanged images are not opened again.
+        let end = RefreshedValue<Bool>.now() + 2
+        var listings = 0
+        while RefreshedValue<Bool>.now() < end {
+            #expect(try pool.volumeNames().count == count)
+            listings += 1
+            usleep(50_000)
+        }
+        #expect(pool.cluster.opens - atMount <= RBDPool.rereadBatch, "\(listings) listings")
+        let before = pool.cluster.opens
+        try cluster.rbd("resize --no-progress --size 3M \(ns)/i1 && rbd \(cluster.c) snap create \(ns)/i2@s1 && "
+                        + "rbd \(cluster.c) create --size 2M \(ns)/new && rbd \(cluster.c) rm --no-progress \(ns)/i3")
+        func eventually(_ condition: () throws -> Bool) rethrows -> Bool {
+            for _ in 0..<30 { if try condition() { return true }; usleep(100_000) }
+            return false
+        }
+        #expect(try eventually {
+            let names = try pool.volumeNames()
+            return names.contains("new") && !names.contains("i3") && names.count == count
+        })
+        #expect(eventually { pool.volume("i1")?.status.st_size == 3 << 20 })
+        #expect(eventually { pool.snapshots(of: "i2").map(\.name) == ["s1"] })
+        #expect(pool.volume("new")?.status.st_size == 2 << 20)
+        #expect(pool.volume("i4")?.status.st_size == 1 << 20)
+        // The three changed images, and perhaps one more of each for a listing caught midway.
+        #expect(pool.cluster.opens - before <= 6)
+    }
+
     /// `-o rw` writes reach the image; an image whose exclusive lock another client holds is in use.
     @Test func writesReachTheImageAndTheLockIsHonoured() throws {
         let cluster = try CephCluster.shared()
