@@ -137,9 +137,14 @@ public enum Mounter {
     /// Opens every volume of the pool, for `poolfs ls`; and why the pool shows none, if it says.
     public static func reports(source: String, options: MountOptions) throws -> (reports: [VolumeReport], problem: String?) {
         let pool = try openPool(source, options: options)
-        defer { for failure in pool.release() { Log.error(failure) } }
-        let store = VolumeStore(pool: pool, cache: BlockCache(capacityBytes: 16 << 20), logsFailures: false)
-        return (VolumeReport.make(store.volumeNames().compactMap { store.volume($0) }), pool.problem)
+        // The store, and what it opened, goes before the pool is released: an RBD pool waits in
+        // release() for its image handles to close.
+        let reports = {
+            let store = VolumeStore(pool: pool, cache: BlockCache(capacityBytes: 16 << 20), logsFailures: false)
+            return VolumeReport.make(store.volumeNames().compactMap { store.volume($0) })
+        }()
+        for failure in pool.release() { Log.error(failure) }
+        return (reports, pool.problem)
     }
 }
 

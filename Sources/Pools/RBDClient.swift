@@ -256,6 +256,13 @@ public final class RBDImageHandle: @unchecked Sendable {
         Self.closer.async { rbd_close(image.value); _ = cluster }
     }
 
+    /// Waits up to `seconds` for the closes queued so far to end; false if they did not.
+    public static func waitForCloses(seconds: Double) -> Bool {
+        let done = DispatchSemaphore(value: 0)
+        closer.async { done.signal() }
+        return done.wait(timeout: .now() + seconds) == .success
+    }
+
     /// Size, object size and (for a clone) nothing of the parent (`rbd_stat`).
     public func stat() throws(RBDError) -> (size: UInt64, objectSize: UInt64) {
         var info = rbd_image_info_t()

@@ -273,11 +273,15 @@ public final class RBDPool: Pool {
     }
 
     public func release() -> [String] {
-        // A listing still running in the background keeps the cluster connected: a process that
-        // exits meanwhile runs librados's static destructors under its busy threads, which
-        // aborts (boost::bad_get). Bounded like every cluster operation.
+        // A listing still running in the background, or an image handle still being closed (on
+        // its queue), keeps the cluster connected: a process that exits meanwhile runs librados's
+        // static destructors under its busy threads, which aborts (boost::bad_get, SIGSEGV).
+        // Each wait is bounded like every cluster operation.
         images.settle(seconds: options.timeout + 1)
         handles.removeAll()
+        if !RBDImageHandle.waitForCloses(seconds: options.timeout + 1) {
+            return ["rbd:\(poolSpec): image handles still closing after \(Int(options.timeout + 1)) s"]
+        }
         return []
     }
 }
