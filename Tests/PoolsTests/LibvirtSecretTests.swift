@@ -191,23 +191,10 @@ struct LibvirtSecretTests {
         let scratch = try Scratch()
         let port = try TestTarget.freePort()
         let d = scratch.dir
-        try """
-            [global]
-            fsid = \(UUID().uuidString.lowercased())
-            mon host = 127.0.0.1:\(port)
-            mon initial members = a
-            auth cluster required = cephx
-            auth service required = cephx
-            auth client required = cephx
-            ms bind ipv6 = false
-            run dir = \(d)/run
-            log file = \(d)/$name.log
-            admin socket = \(d)/run/$name.asok
-            pid file = \(d)/run/$name.pid
-            mon data = \(d)/mon/$name
+        try (CephCluster.global(port: port, dir: d, auth: "cephx") + """
             keyring = /dev/null
 
-            """.write(toFile: scratch.path("ceph.conf"), atomically: true, encoding: .utf8)
+            """).write(toFile: scratch.path("ceph.conf"), atomically: true, encoding: .utf8)
         try scratch.sh("""
             mkdir -p run mon && ceph-authtool --create-keyring mon.keyring --gen-key -n mon. --cap mon 'allow *' >/dev/null && \
             ceph-authtool --create-keyring client.keyring --gen-key -n client.libvirt --cap mon 'allow *' >/dev/null && \
@@ -215,7 +202,7 @@ struct LibvirtSecretTests {
             ceph-mon -c ceph.conf --id a --mkfs --keyring mon.keyring 2>&1
             """)
         // Started detached (descriptors 3 and up closed, as CephCluster does), stopped by its pid file.
-        try scratch.sh(#"/usr/bin/python3 -c 'import os, sys; os.closerange(3, 65536); os.execvp(sys.argv[1], sys.argv[1:])' ceph-mon -c ceph.conf --id a </dev/null >>daemons.log 2>&1"#)
+        try scratch.sh("\(CephCluster.detached) ceph-mon -c ceph.conf --id a")
         defer {
             if let text = try? String(contentsOfFile: scratch.path("run/mon.a.pid"), encoding: .utf8), let pid = Int32(text.trimmingCharacters(in: .whitespacesAndNewlines)) {
                 kill(pid, SIGKILL)

@@ -50,25 +50,12 @@ public final class CephCluster: @unchecked Sendable {
         scratch = try Scratch()
         port = try TestTarget.freePort()
         let d = scratch.dir
-        try """
-            [global]
-            fsid = \(UUID().uuidString.lowercased())
-            mon host = 127.0.0.1:\(port)
-            mon initial members = a
-            auth cluster required = none
-            auth service required = none
-            auth client required = none
+        try (Self.global(port: port, dir: d, auth: "none") + """
             osd pool default size = 1
             osd pool default min size = 1
             osd crush chooseleaf type = 0
             mon allow pool size one = true
             mon warn on pool no redundancy = false
-            ms bind ipv6 = false
-            run dir = \(d)/run
-            log file = \(d)/$name.log
-            admin socket = \(d)/run/$name.asok
-            pid file = \(d)/run/$name.pid
-            mon data = \(d)/mon/$name
             osd data = \(d)/osd/$name
             mgr data = \(d)/mgr/$name
             keyring = /dev/null
@@ -79,7 +66,7 @@ public final class CephCluster: @unchecked Sendable {
             osd objectstore = memstore
             memstore device bytes = 1073741824
 
-            """.write(toFile: conf, atomically: true, encoding: .utf8)
+            """).write(toFile: conf, atomically: true, encoding: .utf8)
         do {
             try scratch.sh("mkdir -p run mon osd/osd.0 mgr/mgr.x")
             try scratch.sh("ceph-mon \(c) --id a --mkfs --keyring /dev/null 2>&1 && \(Self.detached) ceph-mon \(c) --id a")
@@ -93,10 +80,31 @@ public final class CephCluster: @unchecked Sendable {
         }
     }
 
+    /// The `[global]` lines every test cluster's conf starts with: one monitor `a` on
+    /// 127.0.0.1:`port`, authentication `auth` (none or cephx), and every file under `dir`.
+    public static func global(port: Int, dir d: String, auth: String) -> String {
+        """
+        [global]
+        fsid = \(UUID().uuidString.lowercased())
+        mon host = 127.0.0.1:\(port)
+        mon initial members = a
+        auth cluster required = \(auth)
+        auth service required = \(auth)
+        auth client required = \(auth)
+        ms bind ipv6 = false
+        run dir = \(d)/run
+        log file = \(d)/$name.log
+        admin socket = \(d)/run/$name.asok
+        pid file = \(d)/run/$name.pid
+        mon data = \(d)/mon/$name
+
+        """
+    }
+
     /// Runs the daemon that follows with no descriptor but 0-2 (and those to /dev/null and a
     /// log): Foundation's Process learns that a child exited when a descriptor it shares with
     /// it closes, and a daemon that kept it would make the `sh` that started it never end.
-    static let detached = #"/usr/bin/python3 -c 'import os, sys; os.closerange(3, 65536); os.execvp(sys.argv[1], sys.argv[1:])' </dev/null >>daemons.log 2>&1"#
+    public static let detached = #"/usr/bin/python3 -c 'import os, sys; os.closerange(3, 65536); os.execvp(sys.argv[1], sys.argv[1:])' </dev/null >>daemons.log 2>&1"#
 
     /// The pid a daemon wrote to its pid file; nil when it wrote none.
     public func pid(_ daemon: String) -> Int32? {
