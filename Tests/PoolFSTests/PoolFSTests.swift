@@ -280,19 +280,30 @@ final class ZfsRunner: CommandRunner {
     }
 }
 
+/// A test pool that is a directory pool but for what it declares itself: the rest is `base`'s.
+protocol DirectoryPoolWrapper: Pool {
+    var base: DirectoryPool { get }
+}
+
+extension DirectoryPoolWrapper {
+    var displayName: String { base.displayName }
+    var statisticsPath: String { base.statisticsPath }
+    func volumeNames() throws -> [String] { try base.volumeNames() }
+    func volume(_ name: String) -> PoolVolume? { base.volume(name) }
+    func openImage(_ name: String, volume: PoolVolume, cache: BlockCache) throws -> Image {
+        try base.openImage(name, volume: volume, cache: cache)
+    }
+    func openWritableImage(_ name: String, volume: PoolVolume, cache: BlockCache) throws -> Image {
+        try base.openWritableImage(name, volume: volume, cache: cache)
+    }
+}
+
 @Suite struct WriterHandoverTests {
     /// A directory pool that runs `hook` (once) in the middle of opening a volume read-only.
-    final class HookedPool: Pool {
+    final class HookedPool: DirectoryPoolWrapper {
         let base: DirectoryPool
         let hook = Mutex<(@Sendable () -> Void)?>(nil)
         init(_ base: DirectoryPool) { self.base = base }
-        var displayName: String { base.displayName }
-        var statisticsPath: String { base.statisticsPath }
-        func volumeNames() throws -> [String] { try base.volumeNames() }
-        func volume(_ name: String) -> PoolVolume? { base.volume(name) }
-        func openWritableImage(_ name: String, volume: PoolVolume, cache: BlockCache) throws -> Image {
-            try base.openWritableImage(name, volume: volume, cache: cache)
-        }
         func openImage(_ name: String, volume: PoolVolume, cache: BlockCache) throws -> Image {
             let image = try base.openImage(name, volume: volume, cache: cache)
             hook.withLock { hook in
@@ -378,17 +389,10 @@ extension Result {
 /// A pool that closes idle volumes (LVM through device-mapper, where a device held open is an LV
 /// in use) has nothing of a volume open once its last handle closes; others keep it for the next.
 @Suite struct IdleVolumeTests {
-    final class IdlePool: Pool {
+    final class IdlePool: DirectoryPoolWrapper {
         let base: DirectoryPool
         let closesIdleVolumes: Bool
         init(_ base: DirectoryPool, closesIdleVolumes: Bool) { self.base = base; self.closesIdleVolumes = closesIdleVolumes }
-        var displayName: String { base.displayName }
-        var statisticsPath: String { base.statisticsPath }
-        func volumeNames() throws -> [String] { try base.volumeNames() }
-        func volume(_ name: String) -> PoolVolume? { base.volume(name) }
-        func openImage(_ name: String, volume: PoolVolume, cache: BlockCache) throws -> Image {
-            try base.openImage(name, volume: volume, cache: cache)
-        }
     }
 
     /// Descriptors of this process open on `path`.
