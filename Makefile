@@ -58,6 +58,7 @@ test-sanitizers: deps
 	TSAN_OPTIONS="log_path=$(SAN_REPORTS)/tsan suppressions=$(CURDIR)/scripts/sanitizers/tsan.supp" \
 	    swift test --skip-build --sanitize=thread --scratch-path .build-tsan --filter '$(TSAN_TESTS)' || $(SAN_FAIL)
 	swift build --build-tests --sanitize=address --scratch-path .build-asan
+	swift build --product generate-manual --sanitize=address --scratch-path .build-asan
 	POOLFS_BIN="$$(swift build --sanitize=address --scratch-path .build-asan --show-bin-path)/poolfs" \
 	ASAN_OPTIONS="log_path=$(SAN_REPORTS)/asan detect_leaks=0" \
 	    swift test --skip-build --sanitize=address --scratch-path .build-asan --skip DeviceMapperVMTests \
