@@ -209,28 +209,15 @@ extension LogicalPool {
     }
 
     /// What holds an open LV, as far as this host shows: processes with its device open
-    /// (/proc/PID/fd) and devices stacked on it (/sys/dev/block/MAJ:MIN/holders).
+    /// (LockHolders) and devices stacked on it (/sys/dev/block/MAJ:MIN/holders).
     func openers(of lv: VolumeGroupReport.LogicalVolume) -> String {
         var st = stat()
         var holders: [String] = []
         if stat(deviceRoot + lv.path, &st) == 0, st.st_mode & S_IFMT == S_IFBLK {
-            let device = st.st_rdev
-            let files = FileManager.default
-            for pid in (try? files.contentsOfDirectory(atPath: "/proc")) ?? [] where pid.allSatisfy(\.isNumber) {
-                let fds = (try? files.contentsOfDirectory(atPath: "/proc/\(pid)/fd")) ?? []
-                let holds = fds.contains { fd in
-                    var target = stat()
-                    return stat("/proc/\(pid)/fd/\(fd)", &target) == 0 && target.st_mode & S_IFMT == S_IFBLK && target.st_rdev == device
-                }
-                if holds {
-                    let command = (try? String(contentsOfFile: "/proc/\(pid)/comm", encoding: .utf8))?.trimmingCharacters(in: .whitespacesAndNewlines) ?? "?"
-                    holders.append("\(command) (pid \(pid))")
-                }
-            }
-            // Linux's dev_t: 12 bits of major and 20 of minor, split.
-            let major = ((device >> 8) & 0xfff) | ((device >> 32) & ~0xfff)
-            let minor = (device & 0xff) | ((device >> 12) & ~0xff)
-            for holder in ((try? files.contentsOfDirectory(atPath: "/sys/dev/block/\(major):\(minor)/holders")) ?? []).sorted() {
+            let device = UInt64(st.st_rdev)
+            holders = LockHolders.openers(ofBlockDevice: device).map(\.description)
+            let (major, minor) = LockHolders.split(device)
+            for holder in ((try? FileManager.default.contentsOfDirectory(atPath: "/sys/dev/block/\(major):\(minor)/holders")) ?? []).sorted() {
                 let name = (try? String(contentsOfFile: "/sys/block/\(holder)/dm/name", encoding: .utf8))?.trimmingCharacters(in: .whitespacesAndNewlines)
                 holders.append("device \(name ?? holder)")
             }
