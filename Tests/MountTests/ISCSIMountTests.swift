@@ -44,8 +44,7 @@ struct ISCSIMountTests {
         let target = try TestTarget(scratch: scratch)
         defer { target.stop() }
         try target.define(luns: ["one.raw"])
-        try target.admin("--op new --mode account --user alice --password s3cretpassw0rd")
-        try target.admin("--op bind --mode account --tid 1 --user alice")
+        try target.requireCHAP(user: "alice", password: "s3cretpassw0rd")
         let wrongIQN = poolfs("mount --foreground iscsi://127.0.0.1:\(target.port)/iqn.2026-01.org.poolfs.test:nosuch mnt", in: scratch)
         #expect(wrongIQN.status != 0 && wrongIQN.output.hasPrefix("poolfs: iSCSI login") && wrongIQN.output.contains("Target not found"), "\(wrongIQN.output)")
         let badChap = poolfs("mount --foreground -o chap_user=alice,chap_secret_file=wrong \(target.url) mnt", in: scratch)

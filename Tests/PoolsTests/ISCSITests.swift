@@ -163,8 +163,7 @@ struct ISCSITests {
         let target = try TestTarget(scratch: scratch)
         defer { target.stop() }
         try target.define(luns: ["one.raw"])
-        try target.admin("--op new --mode account --user alice --password s3cretpassw0rd")
-        try target.admin("--op bind --mode account --tid 1 --user alice")
+        try target.requireCHAP(user: "alice", password: "s3cretpassw0rd")
         let good = try ISCSIPool(url: target.url, options: .init(chapUser: "alice", chapSecret: "s3cretpassw0rd"))
         #expect(try good.volumeNames() == ["unit:0:0:1"])
         do {

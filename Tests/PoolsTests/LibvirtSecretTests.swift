@@ -114,8 +114,7 @@ struct LibvirtSecretTests {
         let target = try TestTarget(scratch: scratch)
         defer { target.stop() }
         try target.define(luns: ["one.raw"])
-        try target.admin("--op new --mode account --user alice --password s3cretpassw0rd")
-        try target.admin("--op bind --mode account --tid 1 --user alice")
+        try target.requireCHAP(user: "alice", password: "s3cretpassw0rd")
         try Self.defineSecret(scratch, Self.uuidA, usage: "iscsi", name: "libvirtiscsi", value: "s3cretpassw0rd")
         try Self.defineSecret(scratch, Self.uuidB, usage: "iscsi", name: "wrongone", value: "wrongpassw0rd1")
         func definePool(_ name: String, secret: String) throws {

@@ -79,6 +79,12 @@ public final class TestTarget {
         try admin("--op bind --mode target --tid 1 -I ALL")
     }
 
+    /// Makes target 1 (see `define`) ask for CHAP: an account `user` with `password`, bound to it.
+    public func requireCHAP(user: String, password: String) throws {
+        try admin("--op new --mode account --user \(user) --password \(password)")
+        try admin("--op bind --mode account --tid 1 --user \(user)")
+    }
+
     public func addLun(_ lun: Int, file: String, thin: Bool = false) throws {
         try admin("--op new --mode logicalunit --tid 1 --lun \(lun) -b \(scratch.path(file))")
         if thin { try admin("--op update --mode logicalunit --tid 1 --lun \(lun) --params thin_provisioning=1") }
