@@ -388,8 +388,9 @@ public final class VolumeStore: Sendable {
 
     // MARK: Lookups
 
-    /// How often a volume's path is looked up again: an image modified in place is seen at once
-    /// (fstat of its descriptors on every call); one replaced or renamed in the pool within this.
+    /// How often a volume's path is looked up again: an image modified in place is seen within
+    /// `descriptorCheckInterval` (fstat of its descriptors); one replaced or renamed in the pool
+    /// within this.
     static let pathCheckInterval: Int64 = 100_000_000
     /// How long a volume's descriptors found unmodified stay trusted (nanoseconds): a change made
     /// in place (a VM writing its image) shows in reads that start 1 ms after it, or one tick of

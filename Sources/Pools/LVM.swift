@@ -87,9 +87,12 @@ public struct VolumeGroupReport: Sendable, Equatable {
     /// Fields asked of `lvs`; one row per segment.
     public static let lvsFields = "lv_name,vg_name,lv_size,lv_attr,origin,pool_lv,segtype,seg_start,seg_size,stripes,stripe_size,seg_pe_ranges,lv_path,thin_id,transaction_id,data_lv,metadata_lv,chunk_size"
 
+    /// How every report is asked for: JSON, sizes in bytes without a unit.
+    static let reportOptions = ["--reportformat", "json", "--units", "b", "--nosuffix"]
+
     /// Queries the volume group through `runner`.
     public static func query(_ vg: String, runner: any CommandRunner) throws -> VolumeGroupReport {
-        let common = ["--reportformat", "json", "--units", "b", "--nosuffix"]
+        let common = reportOptions
         let lvs = try runner.run(["lvs", "-a", "-o", lvsFields] + common + [vg])
         let vgs = try runner.run(["vgs", "-o", "vg_name,vg_extent_size"] + common + [vg])
         let pvs = try runner.run(["pvs", "-o", "pv_name,vg_name,pe_start"] + common)
@@ -99,8 +102,7 @@ public struct VolumeGroupReport: Sendable, Equatable {
     /// The LVs asked again (`lvs` only), with the extent size and PV starts of `self`, which
     /// creating, renaming and removing LVs do not change.
     public func requeryingVolumes(runner: any CommandRunner) throws -> VolumeGroupReport {
-        let common = ["--reportformat", "json", "--units", "b", "--nosuffix"]
-        let lvs = try runner.run(["lvs", "-a", "-o", Self.lvsFields] + common + [name])
+        let lvs = try runner.run(["lvs", "-a", "-o", Self.lvsFields] + Self.reportOptions + [name])
         var report = self
         report.volumes = try Self.parseVolumes(lvs, extentSize: extentSize)
         return report

@@ -60,16 +60,19 @@ extension LogicalPool {
         volume + snapshotSeparator + name
     }
 
+    /// The reason the refusals below share.
+    static let needsDeviceMapper = "LVM snapshots need device-mapper (lvm2 activates LVs to create, merge and remove them)"
+
     public var snapshotRefusal: String? {
-        mode == .devices ? nil : "LVM snapshots need device-mapper (lvm2 activates LVs to create, merge and remove them): not with -o noactivate, nor on a kernel without device-mapper"
+        mode == .devices ? nil : "\(Self.needsDeviceMapper): not with -o noactivate, nor on a kernel without device-mapper"
     }
 
     /// Why `poolfs snapshot` cannot work on a logical pool here, found before the volume group is
     /// read; nil when it can.
     public static func snapshotRefusal(noactivate: Bool) -> String? {
-        if noactivate { return "LVM snapshots need device-mapper (lvm2 activates LVs to create, merge and remove them), and -o noactivate does without it" }
+        if noactivate { return "\(needsDeviceMapper), and -o noactivate does without it" }
         if Mode.forThisHost(noactivate: false) == .extents {
-            return "LVM snapshots need device-mapper (lvm2 activates LVs to create, merge and remove them), and this kernel has none (/dev/mapper/control cannot be opened)"
+            return "\(needsDeviceMapper), and this kernel has none (/dev/mapper/control cannot be opened)"
         }
         return nil
     }

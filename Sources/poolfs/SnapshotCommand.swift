@@ -48,8 +48,8 @@ struct SnapshotCommand: ParsableCommand {
           is lvremove. A volume or snapshot whose device is open (a
           running VM, a file of it open through a poolfs mount) is
           skipped with what holds it: lvm2 would merge into an open
-          origin only at its next activation. Without device-mapper (-o noactivate, or a
-          kernel without it) nothing is tried.
+          origin only at its next activation. Without device-mapper
+          (-o noactivate, or a kernel without it) nothing is tried.
           Other pool types are not supported yet.
         """,
         subcommands: [Create.self, Revert.self, Delete.self])
