@@ -1,6 +1,7 @@
 #if canImport(Glibc)
 import Glibc
 #endif
+import Qcow2
 import Synchronization
 
 /// Messages for the person running the mount: to stderr while in the foreground, to syslog always
@@ -18,6 +19,9 @@ public enum Log {
     public static func info(_ message: String) { write(LOG_INFO, message) }
 
     private static func write(_ priority: Int32, _ message: String) {
+        // Names in messages come from the pool and from images: none may forge a line or send
+        // a terminal an escape sequence.
+        let message = Printable.controlsEscaped(message)
         // "%s" takes a C string: a Swift String passed as a CVarArg came out as garbage.
         message.withCString { text in withVaList([text]) { vsyslog(priority, "%s", $0) } }
         if toStderr.load(ordering: .relaxed) {

@@ -1,3 +1,4 @@
+import Foundation
 import Pools
 
 /// The `-o` options of a mount. poolfs's own are consumed here; the rest go to libfuse and the
@@ -20,6 +21,9 @@ public struct MountOptions: Sendable, Equatable {
     public var cow = false
     /// Writes go into the images themselves (dir pools).
     public var rw = false
+    /// Directories outside the pool where files that images name (backing and data files) may be
+    /// opened (docs/security.md).
+    public var backingDirectories: [String] = []
     public var cacheDirectory = "/var/tmp"
     public var cowMemory = 256 << 20
     public var type: String?
@@ -91,6 +95,13 @@ public struct MountOptions: Sendable, Equatable {
                 case "cache_dir":
                     guard let value, !value.isEmpty else { throw MountError.badOption("\(option): needs a directory") }
                     o.cacheDirectory = value
+                case "backing_dirs":
+                    guard let value, !value.isEmpty else { throw MountError.badOption("\(option): needs DIR[:DIR...]") }
+                    let directories = value.split(separator: ":").map(String.init)
+                    guard directories.allSatisfy({ $0.hasPrefix("/") }) else {
+                        throw MountError.badOption("\(option): each directory must be an absolute path")
+                    }
+                    o.backingDirectories = directories
                 case "cow_memory":
                     o.cowMemory = try byteCount(value, option: option)
                 case "type":
@@ -166,5 +177,18 @@ public enum MountError: Error, CustomStringConvertible {
         case .noFuseDevice: return "/dev/fuse is missing: install fuse3 and load the fuse module (modprobe fuse)"
         case .mountpoint(let why): return why
         }
+    }
+}
+
+extension MountOptions {
+    /// What the mount trusts beyond the pool's own directory.
+    public var trust: PoolTrust {
+        var trust = PoolTrust()
+        trust.backingDirectories = backingDirectories
+        if let domains = ProcessInfo.processInfo.environment["POOLFS_LIBVIRT_DOMAINS"] {
+            trust.domainDirectories = domains.split(separator: ":").map(String.init)
+        }
+        trust.warn = { Log.warning($0) }
+        return trust
     }
 }

@@ -131,7 +131,7 @@ public enum Mounter {
         try PoolSource.open(source, type: options.type,
                             lvmMode: LogicalPool.Mode.forThisHost(noactivate: options.noactivate), writable: options.rw,
                             lvmCowSize: options.cowSize,
-                            iscsi: try options.iscsiOptions(), rbd: options.rbdOptions())
+                            iscsi: try options.iscsiOptions(), rbd: options.rbdOptions(), trust: options.trust)
     }
 
     /// Opens every volume of the pool, for `poolfs ls`; and why the pool shows none, if it says.

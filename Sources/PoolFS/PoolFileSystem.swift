@@ -303,7 +303,12 @@ public final class PoolFileSystem: FileSystemOperations {
     /// pages the kernel cached when their files are as they were at the last open.
     func openReply(inode: UInt64, node: Node, key: VolumeKey, writing: Bool) -> OpenReply {
         guard case .success(let volume) = store.volume(key) else { return .plain }
-        if passthrough, case .volume = node, let file = Self.rawFile(volume) { return OpenReply(passthroughFile: file.fd) }
+        // A writer of a raw volume whose format was probed goes through `write`, which guards its
+        // first sector (docs/security.md); the kernel would write it unchecked.
+        if passthrough, case .volume = node, let file = Self.rawFile(volume),
+           !(writing && volume.image?.formatDeclared == false) {
+            return OpenReply(passthroughFile: file.fd)
+        }
         let fingerprint = cacheFingerprint(volume, node: node, writing: writing)
         let previous = lastOpened.withLock { opened in
             defer { opened[inode] = fingerprint }
@@ -449,11 +454,31 @@ public final class PoolFileSystem: FileSystemOperations {
         }
     }
 
+    /// Why a write into the first sector of a raw volume whose format was probed is refused:
+    /// it would make the volume look like another format (QEMU refuses the same write for an
+    /// image it probed as raw). nil: allowed.
+    func headerRefusal(inode: UInt64, offset: UInt64, data: UnsafeRawBufferPointer) -> String? {
+        guard case .volume(let key)? = inodes.key(of: inode), case .success(let volume) = store.volume(key),
+              let image = volume.image, image.format == .raw, !image.formatDeclared else { return nil }
+        let length = min(UInt64(FormatMagic.probeLength), image.live.size)
+        guard var sector = try? image.live.read(at: 0, count: Int(length)) else { return nil }
+        let end = min(Int(length), Int(offset) + data.count)
+        if Int(offset) < end {
+            for i in Int(offset)..<end { sector[i] = data[i - Int(offset)] }
+        }
+        guard let format = FormatMagic.formatName(ofFirstBytes: sector) else { return nil }
+        return "volume \(key.name): a write into its first sector would make this raw volume look like \(format); refused (the format was probed, not declared: see poolfs format set)"
+    }
+
     public func write(inode: UInt64, offset: UInt64, data: UnsafeRawBufferPointer) -> Result<Int, Errno> {
         if store.writesImages {
             // Within the file's end: a partition's write never reaches past it.
             var written = data.count
             defer { invalidateSiblings(of: inode) }
+            if offset < UInt64(FormatMagic.probeLength), let refusal = headerRefusal(inode: inode, offset: offset, data: data) {
+                Log.warning(refusal)
+                return .failure(.notPermitted)
+            }
             return withWriter(inode, offset: offset, length: UInt64(data.count)) { writer, at, n in
                 written = Int(n)
                 try writer.write(UnsafeRawBufferPointer(rebasing: data[0..<Int(n)]), at: at)

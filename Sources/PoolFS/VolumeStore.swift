@@ -93,7 +93,11 @@ public final class OpenVolume: Sendable {
     /// or that failed to open.
     static func fileStatus(of image: Image?, entry: PoolVolume) -> Glibc.stat {
         var st = Glibc.stat()
-        if entry.path != nil, let file = image?.hostFiles.first, fstat(file.fd, &st) == 0 { return st }
+        if entry.path != nil, let file = image?.hostFiles.first, fstat(file.fd, &st) == 0 {
+            // Never more than the chain's other files grant (docs/security.md).
+            st.st_mode &= ~image!.hiddenPermissions
+            return st
+        }
         return entry.status
     }
 

@@ -57,9 +57,12 @@ public protocol Pool: Sendable {
 }
 
 extension Pool {
+    /// Images of pools whose volumes are not files in a directory may name no other file.
     public func openImage(_ name: String, volume: PoolVolume, cache: BlockCache) throws -> Image {
         guard let path = volume.path else { throw PoolError.notFound(name) }
-        return try Image.open(path: path, cache: cache)
+        var options = Image.Options()
+        options.policy = .nothing
+        return try Image.open(path: path, cache: cache, options: options)
     }
     public func openWritableImage(_ name: String, volume: PoolVolume, cache: BlockCache) throws -> Image {
         throw Qcow2Error.writeRefused("\(displayName): writing is supported in dir pools only")
@@ -144,7 +147,11 @@ public struct DirectoryPool: Pool {
     /// The name the tree reserves for snapshots; a file so named is not shown.
     static let reserved: Set<String> = [".snapshots", ".", ".."]
 
-    public init(path: String) throws {
+    /// Where files the images name may be opened from: this directory and `backing_dirs=`.
+    public let policy: TrustPolicy
+    public let formats: FormatDecisions
+
+    public init(path: String, trust: PoolTrust = PoolTrust()) throws {
         var st = stat()
         guard stat(path, &st) == 0 else { throw PoolError.notFound(path) }
         guard st.st_mode & S_IFMT == S_IFDIR else { throw PoolError.notADirectory(path) }
@@ -152,13 +159,37 @@ public struct DirectoryPool: Pool {
         guard let resolved = realpath(path, nil) else { throw PoolError.notFound(path) }
         self.path = String(cString: resolved)
         free(resolved)
+        policy = TrustPolicy(directories: [self.path] + trust.backingDirectories)
+        formats = FormatDecisions(domainDirectories: trust.domainDirectories, warn: trust.warn)
     }
 
     public var writeRefusal: String? { nil }
 
+    /// How images are opened: names beneath `policy`, formats decided once (FormatDecisions).
+    public var imageOptions: Image.Options {
+        var options = Image.Options()
+        options.policy = policy
+        let formats = formats
+        let policy = policy
+        options.decideFormat = { file in
+            // The file opened, wherever a symbolic link in the pool led, must lie in the pool
+            // (or an allowed directory) before anything is read from it or recorded on it.
+            guard let opened = DirectoryPool.openedPath(file.fd), policy.root(of: opened) != nil else {
+                throw Qcow2Error.refused("\(file.path) leads out of the pool through a symbolic link")
+            }
+            return try formats.decide(file)
+        }
+        return options
+    }
+
+    public func openImage(_ name: String, volume: PoolVolume, cache: BlockCache) throws -> Image {
+        guard let path = volume.path else { throw PoolError.notFound(name) }
+        return try Image.open(path: path, cache: cache, options: imageOptions)
+    }
+
     public func openWritableImage(_ name: String, volume: PoolVolume, cache: BlockCache) throws -> Image {
         guard let path = volume.path else { throw PoolError.notFound(name) }
-        return try Image.open(path: path, cache: cache, writable: true)
+        return try Image.open(path: path, cache: cache, options: imageOptions, writable: true)
     }
 
     public func volumeNames() throws -> [String] {
@@ -189,6 +220,17 @@ public struct DirectoryPool: Pool {
     }
 }
 
+/// What a mount trusts beyond the pool (docs/security.md): directories outside it where files
+/// that images name may be opened (`-o backing_dirs=`), and where libvirt's domain definitions,
+/// whose disks declare formats, are.
+public struct PoolTrust: Sendable {
+    public var backingDirectories: [String] = []
+    public var domainDirectories: [String] = FormatDecisions.defaultDomainDirectories
+    /// Where a warning goes (the mount's log).
+    public var warn: @Sendable (String) -> Void = { _ in }
+    public init() {}
+}
+
 /// What the user named on the command line: a directory, or the name of a libvirt pool whose
 /// definition (/etc/libvirt/storage/NAME.xml) gives its type and target path.
 public enum PoolSource {
@@ -201,7 +243,8 @@ public enum PoolSource {
                             lvmMode: LogicalPool.Mode = LogicalPool.Mode.forThisHost(noactivate: false),
                             writable: Bool = false, lvmCowSize: LogicalPool.CowSize = .default,
                             iscsi: ISCSIPool.Options = ISCSIPool.Options(),
-                            rbd: RBDPool.Options = RBDPool.Options()) throws -> any Pool {
+                            rbd: RBDPool.Options = RBDPool.Options(),
+                            trust: PoolTrust = PoolTrust()) throws -> any Pool {
         var path = source
         var resolvedType = type
         var iscsi = iscsi
@@ -263,7 +306,7 @@ public enum PoolSource {
         }
         switch resolvedType ?? "dir" {
         case "dir", "fs", "netfs":
-            return try DirectoryPool(path: path)
+            return try DirectoryPool(path: path, trust: trust)
         case "logical":
             // libvirt's target path of a logical pool is /dev/VGNAME.
             let vg = path.split(separator: "/").last.map(String.init) ?? path

@@ -24,6 +24,23 @@ public final class HostFile: Sendable {
     public let identity: FileIdentity
     /// Bytes the file really occupies on disk (st_blocks × 512) when it was opened.
     public let allocatedBytes: UInt64
+    /// Owner, group and mode (type and permission bits) when it was opened.
+    public let owner: uid_t
+    public let group: gid_t
+    public let mode: mode_t
+
+    public var isRegularFile: Bool { mode & S_IFMT == S_IFREG }
+
+    var typeName: String {
+        switch mode & S_IFMT {
+        case S_IFBLK: return "a block device"
+        case S_IFCHR: return "a character device"
+        case S_IFIFO: return "a FIFO"
+        case S_IFSOCK: return "a socket"
+        case S_IFDIR: return "a directory"
+        default: return "not a regular file"
+        }
+    }
 
     private static let nextID = Atomic<UInt64>(1)
 
@@ -65,12 +82,41 @@ public final class HostFile: Sendable {
         return body(change())
     }
 
-    /// Wraps open(2) with O_RDONLY (or O_RDWR) | O_CLOEXEC, then fstat(2).
+    /// Wraps open(2) with O_RDONLY (or O_RDWR) | O_NONBLOCK | O_NOCTTY | O_CLOEXEC, then
+    /// fstat(2). O_NONBLOCK: a FIFO put where an image was never blocks the open (and a FIFO or
+    /// socket is refused); it changes nothing for regular files and block devices.
     public convenience init(path: String, writable: Bool = false) throws(Qcow2Error) {
-        let fd = retryingEINTR { open(path, (writable ? O_RDWR : O_RDONLY) | O_CLOEXEC) }
+        let fd = retryingEINTR { open(path, (writable ? O_RDWR : O_RDONLY) | O_NONBLOCK | O_NOCTTY | O_CLOEXEC) }
         guard fd >= 0 else { throw .io(errno: Glibc.errno, operation: "open", path: path) }
         try self.init(descriptor: fd, path: path, writable: writable)
     }
+
+    /// Opens `relativePath` beneath the directory open as `directory` (poolfs_open_beneath:
+    /// openat2 with RESOLVE_BENEATH, O_NONBLOCK | O_NOCTTY), then fstat(2); only a regular file
+    /// is accepted. `path` is what messages call it. Throws `.refused` when the path leads out
+    /// of the directory or names something other than a regular file.
+    public static func openBeneath(directory: Int32, relativePath: String, path: String,
+                                   writable: Bool) throws(Qcow2Error) -> HostFile {
+        let fd = poolfs_open_beneath(directory, relativePath, (writable ? O_RDWR : O_RDONLY) | O_NONBLOCK | O_NOCTTY)
+        if fd == -EXDEV || fd == -ELOOP {
+            throw .refused("\(path) leads out of the directories poolfs may read (through '..' or a symbolic link)")
+        }
+        guard fd >= 0 else { throw .io(errno: -fd, operation: "open", path: path) }
+        let file = try HostFile(descriptor: fd, path: path, writable: writable)
+        guard file.isRegularFile else {
+            throw .refused("\(path) is not a regular file (\(file.typeName)); only regular files are read as images")
+        }
+        return file
+    }
+
+    /// A directory's descriptor (O_DIRECTORY) for `openBeneath`; the caller closes it.
+    public static func openDirectory(_ path: String) throws(Qcow2Error) -> Int32 {
+        let fd = retryingEINTR { open(path, O_RDONLY | O_DIRECTORY | O_CLOEXEC) }
+        guard fd >= 0 else { throw .io(errno: Glibc.errno, operation: "open", path: path) }
+        return fd
+    }
+
+    public static func closeDirectory(_ fd: Int32) { close(fd) }
 
     /// A second, read-only open of the file `other` has open, with an open file description of
     /// its own, so that OFD locks taken through it are held and dropped apart from `other`'s.
@@ -98,11 +144,18 @@ public final class HostFile: Sendable {
             close(fd)
             throw .io(errno: EISDIR, operation: "open", path: path)
         }
+        if (st.st_mode & S_IFMT) == S_IFIFO || (st.st_mode & S_IFMT) == S_IFSOCK {
+            close(fd)
+            throw .refused("\(path) is a \((st.st_mode & S_IFMT) == S_IFIFO ? "FIFO" : "socket"), not an image")
+        }
         self.path = path
         self.fd = fd
         self.id = Self.nextID.add(1, ordering: .relaxed).oldValue
         self.identity = FileIdentity(st)
         self.allocatedBytes = UInt64(st.st_blocks) * 512
+        self.owner = st.st_uid
+        self.group = st.st_gid
+        self.mode = st.st_mode
         self.isBlockDevice = (st.st_mode & S_IFMT) == S_IFBLK
         self.currentSize = Atomic(isBlockDevice ? Self.blockDeviceSize(fd) : UInt64(st.st_size))
         self.writable = writable

@@ -1,3 +1,7 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+
 /// An opened image file of either format, with its backing chain resolved. This is what the
 /// filesystem holds per volume.
 public final class Image: Sendable {
@@ -8,29 +12,72 @@ public final class Image: Sendable {
     public struct Options: Sendable {
         /// The deepest backing chain accepted; deeper (or looping) chains are an error.
         public var maxChainDepth = 64
+        /// Where files the images name may be opened from; nil: beneath the top image's own
+        /// directory only.
+        public var policy: TrustPolicy?
+        /// Decides the top file's format when `open` is given none (a dir pool's kept decision,
+        /// docs/security.md); nil: probed.
+        public var decideFormat: (@Sendable (HostFile) throws -> FormatDecision)?
         public init() {}
+    }
+
+    /// A top file's format and whether someone declared it (a libvirt domain, the
+    /// administrator) rather than a probe, now or earlier, finding it.
+    public struct FormatDecision: Sendable, Equatable {
+        public var format: Format
+        public var declared: Bool
+        public init(format: Format, declared: Bool) {
+            self.format = format
+            self.declared = declared
+        }
     }
 
     public let path: String
     public let format: Format
+    /// Whether the format was declared rather than probed (see `FormatDecision`): writes that
+    /// would make a probed raw volume look like another format are refused.
+    public let formatDeclared: Bool
     public let qcow2: Qcow2Image?
     /// The live virtual disk.
     public let live: any BlockDevice
     /// The backing image, opened; nil for raw images and qcow2 images without one.
     public let backing: Image?
+    /// Permission bits the volume must not show: group or other bits that some lower file of
+    /// the chain does not grant (docs/security.md).
+    public var hiddenPermissions: mode_t {
+        guard let top = hostFiles.first else { return 0 }
+        var hidden: mode_t = 0
+        for file in hostFiles.dropFirst() {
+            if file.mode & S_IROTH == 0 { hidden |= S_IRWXO }
+            if file.mode & S_IROTH == 0 && !(file.group == top.group && file.mode & S_IRGRP != 0) { hidden |= S_IRWXG }
+        }
+        return hidden
+    }
 
-    /// Opens `path`, probing the format from the content (qcow2 by magic, otherwise raw) unless
-    /// `format` is given. `writable` opens the top file (not its backing files) for writing too;
-    /// `makeWriter` then writes into it.
+    /// Opens `path`, probing the format from the content unless `format` is given (or
+    /// `options.decideFormat` decides it). `writable` opens the top file (not its backing files)
+    /// for writing too; `makeWriter` then writes into it.
+    ///
+    /// Every file the images name is opened through `ChainResolver` under `options.policy`, and
+    /// must be readable by the top file's owner (writable too, for a data file written).
     public static func open(path: String, format: Format? = nil, cache: BlockCache,
                             options: Options = Options(), writable: Bool = false) throws -> Image {
         var seen: [FileIdentity] = []
-        return try open(path: path, format: format, cache: cache, options: options, writable: writable, seen: &seen)
+        let policy = options.policy ?? TrustPolicy(directories: [absoluteDirectory(of: path)])
+        let top = try HostFile(path: path, writable: writable)
+        let decision = try format.map { FormatDecision(format: $0, declared: true) }
+            ?? options.decideFormat?(top)
+            ?? FormatDecision(format: probe(top), declared: false)
+        let image = try open(file: top, decision: decision, mayNameFiles: true, cache: cache, options: options,
+                             policy: policy, writable: writable, seen: &seen)
+        try image.checkChainPermissions(writable: writable)
+        return image
     }
 
-    private static func open(path: String, format: Format?, cache: BlockCache, options: Options,
-                             writable: Bool = false, seen: inout [FileIdentity]) throws -> Image {
-        let file = try HostFile(path: path, writable: writable)
+    private static func open(file: HostFile, decision: FormatDecision, mayNameFiles: Bool, cache: BlockCache,
+                             options: Options, policy: TrustPolicy, writable: Bool = false,
+                             seen: inout [FileIdentity]) throws -> Image {
+        let path = file.path
         let identity = file.identity
         if seen.contains(where: { $0.device == identity.device && $0.inode == identity.inode }) {
             throw Qcow2Error.backing("\(path) appears twice in its own backing chain (a loop)")
@@ -39,36 +86,43 @@ public final class Image: Sendable {
             throw Qcow2Error.backing("chain deeper than \(options.maxChainDepth) images at \(path)")
         }
         seen.append(identity)
-        let resolved = try format ?? probe(file)
-        switch resolved {
+        switch decision.format {
         case .raw:
-            return Image(path: path, format: .raw, qcow2: nil, live: RawImage(file: file), backing: nil)
+            return Image(path: path, format: .raw, formatDeclared: decision.declared, qcow2: nil,
+                         live: RawImage(file: file), backing: nil)
         case .qcow2:
             var backingImage: Image?
-            let directory = Self.directory(of: path)
             var visited = seen
+            let refuseNamed = { (what: String) in
+                Qcow2Error.refused("\(path) was probed as qcow2 with no backing format recorded, and names a \(what): an image whose format was probed may not name other files (set the backing format with qemu-img rebase -F)")
+            }
             let image = try Qcow2Image(
                 file: file, cache: cache,
                 openBacking: { name, formatName in
-                    let backingPath = try resolveBacking(name, relativeTo: directory)
-                    let backingFormat = try formatName.map { try parseFormat($0, for: backingPath) }
-                    let opened = try open(path: backingPath, format: backingFormat, cache: cache,
-                                          options: options, seen: &visited)
+                    guard mayNameFiles else { throw refuseNamed("backing file") }
+                    let backingFile = try ChainResolver.open(name, what: "backing file", namedBy: path, policy: policy)
+                    let backingDecision = try formatName.map { FormatDecision(format: try parseFormat($0, for: backingFile.path), declared: true) }
+                        ?? FormatDecision(format: probe(backingFile), declared: false)
+                    let opened = try open(file: backingFile, decision: backingDecision, mayNameFiles: backingDecision.declared,
+                                          cache: cache, options: options, policy: policy, seen: &visited)
                     backingImage = opened
                     return opened.live
                 },
                 openDataFile: { name in
-                    try HostFile(path: name.hasPrefix("/") ? name : directory + "/" + name, writable: writable)
+                    guard mayNameFiles else { throw refuseNamed("data file") }
+                    return try ChainResolver.open(name, what: "data file", namedBy: path, policy: policy, writable: writable)
                 })
             seen = visited
-            return Image(path: path, format: .qcow2, qcow2: image, live: image.live, backing: backingImage)
+            return Image(path: path, format: .qcow2, formatDeclared: decision.declared, qcow2: image,
+                         live: image.live, backing: backingImage)
         }
     }
 
-    private init(path: String, format: Format, qcow2: Qcow2Image?, live: any BlockDevice, backing: Image?,
-                 hostFiles: [HostFile]? = nil) {
+    private init(path: String, format: Format, formatDeclared: Bool = true, qcow2: Qcow2Image?, live: any BlockDevice,
+                 backing: Image?, hostFiles: [HostFile]? = nil) {
         self.path = path
         self.format = format
+        self.formatDeclared = formatDeclared
         self.qcow2 = qcow2
         self.live = live
         self.backing = backing
@@ -109,10 +163,21 @@ public final class Image: Sendable {
     /// caller can tell when any of them changed.
     public let hostFiles: [HostFile]
 
-    static func probe(_ file: HostFile) throws -> Format {
-        guard file.size >= 4 else { return .raw }
-        let magic = BigEndianReader(bytes: try file.readBytes(at: 0, count: 4)).u32(0)
-        return magic == Header.magic ? .qcow2 : .raw
+    /// The format of `file` by its content: qcow2 by its magic, raw when no format poolfs
+    /// knows is recognised; a recognised format poolfs does not read is refused, never served
+    /// as raw.
+    public static func probe(_ file: HostFile) throws -> Format {
+        let head = try file.readBytes(at: 0, count: Int(min(file.size, UInt64(FormatMagic.probeLength))))
+        var name = FormatMagic.formatName(ofFirstBytes: head)
+        if name == nil, file.size >= 1024, file.size % 512 == 0 {
+            name = FormatMagic.formatName(ofLastSector: try file.readBytes(at: file.size - 512, count: 512))
+        }
+        switch name {
+        case nil: return .raw
+        case "qcow2": return .qcow2
+        case "qcow": throw Qcow2Error.unsupportedFormat("\(file.path): qcow (version 1) images are not supported; convert with qemu-img convert -O qcow2")
+        case let other?: throw Qcow2Error.unsupportedFormat("\(file.path): \(other) images are not supported yet; poolfs does not serve their container bytes as a disk")
+        }
     }
 
     static func parseFormat(_ name: String, for path: String) throws -> Format {
@@ -122,15 +187,66 @@ public final class Image: Sendable {
         return format
     }
 
-    static func resolveBacking(_ name: String, relativeTo directory: String) throws -> String {
-        if name.hasPrefix("json:") || (name.contains("://")) {
-            throw Qcow2Error.backing("backing file '\(name)' is not a local file")
-        }
-        return name.hasPrefix("/") ? name : directory + "/" + name
-    }
-
     static func directory(of path: String) -> String {
         guard let slash = path.lastIndex(of: "/") else { return "." }
         return slash == path.startIndex ? "/" : String(path[..<slash])
+    }
+}
+
+extension Image {
+    /// The directory of `path`, made absolute against the working directory.
+    static func absoluteDirectory(of path: String) -> String {
+        let directory = directory(of: path)
+        if directory.hasPrefix("/") { return directory }
+        var buffer = [CChar](repeating: 0, count: Int(PATH_MAX) + 1)
+        guard getcwd(&buffer, buffer.count) != nil else { return directory }
+        let cwd = String(cString: buffer)
+        return directory == "." ? cwd : cwd + "/" + directory
+    }
+
+    /// The permission rule (docs/security.md): every other file of the chain must be readable by
+    /// the top file's owner, and a data file written also writable; and the volume shows no
+    /// group or other permission that some lower file does not grant that class.
+    func checkChainPermissions(writable: Bool) throws {
+        guard let top = hostFiles.first else { return }
+        let lower = hostFiles.dropFirst()
+        let owner = FileOwner(uid: top.owner)
+        for file in lower where !owner.may(.read, file) || (writable && file.writable && !owner.may(.write, file)) {
+            let how = writable && file.writable ? "readable and writable" : "readable"
+            throw Qcow2Error.refused("\(file.path) (in the chain of \(path)) is not \(how) by the image's owner (uid \(top.owner)), so the image may not show it")
+        }
+    }
+}
+
+/// A user as the kernel checks file permissions for them: uid, primary and supplementary groups.
+struct FileOwner {
+    enum Access { case read, write }
+    let uid: uid_t
+    let groups: [gid_t]
+
+    init(uid: uid_t) {
+        self.uid = uid
+        var groups: [gid_t] = []
+        var entry = passwd()
+        var result: UnsafeMutablePointer<passwd>?
+        var buffer = [CChar](repeating: 0, count: 16384)
+        if getpwuid_r(uid, &entry, &buffer, buffer.count, &result) == 0, let found = result {
+            var count: Int32 = 64
+            var list = [gid_t](repeating: 0, count: Int(count))
+            if getgrouplist(found.pointee.pw_name, found.pointee.pw_gid, &list, &count) >= 0 {
+                groups = Array(list.prefix(Int(count)))
+            } else {
+                groups = [found.pointee.pw_gid]
+            }
+        }
+        self.groups = groups
+    }
+
+    func may(_ access: Access, _ file: HostFile) -> Bool {
+        if uid == 0 { return true }
+        let bits: (user: mode_t, group: mode_t, other: mode_t) = access == .read ? (S_IRUSR, S_IRGRP, S_IROTH) : (S_IWUSR, S_IWGRP, S_IWOTH)
+        if file.owner == uid { return file.mode & bits.user != 0 }
+        if groups.contains(file.group) { return file.mode & bits.group != 0 }
+        return file.mode & bits.other != 0
     }
 }

@@ -22,6 +22,12 @@ public enum Qcow2Error: Error, Equatable, CustomStringConvertible {
     case inUse(String)
     /// A write this engine will not do, and why; nothing was changed.
     case writeRefused(String)
+    /// A file the image names (or the image itself) that poolfs will not open under its trust
+    /// rules (docs/security.md): outside the pool, not a regular file, a protocol, unreadable
+    /// by the image's owner, or a format that may not name files. Reported as EACCES.
+    case refused(String)
+    /// The image is of a format poolfs recognises but does not read (yet); never served as raw.
+    case unsupportedFormat(String)
 
     public var description: String {
         switch self {
@@ -44,6 +50,10 @@ public enum Qcow2Error: Error, Equatable, CustomStringConvertible {
             return "image in use: \(why)"
         case .writeRefused(let why):
             return "write refused: \(why)"
+        case .refused(let why):
+            return "refused: \(why)"
+        case .unsupportedFormat(let why):
+            return why
         }
     }
 
@@ -52,6 +62,7 @@ public enum Qcow2Error: Error, Equatable, CustomStringConvertible {
         switch self {
         case .io(let code, _, _): return code
         case .inUse: return EBUSY
+        case .refused: return EACCES
         default: return EIO
         }
     }

@@ -73,9 +73,14 @@ public final class Qcow2Image: Sendable {
         }
         if header.backingFileOffset != 0, header.backingFileSize > 0 {
             let start = Int(header.backingFileOffset)
-            let name = String(decoding: firstCluster[start..<start + Int(header.backingFileSize)], as: UTF8.self)
-            backingFileName = name
-            backing = try openBacking(name, extensions.backingFormat)
+            // As QEMU reads it: the name ends at a NUL, and a name of NULs only is no backing file.
+            if let name = ChainResolver.name(from: firstCluster[start..<start + Int(header.backingFileSize)]) {
+                backingFileName = name
+                backing = try openBacking(name, extensions.backingFormat)
+            } else {
+                backingFileName = nil
+                backing = nil
+            }
         } else {
             backingFileName = nil
             backing = nil

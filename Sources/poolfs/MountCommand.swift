@@ -25,6 +25,12 @@ struct MountCommand: ParsableCommand {
                               before they go to a spill file (256M)
           cache_dir=DIR       cow: where the spill file is made; it
                               is unlinked at once (/var/tmp)
+          backing_dirs=DIR[:DIR...]
+                              directories outside the pool where
+                              backing and data files that images name
+                              may be read (other pools' directories);
+                              by default only the pool's own
+                              (see docs/security.md)
           type=TYPE           the pool type, as --type: dir, fs,
                               netfs, logical, zfs, disk, iscsi,
                               iscsi-direct
@@ -153,6 +159,6 @@ struct ListCommand: ParsableCommand {
 
 /// What the completion scripts offer for --type and -o.
 let poolTypes = ["dir", "fs", "netfs", "logical", "zfs", "disk", "iscsi", "iscsi-direct"]
-let mountOptionNames = ["ro", "rw", "cow", "cow_memory=", "cache_dir=", "type=", "noactivate", "initiator=", "chap_user=",
+let mountOptionNames = ["ro", "rw", "cow", "cow_memory=", "cache_dir=", "backing_dirs=", "type=", "noactivate", "initiator=", "chap_user=",
                         "chap_secret_file=", "cache_size=", "threads=", "readahead=", "max_read=", "nosplice", "nopassthrough", "cached_writes",
                         "allow_other", "default_permissions", "noatime"]

@@ -13,7 +13,7 @@ struct PoolfsCommand: ParsableCommand {
         abstract: "Mount a virtualization storage pool: every volume a flat raw file, every snapshot a read-only file.",
         discussion: overview,
         version: "0.1.0",
-        subcommands: [MountCommand.self, UnmountCommand.self, ListCommand.self, SnapshotCommand.self])
+        subcommands: [MountCommand.self, UnmountCommand.self, ListCommand.self, SnapshotCommand.self, FormatCommand.self])
 
     static let overview = """
         poolfs mounts a storage pool through FUSE. Every volume shows as a

@@ -2,6 +2,7 @@
 #define CHOSTIO_H
 
 #include <stdint.h>
+#include <sys/xattr.h>
 
 /// fallocate(2) with FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE; -errno on failure.
 int poolfs_punch_hole(int fd, uint64_t offset, uint64_t length);
@@ -14,6 +15,12 @@ int poolfs_ofd_lock_byte(int fd, uint64_t byte, int exclusive, int unlock);
 /// Whether another open file description holds a lock on `byte` that conflicts with an exclusive
 /// lock: 1 yes, 0 no, -errno on failure.
 int poolfs_ofd_byte_locked(int fd, uint64_t byte);
+
+/// openat2(2) of `path` beneath the directory `dirfd` with RESOLVE_BENEATH | RESOLVE_NO_MAGICLINKS
+/// (no "..", absolute path or symbolic link may lead out of it), `flags` | O_CLOEXEC. Retries
+/// EINTR. A descriptor, or -errno (-EXDEV: the path leads out of the directory; -ENOSYS: the
+/// kernel has no openat2).
+int poolfs_open_beneath(int dirfd, const char *path, int flags);
 
 /// posix_spawnp(3) of a command whose `argc` arguments and `envc` "NAME=value" strings are packed,
 /// each NUL-terminated, in `args` and `env`. The child reads /dev/null, writes to `out_fd` and
