@@ -618,7 +618,7 @@ public final class PoolFileSystem: FileSystemOperations {
                     ("user.poolfs.virtual_size", "\(image.virtualSize)"),
                     ("user.poolfs.backing_chain", VolumeReport.chainDescription(image)),
                     ("user.poolfs.snapshots", "\(image.snapshots.count)"),
-                ] + pooled
+                ] + image.chain.compactMap(\.dataFilePath).prefix(1).map { ("user.poolfs.data_file", $0) } + pooled
             case .snapshot(let v, let s):
                 return [
                     ("user.poolfs.format", "qcow2-snapshot"),

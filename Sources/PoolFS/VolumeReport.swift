@@ -28,6 +28,8 @@ public struct VolumeReport: Codable, Sendable {
     /// Bytes the image file occupies on the host.
     public var diskUsage: UInt64
     public var backingChain: [Layer]
+    /// The external data files of the volume's chain, top first (qcow2 data_file).
+    public var dataFiles: [String] = []
     public var snapshots: [SnapshotInfo]
     /// Another program (a running VM, qemu-img, poolfs -o rw) holds the image for writing
     /// (QEMU's write lock): what is read may change meanwhile.
@@ -66,6 +68,7 @@ public struct VolumeReport: Codable, Sendable {
             allocatedSize: image == nil ? nil : volume.allocatedBytes(snapshot: nil),
             diskUsage: UInt64(volume.fileStat.st_blocks) * 512,
             backingChain: (image?.chain.dropFirst() ?? []).map { Layer(path: $0.path, format: $0.format.rawValue) },
+            dataFiles: (image?.chain ?? []).compactMap(\.dataFilePath),
             snapshots: volume.snapshotFiles.map { file, s in
                 SnapshotInfo(id: s.id, name: s.name, file: file, date: isoDate(s.dateSeconds),
                              virtualSize: image?.device(of: s)?.size ?? 0, vmStateSize: s.vmStateSize)
@@ -102,11 +105,13 @@ public struct VolumeReport: Codable, Sendable {
     public static func table(_ reports: [VolumeReport]) -> String {
         var rows = [["VOLUME", "FORMAT", "VIRTUAL", "ALLOCATED", "DISK", "IN USE", "SNAPSHOTS", "BACKS", "BACKING / ERROR"]]
         for r in reports {
+            let data = r.dataFiles.isEmpty ? "" : " [data file: " + r.dataFiles.joined(separator: ", ") + "]"
             let tail = r.error.map { "error: \($0)" }
-                ?? r.backingChain.map { "\(($0.path as NSString).lastPathComponent) (\($0.format))" }.joined(separator: " -> ")
-            rows.append([r.name, r.format ?? "-", r.virtualSize.map(human) ?? "-", r.allocatedSize.map(human) ?? "-",
-                         human(r.diskUsage), r.inUseByWriter ? "writer" : "-", r.snapshots.isEmpty ? "-" : r.snapshots.map(\.file).joined(separator: ","),
-                         r.backs.isEmpty ? "-" : r.backs.joined(separator: ","), tail])
+                ?? r.backingChain.map { "\(($0.path as NSString).lastPathComponent) (\($0.format))" }.joined(separator: " -> ") + data
+            // Names come from the pool and from images: escaped, so none reaches the terminal raw.
+            rows.append([Printable.escaped(r.name), r.format ?? "-", r.virtualSize.map(human) ?? "-", r.allocatedSize.map(human) ?? "-",
+                         human(r.diskUsage), r.inUseByWriter ? "writer" : "-", r.snapshots.isEmpty ? "-" : Printable.escaped(r.snapshots.map(\.file).joined(separator: ",")),
+                         r.backs.isEmpty ? "-" : Printable.escaped(r.backs.joined(separator: ",")), Printable.controlsEscaped(tail)])
         }
         let widths = (0..<rows[0].count).map { c in rows.map { $0[c].count }.max() ?? 0 }
         return rows.map { row in

@@ -98,7 +98,10 @@ extension DirectoryPool {
     public func snapshotLeavingPunch(_ operation: SnapshotOperation, _ name: String, of volume: String, dryRun: Bool) throws -> PendingPunch? {
         guard let path = self.volume(volume)?.path else { throw SnapshotError.noSuchVolume(volume) }
         do {
-            let image = try Image.open(path: path, cache: BlockCache(capacityBytes: 1 << 20), options: imageOptions, writable: true)
+            // The top image alone: a snapshot is written into it, whatever its backing files are.
+            var options = imageOptions
+            options.skipsBacking = true
+            let image = try Image.open(path: path, cache: BlockCache(capacityBytes: 1 << 20), options: options, writable: true)
             // The file opened, wherever a symbolic link led: it must lie in the pool.
             guard let opened = Self.openedPath(image.hostFiles[0].fd), opened.hasPrefix(self.path + "/") else {
                 throw SnapshotSkip.cannotHoldSnapshots("a symbolic link to a file outside the pool: poolfs snapshot writes only files in the pool")

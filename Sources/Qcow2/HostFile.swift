@@ -99,7 +99,7 @@ public final class HostFile: Sendable {
                                    writable: Bool) throws(Qcow2Error) -> HostFile {
         let fd = poolfs_open_beneath(directory, relativePath, (writable ? O_RDWR : O_RDONLY) | O_NONBLOCK | O_NOCTTY)
         if fd == -EXDEV || fd == -ELOOP {
-            throw .refused("\(path) leads out of the directories poolfs may read (through '..' or a symbolic link)")
+            throw .refused("\(path) leads outside the pool (through '..' or a symbolic link)")
         }
         guard fd >= 0 else { throw .io(errno: -fd, operation: "open", path: path) }
         let file = try HostFile(descriptor: fd, path: path, writable: writable)

@@ -15,6 +15,9 @@ public final class Image: Sendable {
         /// Where files the images name may be opened from; nil: beneath the top image's own
         /// directory only.
         public var policy: TrustPolicy?
+        /// Opens no backing file (reads fall through to zeros): for work on the top image alone
+        /// (`poolfs snapshot`), which must not depend on files it does not change.
+        public var skipsBacking = false
         /// Decides the top file's format when `open` is given none (a dir pool's kept decision,
         /// docs/security.md); nil: probed.
         public var decideFormat: (@Sendable (HostFile) throws -> FormatDecision)?
@@ -100,6 +103,7 @@ public final class Image: Sendable {
                 file: file, cache: cache,
                 openBacking: { name, formatName in
                     guard mayNameFiles else { throw refuseNamed("backing file") }
+                    if options.skipsBacking { return nil }
                     let backingFile = try ChainResolver.open(name, what: "backing file", namedBy: path, policy: policy)
                     let backingDecision = try formatName.map { FormatDecision(format: try parseFormat($0, for: backingFile.path), declared: true) }
                         ?? FormatDecision(format: probe(backingFile), declared: false)
@@ -144,6 +148,12 @@ public final class Image: Sendable {
     }
 
     public var virtualSize: UInt64 { live.size }
+
+    /// The external data file this image's clusters live in, if it has one (as resolved).
+    public var dataFilePath: String? {
+        guard let q = qcow2, q.dataFile !== q.file else { return nil }
+        return q.dataFile.path
+    }
 
     public var snapshots: [Snapshot] { qcow2?.snapshots ?? [] }
 

@@ -177,7 +177,7 @@ struct MountTests {
             mkdir pool && qemu-img create -q -f qcow2 pool/good.qcow2 1M && qemu-io -c 'write -P 0x33 0 1M' pool/good.qcow2 >/dev/null &&
             qemu-img create -q -f qcow2 pool/corrupt.qcow2 1M &&
             printf '\\377\\377\\377\\377' | dd of=pool/corrupt.qcow2 bs=1 seek=36 conv=notrunc status=none &&
-            qemu-img create -q -f qcow2 base.qcow2 1M && qemu-img create -q -f qcow2 -b ../base.qcow2 -F qcow2 pool/orphan.qcow2 && rm base.qcow2 &&
+            qemu-img create -q -f qcow2 pool/base.qcow2 1M && qemu-img create -q -f qcow2 -b base.qcow2 -F qcow2 pool/orphan.qcow2 && rm pool/base.qcow2 &&
             qemu-img create -q -f qcow2 pool/future.qcow2 1M &&
             printf '\\200' | dd of=pool/future.qcow2 bs=1 seek=72 conv=notrunc status=none
             """)

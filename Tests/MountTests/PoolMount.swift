@@ -29,7 +29,8 @@ final class PoolMount {
     let process = Process()
     let log: String
 
-    init(_ source: String, in scratch: Scratch, options: [String] = [], name: String = "mnt") throws {
+    init(_ source: String, in scratch: Scratch, options: [String] = [], name: String = "mnt",
+         environment: [String: String] = [:]) throws {
         #expect(FileManager.default.isExecutableFile(atPath: Binary.path), "poolfs is not built at \(Binary.path)")
         #expect(FileManager.default.fileExists(atPath: "/dev/fuse"), "/dev/fuse is missing: these tests need FUSE")
         mountpoint = scratch.path(name)
@@ -41,6 +42,9 @@ final class PoolMount {
         process.arguments = ["mount", "--foreground"] + options.flatMap { ["-o", $0] } + [source, mountpoint]
         process.standardOutput = output
         process.standardError = output
+        if !environment.isEmpty {
+            process.environment = ProcessInfo.processInfo.environment.merging(environment) { _, new in new }
+        }
         try process.run()
         let deadline = Date().addingTimeInterval(20)
         while !Self.isMounted(mountpoint) {
