@@ -303,10 +303,11 @@ public final class PoolFileSystem: FileSystemOperations {
     /// pages the kernel cached when their files are as they were at the last open.
     func openReply(inode: UInt64, node: Node, key: VolumeKey, writing: Bool) -> OpenReply {
         guard case .success(let volume) = store.volume(key) else { return .plain }
-        // A writer of a raw volume whose format was probed goes through `write`, which guards its
-        // first sector (docs/security.md); the kernel would write it unchecked.
+        // On a -o rw mount, a raw volume whose format was probed is written through `write`, which
+        // guards its first sector (docs/security.md); the kernel would write it unchecked. Every
+        // open of an inode must agree on passthrough, so its readers go through the daemon too.
         if passthrough, case .volume = node, let file = Self.rawFile(volume),
-           !(writing && volume.image?.formatDeclared == false) {
+           !(store.writesImages && volume.image?.formatDeclared == false) {
             return OpenReply(passthroughFile: file.fd)
         }
         let fingerprint = cacheFingerprint(volume, node: node, writing: writing)

@@ -6,7 +6,7 @@ import PoolFS
 // --experimental-dump-help (the JSON the man page is made from), --generate-completion-script
 // and ---completion (what the completion scripts call).
 var arguments = Array(CommandLine.arguments.dropFirst())
-let subcommands: Set<String> = ["mount", "unmount", "umount", "ls", "snapshot", "help", "-h", "--help", "--version",
+let subcommands: Set<String> = ["mount", "unmount", "umount", "ls", "snapshot", "format", "help", "-h", "--help", "--version",
                                 "--experimental-dump-help", "--generate-completion-script", "---completion"]
 if let first = arguments.first, !subcommands.contains(first), !first.hasPrefix("--generate-completion-script=") {
     arguments.insert("mount", at: 0)
