@@ -1,6 +1,7 @@
 #if canImport(Glibc)
 import Glibc
 #endif
+import Dispatch
 import FuseKit
 import Pools
 import Qcow2
@@ -108,7 +109,7 @@ public final class OpenVolume: Sendable {
     /// Data bytes of the live disk (`snapshot` nil) or of a snapshot: computed once per opened
     /// image, except the live disk of a volume open for writing, recounted at most once a second.
     func allocatedBytes(snapshot: Snapshot?) -> UInt64 {
-        allocatedBytes(key: snapshot.map { "\($0.id)" } ?? "", changing: writer != nil && snapshot == nil) {
+        allocatedBytes(key: snapshot.map { "\($0.id)" } ?? "", changing: writer != nil && snapshot == nil) { [image] in
             snapshot.map { image?.device(of: $0) } ?? image?.live
         }
     }
@@ -141,14 +142,23 @@ public final class OpenVolume: Sendable {
         allocatedBytes(key: "pool/" + file, changing: false) { device }
     }
 
-    private func allocatedBytes(key: String, changing: Bool, device: () -> (any BlockDevice)?) -> UInt64 {
+    /// The count, off the request path (docs/security.md, "Bounded work"): a lookup waits for it
+    /// at most `AllocationCounter.inlineWait`; past that it shows what it knew before, or the
+    /// host files' own allocation (bounded by the disk size), and the count goes on beside it,
+    /// for at most `AllocationCounter.budget`. A count that runs out of budget leaves the host
+    /// files' figure for good.
+    private func allocatedBytes(key: String, changing: Bool, device: @escaping @Sendable () -> (any BlockDevice)?) -> UInt64 {
         let now = Self.monotonicNanoseconds()
-        if let known = allocation.withLock({ $0[key] }), !changing || now - known.at < Self.recountWrittenAfter {
-            return known.bytes
+        let known = allocation.withLock { $0[key] }
+        if let known, !changing || now - known.at < Self.recountWrittenAfter { return known.bytes }
+        let standIn = known?.bytes ?? min(image?.virtualSize ?? 0, image?.hostFiles.reduce(0) { $0 + $1.allocatedBytes } ?? 0)
+        let counted = AllocationCounter.shared.count(key: "\(ObjectIdentifier(self).hashValue)/\(key)") { [allocation] shouldStop in
+            let bytes = (try? device()?.allocatedBytes(shouldStop: shouldStop)) ?? 0
+            allocation.withLock { $0[key] = (bytes ?? standIn, Self.monotonicNanoseconds()) }
+            if bytes == nil { Log.warning("st_blocks of \(key.isEmpty ? "a volume" : "snapshot " + key): counting stopped at its budget; showing its files' allocation") }
         }
-        let bytes = (try? device()?.allocatedBytes()) ?? 0
-        allocation.withLock { $0[key] = (bytes, now) }
-        return bytes
+        if counted { return allocation.withLock { $0[key]?.bytes } ?? standIn }
+        return standIn
     }
 
     /// How often `st_blocks` of a volume being written is recounted (nanoseconds).
@@ -494,4 +504,39 @@ public final class VolumeStore: Sendable {
 public struct PoolSnapshotError: Error, CustomStringConvertible {
     public var message: String
     public var description: String { message }
+}
+
+/// Runs st_blocks counts on one thread beside the request path, each with a budget.
+final class AllocationCounter: Sendable {
+    static let shared = AllocationCounter()
+    /// How long a lookup waits for a count before it shows the stand-in.
+    static let inlineWait = 0.25
+    /// How long one count may run.
+    static let budget: Int64 = 10_000_000_000
+
+    private let queue = DispatchQueue(label: "poolfs.st_blocks")
+    private let pending = Locked<[String: DispatchSemaphore]>([:])
+
+    /// Starts `work` for `key` unless it runs already, and waits up to `inlineWait` for it.
+    /// Whether it finished meanwhile.
+    func count(key: String, _ work: @escaping @Sendable (_ shouldStop: () -> Bool) -> Void) -> Bool {
+        let (done, start) = pending.withLock { pending -> (DispatchSemaphore, Bool) in
+            if let running = pending[key] { return (running, false) }
+            let made = DispatchSemaphore(value: 0)
+            pending[key] = made
+            return (made, true)
+        }
+        if start {
+            queue.async { [pending] in
+                let deadline = OpenVolume.monotonicNanoseconds() + Self.budget
+                work { OpenVolume.monotonicNanoseconds() > deadline }
+                pending.withLock { _ = $0.removeValue(forKey: key) }
+                // Every waiter wakes: a waiter takes one signal and passes it on.
+                done.signal()
+            }
+        }
+        guard done.wait(timeout: .now() + Self.inlineWait) == .success else { return false }
+        done.signal()
+        return true
+    }
 }

@@ -15,6 +15,9 @@ public protocol BlockDevice: Sendable {
     func plan(at offset: UInt64, length: Int, into plan: inout ReadPlan) throws
     /// Appends the allocation status of the range to `extents`, as `qemu-img map` reports it.
     func status(at offset: UInt64, length: UInt64, detection: HoleDetection, into extents: inout [MapExtent]) throws
+    /// Bytes of the disk that hold data, from metadata: what `st_blocks` reports. nil when
+    /// `shouldStop` said stop before the count was done.
+    func allocatedBytes(shouldStop: () -> Bool) throws -> UInt64?
 }
 
 extension BlockDevice {
@@ -52,10 +55,15 @@ extension BlockDevice {
     /// for disks over 16 TiB, so that a huge, mostly empty disk (an image may claim 2^61 bytes)
     /// costs 4096 calls, not billions.
     public func allocatedBytes() throws -> UInt64 {
+        try allocatedBytes(shouldStop: { false }) ?? 0
+    }
+
+    public func allocatedBytes(shouldStop: () -> Bool) throws -> UInt64? {
         var total: UInt64 = 0
         var offset: UInt64 = 0
         let window = max(UInt64(1) << 32, size >> 12)
         while offset < size {
+            if shouldStop() { return nil }
             let n = min(window, size - offset)
             for extent in try status(at: offset, length: n, detection: .metadataOnly) where extent.data && !extent.zero {
                 total += extent.length

@@ -357,6 +357,66 @@ public struct Qcow2View: BlockDevice {
 
     static let decodeAheadBytes: UInt64 = 2 << 20
 
+    public func allocatedBytes(shouldStop: () -> Bool) throws -> UInt64? {
+        try allocationCount(shouldStop: shouldStop)?.bytes
+    }
+
+    /// `allocatedBytes`, and how many L2 tables it walked: each distinct table once, however
+    /// many L1 entries point to it (an image may point all its L1 entries at one table), so the
+    /// work grows with the tables the file holds, not with the disk size it claims. What an
+    /// overlay leaves unallocated is counted in its backing file, range by range.
+    public func allocationCount(shouldStop: () -> Bool = { false }) throws -> (bytes: UInt64, tablesWalked: Int)? {
+        let span = image.layout.l2Span
+        let backing = image.backing
+        struct Table { var data: UInt64; var unallocated: [(start: UInt64, length: UInt64)] }
+        var tables: [UInt64: Table] = [:]
+        var walked = 0
+        var total: UInt64 = 0
+        func beneath(_ start: UInt64, _ length: UInt64) throws {
+            guard let backing, length > 0 else { return }
+            var extents: [MapExtent] = []
+            try statusBeneath(backing, at: start, length: length, detection: .metadataOnly, into: &extents)
+            for extent in extents where extent.data && !extent.zero { total += extent.length }
+        }
+        // The table of one L1 entry's span, relative to the span's start.
+        func table(spanStart: UInt64, length: UInt64) throws -> Table {
+            var table = Table(data: 0, unallocated: [])
+            walked += 1
+            try walk(from: spanStart, length: length) { run, guest, n, _ in
+                switch run {
+                case .data, .compressed: table.data += n
+                case .zero: break
+                case .unallocated:
+                    if backing != nil { table.unallocated.append((guest - spanStart, n)) }
+                }
+            }
+            return table
+        }
+        let mapped = min(UInt64(l1Size), (size + span - 1) / span)
+        for index in 0..<mapped {
+            if shouldStop() { return nil }
+            let start = index * span
+            let length = min(span, size - start)
+            let l2Offset = try image.l1Entry(l1Offset: l1Offset, l1Size: l1Size, index: index) & ClusterLayout.offsetMask
+            guard l2Offset != 0 else {
+                try beneath(start, length)
+                continue
+            }
+            let counted: Table
+            if length == span, let known = tables[l2Offset] {
+                counted = known
+            } else {
+                counted = try table(spanStart: start, length: length)
+                if length == span { tables[l2Offset] = counted }
+            }
+            total += counted.data
+            for run in counted.unallocated { try beneath(start + run.start, run.length) }
+        }
+        // Past what the L1 table maps: unallocated.
+        if mapped * span < size { try beneath(mapped * span, size - mapped * span) }
+        return (total, walked)
+    }
+
     public func status(at offset: UInt64, length: UInt64, detection: HoleDetection, into extents: inout [MapExtent]) throws {
         let backing = image.backing
         let dataFile = image.dataFile

@@ -239,3 +239,32 @@ struct TrustBoundaryTests {
         #expect(try contents(mount.path("far.qcow2")) == (try contents(scratch.path("far.expected"))))
     }
 }
+
+/// Issue 22, attack 7: a lookup's work does not grow with what an image claims.
+@Suite("trust boundary: bounded lookups")
+struct TrustBoundaryBoundsTests {
+    /// The daemon's user + system CPU seconds so far (/proc/PID/stat, clock ticks).
+    static func cpuSeconds(_ pid: Int32) throws -> Double {
+        let stat = try String(contentsOfFile: "/proc/\(pid)/stat", encoding: .utf8)
+        let fields = stat[stat.range(of: ")")!.upperBound...].split(separator: " ")
+        return (Double(fields[11])! + Double(fields[12])!) / Double(sysconf(Int32(_SC_CLK_TCK)))
+    }
+
+    @Test func oneTableBehindEveryL1EntryCostsOneTable() throws {
+        let scratch = try TrustBoundaryTests.world()
+        try HostileImages.oneTableEverywhere("pool/hostile.qcow2", in: scratch)
+        let mount = try PoolMount(scratch.path("pool"), in: scratch, options: TrustBoundaryTests.options)
+        defer { mount.unmount() }
+        let before = try Self.cpuSeconds(mount.process.processIdentifier)
+        var st = stat()
+        // stat(2) with a deadline only a hang would miss: the count is bounded, and beside the lookup.
+        #expect(scratch.attempt("timeout 60 stat '\(mount.path("hostile.qcow2"))'").ok)
+        #expect(stat(mount.path("good.raw"), &st) == 0, "another volume's lookup")
+        #expect(stat(mount.path("hostile.qcow2"), &st) == 0)
+        #expect(UInt64(st.st_size) == 32 << 40)
+        #expect(UInt64(st.st_blocks) * 512 == 32 << 40, "every byte is data, counted from one L2 table")
+        // Counting it cluster by cluster took this daemon 30 s and more of CPU (2^29 L2 entries).
+        let spent = try Self.cpuSeconds(mount.process.processIdentifier) - before
+        #expect(spent < 10, "the daemon spent \(spent) s of CPU on two stats")
+    }
+}

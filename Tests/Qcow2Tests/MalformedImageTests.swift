@@ -232,3 +232,21 @@ struct MalformedImageTests {
         try Oracle.expectMatchesQemu("img.qcow2", in: scratch)
     }
 }
+
+/// Issue 22, attack 7: st_blocks of an image that claims far more than its file holds.
+@Suite("bounded allocation counts")
+struct BoundedAllocationTests {
+    @Test func oneL2TableBehindEveryL1EntryIsWalkedOnce() throws {
+        let scratch = try Scratch()
+        try HostileImages.oneTableEverywhere("hostile.qcow2", in: scratch)
+        let image = try Image.open(path: scratch.path("hostile.qcow2"), cache: BlockCache(capacityBytes: 1 << 20))
+        let view = try #require(image.live as? Qcow2View)
+        let count = try #require(try view.allocationCount())
+        #expect(count.tablesWalked == 1, "one distinct table, walked once")
+        #expect(count.bytes == 32 << 40, "every byte reads as data")
+        #expect(try image.live.allocatedBytes() == 32 << 40)
+        // A budget ends a count early rather than letting it run its course.
+        var asked = 0
+        #expect(try view.allocatedBytes(shouldStop: { asked += 1; return asked > 10 }) == nil)
+    }
+}
