@@ -74,9 +74,12 @@ test-sanitizers: deps
 # out, and reverting a pool of 30 qcow2 volumes against a qemu-img snapshot -a loop (bench/run.py; the
 # pool on a scratch XFS with reflinks, from xfsprogs, so 30 × 2 GiB written costs no 60 GiB of disk).
 # BENCH_ARGS="--sections iscsi,partitions" runs some sections only; "--sections revert" the revert.
+# Each section is a file of bench/sections/; every round's figures go to bench-work/results.json, and
+# bench/report.py makes the tables of docs/benchmarks.md from them (docs/benchmarks.json keeps them).
 bench: release
 	@scripts/install-deps.sh libqcow-utils xfsprogs
 	bench/run.py "$(BIN_RELEASE)" $(BENCH_ARGS)
+	bench/report.py bench-work/results.json
 
 bench-quick: release
 	@scripts/install-deps.sh libqcow-utils xfsprogs

@@ -1,14 +1,16 @@
 #!/usr/bin/env python3
 """What listing an RBD pool of many images costs the cluster: `ls -l MNT` in a loop for 10 s
-through each given poolfs binary, in interleaved rounds, on bench/run.py's one-node cluster with
+through each given poolfs binary, in interleaved rounds, on the bench's one-node cluster (bench/fixtures/ceph.py) with
 IMAGES images. Prints, per binary and round, the number of `ls -l`, their median and slowest
 time, and the OSD ops a second (from the OSD's `perf dump`, so every binary is counted alike).
 Usage: bench/rbd-listing.py [--images N] [--rounds N] POOLFS_BINARY...
 """
 import argparse, json, os, subprocess, sys, time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import run  # noqa: E402
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from bench.common import sh  # noqa: E402
+from bench.fixtures.ceph import CephCluster  # noqa: E402
+from bench.sections.rbd import RbdPoolfs  # noqa: E402
 
 
 def main():
@@ -17,10 +19,10 @@ def main():
     parser.add_argument("--images", type=int, default=200)
     parser.add_argument("--rounds", type=int, default=2)
     args = parser.parse_args()
-    cluster = run.CephCluster()
+    cluster = CephCluster()
     try:
         c = f"-c {cluster.conf}"
-        run.sh(f"seq 0 {args.images - 1} | xargs -P 4 -I{{}} timeout 60 rbd {c} create --size 16M P/img{{}}")
+        sh(f"seq 0 {args.images - 1} | xargs -P 4 -I{{}} timeout 60 rbd {c} create --size 16M P/img{{}}")
         asok = os.path.join(cluster.dir, "run", "osd.0.asok")
 
         def osd_ops():
@@ -29,7 +31,7 @@ def main():
         for r in range(args.rounds):
             order = args.binaries if r % 2 == 0 else list(reversed(args.binaries))
             for binary in order:
-                fs = run.RbdPoolfs(binary, cluster.conf)
+                fs = RbdPoolfs(binary, cluster.conf)
                 fs.start(None)
                 try:
                     subprocess.run(["ls", "-l", fs.mnt], stdout=subprocess.DEVNULL, check=True)

@@ -319,7 +319,7 @@ public final class PoolFileSystem: FileSystemOperations {
     }
 
     /// The file whose bytes are the volume's, from its start to its end: a raw image in a
-    /// regular file (block devices are read through the daemon: see README, FUSE passthrough).
+    /// regular file (block devices are read through the daemon: see docs/mounting.md, "Raw files at page-cache speed").
     static func rawFile(_ volume: OpenVolume) -> HostFile? {
         guard let image = volume.image, image.format == .raw, image.hostFiles.count == 1,
               let raw = image.live as? RawImage, raw.file === image.hostFiles[0], !raw.file.isBlockDevice else { return nil }

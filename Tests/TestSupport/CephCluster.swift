@@ -50,23 +50,9 @@ public final class CephCluster: @unchecked Sendable {
         scratch = try Scratch()
         port = try TestTarget.freePort()
         let d = scratch.dir
-        try (Self.global(port: port, dir: d, auth: "none") + """
-            osd pool default size = 1
-            osd pool default min size = 1
-            osd crush chooseleaf type = 0
-            mon allow pool size one = true
-            mon warn on pool no redundancy = false
-            osd data = \(d)/osd/$name
-            mgr data = \(d)/mgr/$name
-            keyring = /dev/null
-            [client]
-            admin socket =
-            log file = \(d)/client.log
-            [osd.0]
-            osd objectstore = memstore
-            memstore device bytes = 1073741824
-
-            """).write(toFile: conf, atomically: true, encoding: .utf8)
+        try (Self.global(port: port, dir: d, auth: "none")
+             + Self.template("ceph-one-node.conf.in", ["DIR": d, "MEMSTORE_BYTES": "1073741824"]))
+            .write(toFile: conf, atomically: true, encoding: .utf8)
         do {
             try scratch.sh("mkdir -p run mon osd/osd.0 mgr/mgr.x")
             try scratch.sh("ceph-mon \(c) --id a --mkfs --keyring /dev/null 2>&1 && \(Self.detached) ceph-mon \(c) --id a")
@@ -82,23 +68,17 @@ public final class CephCluster: @unchecked Sendable {
 
     /// The `[global]` lines every test cluster's conf starts with: one monitor `a` on
     /// 127.0.0.1:`port`, authentication `auth` (none or cephx), and every file under `dir`.
-    public static func global(port: Int, dir d: String, auth: String) -> String {
-        """
-        [global]
-        fsid = \(UUID().uuidString.lowercased())
-        mon host = 127.0.0.1:\(port)
-        mon initial members = a
-        auth cluster required = \(auth)
-        auth service required = \(auth)
-        auth client required = \(auth)
-        ms bind ipv6 = false
-        run dir = \(d)/run
-        log file = \(d)/$name.log
-        admin socket = \(d)/run/$name.asok
-        pid file = \(d)/run/$name.pid
-        mon data = \(d)/mon/$name
+    public static func global(port: Int, dir d: String, auth: String) throws -> String {
+        try template("ceph-global.conf.in", ["FSID": UUID().uuidString.lowercased(), "PORT": "\(port)", "AUTH": auth, "DIR": d])
+    }
 
-        """
+    /// A conf template of bench/fixtures/, which the bench's cluster (bench/fixtures/ceph.py) is
+    /// made from too, with each `@KEY@` replaced by `values[KEY]`.
+    static func template(_ name: String, _ values: [String: String]) throws -> String {
+        let root = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent()
+        var text = try String(contentsOf: root.appendingPathComponent("bench/fixtures/\(name)"), encoding: .utf8)
+        for (key, value) in values { text = text.replacingOccurrences(of: "@\(key)@", with: value) }
+        return text
     }
 
     /// Runs the daemon that follows with no descriptor but 0-2 (and those to /dev/null and a
