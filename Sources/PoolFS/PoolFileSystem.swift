@@ -76,6 +76,8 @@ public final class PoolFileSystem: FileSystemOperations {
     let cow: CowStore?
     /// Files may be opened for writing: `-o cow`, or `-o rw` (volumes only; snapshots stay read-only).
     public var writable: Bool { cow != nil || store.writesImages }
+    /// Held while a change to some volume's first sector is checked and made.
+    let firstSectorChanges = Locked(())
     /// Raw volume files are opened in FUSE passthrough mode (see `openReply`).
     let passthrough: Bool
     /// Where the kernel is told that nodes changed behind its back.
@@ -455,6 +457,22 @@ public final class PoolFileSystem: FileSystemOperations {
         }
     }
 
+    /// Runs `change` (a write of `bytes` at `offset`, or zeros there), refused with EPERM when it
+    /// would make a probed raw volume's first sector look like another format. Changes that touch
+    /// the first sector run one at a time, so two cannot each pass the check and together make a
+    /// header.
+    func guardingFirstSector<T>(inode: UInt64, offset: UInt64, with bytes: [UInt8],
+                                _ change: () -> Result<T, Errno>) -> Result<T, Errno> {
+        guard offset < UInt64(FormatMagic.probeLength) else { return change() }
+        return firstSectorChanges.withLock { _ in
+            if let refusal = bytes.withUnsafeBytes({ headerRefusal(inode: inode, offset: offset, data: $0) }) {
+                Log.warning(refusal)
+                return .failure(.notPermitted)
+            }
+            return change()
+        }
+    }
+
     /// Why a write into the first sector of a raw volume whose format was probed is refused:
     /// it would make the volume look like another format (QEMU refuses the same write for an
     /// image it probed as raw). nil: allowed.
@@ -476,14 +494,12 @@ public final class PoolFileSystem: FileSystemOperations {
             // Within the file's end: a partition's write never reaches past it.
             var written = data.count
             defer { invalidateSiblings(of: inode) }
-            if offset < UInt64(FormatMagic.probeLength), let refusal = headerRefusal(inode: inode, offset: offset, data: data) {
-                Log.warning(refusal)
-                return .failure(.notPermitted)
+            return guardingFirstSector(inode: inode, offset: offset, with: Array(data.prefix(FormatMagic.probeLength))) {
+                withWriter(inode, offset: offset, length: UInt64(data.count)) { writer, at, n in
+                    written = Int(n)
+                    try writer.write(UnsafeRawBufferPointer(rebasing: data[0..<Int(n)]), at: at)
+                }.map { written }
             }
-            return withWriter(inode, offset: offset, length: UInt64(data.count)) { writer, at, n in
-                written = Int(n)
-                try writer.write(UnsafeRawBufferPointer(rebasing: data[0..<Int(n)]), at: at)
-            }.map { written }
         }
         guard let cow, let node = inodes.key(of: inode) else { return .failure(.readOnly) }
         defer { invalidateSiblings(of: inode) }
@@ -516,7 +532,10 @@ public final class PoolFileSystem: FileSystemOperations {
             let n = min(length, device.size - offset)
             defer { invalidateSiblings(of: inode) }
             if store.writesImages {
-                return withWriter(inode, offset: offset, length: n) { try $0.zero(at: $1, length: $2) }
+                let zeros = [UInt8](repeating: 0, count: Int(min(n, UInt64(FormatMagic.probeLength))))
+                return guardingFirstSector(inode: inode, offset: offset, with: zeros) {
+                    withWriter(inode, offset: offset, length: n) { try $0.zero(at: $1, length: $2) }
+                }
             }
             guard let cow, let node = inodes.key(of: inode) else { return .failure(.readOnly) }
             let target = overlayTarget(node, device: device)

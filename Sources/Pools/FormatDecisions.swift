@@ -38,6 +38,11 @@ public final class FormatDecisions: Sendable {
     /// first sight.
     public func decide(_ file: HostFile) throws -> Image.FormatDecision {
         if let declared = domains.format(of: file.path) {
+            // Kept on the file too: when the domain goes (undefined, a transient one stopped),
+            // the file stays what it was declared.
+            if let recorded = Self.recorded(fd: file.fd), recorded == (declared, true) {} else {
+                Self.record(fd: file.fd, declared, declared: true)
+            }
             return Image.FormatDecision(format: declared, declared: true)
         }
         if let recorded = Self.recorded(fd: file.fd) {

@@ -16,7 +16,7 @@ public enum FormatMagic {
             return bytes.count >= 8 && BigEndianReader(bytes: bytes).u32(4) == 1 ? "qcow" : "qcow2"
         }
         if startsBytes([0x51, 0x45, 0x44, 0x00]) { return "qed" }
-        if starts("KDMV") || starts("COWD") || starts("# Disk DescriptorFile") { return "vmdk" }
+        if starts("KDMV") || starts("COWD") || isVmdkDescriptor(bytes) { return "vmdk" }
         if bytes.count >= 0x44, bytes[0x40] == 0x7f, bytes[0x41] == 0x10, bytes[0x42] == 0xda, bytes[0x43] == 0xbe { return "vdi" }
         if starts("vhdxfile") { return "vhdx" }
         if starts("conectix") { return "vpc" }
@@ -25,6 +25,19 @@ public enum FormatMagic {
         if starts("Bochs Virtual HD Image") { return "bochs" }
         if starts("#!/bin/sh\n#V2.0 Format\n") { return "cloop" }
         return nil
+    }
+
+    /// QEMU's rule for a vmdk descriptor file: lines that are comments (`#`) or blank, then
+    /// `version=1`, `2` or `3` on a line of its own.
+    static func isVmdkDescriptor(_ bytes: [UInt8]) -> Bool {
+        let text = String(decoding: bytes.prefix { $0 != 0 }, as: UTF8.self)
+        for line in text.split(separator: "\n", omittingEmptySubsequences: false) {
+            let trimmed = line.drop { $0 == " " || $0 == "\t" }
+            if trimmed.isEmpty || trimmed.hasPrefix("#") || trimmed == "\r" { continue }
+            let value = trimmed.hasSuffix("\r") ? trimmed.dropLast() : trimmed
+            return value == "version=1" || value == "version=2" || value == "version=3"
+        }
+        return false
     }
 
     /// A format recognised by a trailer in the file's last 512 bytes: a fixed VHD's footer, a

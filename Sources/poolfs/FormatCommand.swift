@@ -42,6 +42,9 @@ struct FormatCommand: ParsableCommand {
         default:
             throw ValidationError("poolfs format: the action is show, set or reset, not '\(action)'")
         }
+        // trusted.* attributes are read and written by CAP_SYS_ADMIN only: anyone else would be
+        // told "undecided" of a file that has a decision.
+        guard geteuid() == 0 else { throw ValidationError("poolfs format: run as root (the decisions are trusted.* attributes)") }
         guard !files.isEmpty else { throw ValidationError("poolfs format \(action): name at least one file") }
         let decisions = FormatDecisions()
         var failed = false

@@ -62,6 +62,10 @@ struct TrustBoundaryFormatTests {
         defer { mount.unmount() }
         #expect(try contents(mount.path("vm.img")) == (try contents(scratch.path("pool/vm.img"))), "read as the raw the domain declares")
         #expect(World.xattr("user.poolfs.format", of: mount.path("vm.img"), in: scratch) == "raw")
+        // The declaration stays with the file when the domain goes.
+        mount.unmount()
+        try scratch.sh("rm domains/vm.xml")
+        #expect(runPoolfs("format show pool/vm.img", in: scratch).output.contains("raw (declared"))
     }
 
     @Test func writesCannotGiveARawVolumeAnotherFormatsHeader() throws {
@@ -77,6 +81,13 @@ struct TrustBoundaryFormatTests {
             #expect(!wrote.ok && wrote.output.contains("Operation not permitted"), "\(header): \(wrote.output)")
             #expect(try scratch.sh("sha256sum < pool/mine.img") == before, "\(header): the volume is unchanged")
         }
+        // A hole punched into an allowed prefix ("QEDx" → "QED\0") would make it qed; a vmdk
+        // descriptor may start with comments.
+        #expect(World.asUser("printf 'QEDx' | dd of='\(mount.path("mine.img"))' conv=notrunc,fsync", in: scratch).ok)
+        let punched = World.asUser("fallocate -p -o 3 -l 1 '\(mount.path("mine.img"))' 2>&1", in: scratch)
+        #expect(!punched.ok && punched.output.contains("Operation not permitted"), "\(punched.output)")
+        let descriptor = World.asUser("printf '# x\\n\\nversion=1\\nRW 2048 FLAT \\\"/etc/shadow\\\" 0\\n' | dd of='\(mount.path("mine.img"))' conv=notrunc,fsync 2>&1", in: scratch)
+        #expect(!descriptor.ok && descriptor.output.contains("Operation not permitted"), "\(descriptor.output)")
         // Ordinary writes to the first sector (zeros, a partition table's signature) go through.
         #expect(World.asUser("dd if=/dev/zero of='\(mount.path("mine.img"))' bs=512 count=1 conv=notrunc,fsync", in: scratch).ok)
         #expect(World.asUser("printf '\\125\\252' | dd of='\(mount.path("mine.img"))' bs=1 seek=510 conv=notrunc,fsync", in: scratch).ok)
