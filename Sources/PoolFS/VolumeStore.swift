@@ -33,6 +33,8 @@ public final class OpenVolume: Sendable {
     public let image: Image?
     public let error: String?
     public let snapshotFiles: [(file: String, snapshot: Snapshot)]
+    /// Position in `snapshotFiles` by file name.
+    private let snapshotIndex: [String: Int]
     /// Snapshots the pool keeps as volumes (LVM): opened now, or why they cannot be read.
     public let poolSnapshots: [(file: String, device: Result<any BlockDevice, PoolSnapshotError>)]
     /// When the pool's snapshots were taken, by file, where the pool says (RBD).
@@ -78,13 +80,16 @@ public final class OpenVolume: Sendable {
             let image = try opened.get()
             self.image = image
             self.error = nil
-            self.snapshotFiles = SnapshotNames.files(for: image.snapshots)
+            let files = SnapshotNames.files(for: image.snapshots)
+            self.snapshotFiles = files
+            self.snapshotIndex = Dictionary(files.enumerated().map { ($0.element.file, $0.offset) }, uniquingKeysWith: { first, _ in first })
             // QEMU's shared-read permission: a VM may still open the image for writing.
             if writer == nil { image.hostFiles.first?.lockForSharedReading() }
         } catch {
             self.image = nil
             self.error = "\(error)"
             self.snapshotFiles = []
+            self.snapshotIndex = [:]
         }
     }
 
@@ -102,8 +107,9 @@ public final class OpenVolume: Sendable {
         return entry.status
     }
 
+    /// The snapshot shown as `file`: one lookup, however many snapshots the image has.
     public func snapshot(file: String) -> Snapshot? {
-        snapshotFiles.first { $0.file == file }?.snapshot
+        snapshotIndex[file].map { snapshotFiles[$0].snapshot }
     }
 
     /// Data bytes of the live disk (`snapshot` nil) or of a snapshot: computed once per opened
@@ -248,8 +254,9 @@ public final class VolumeStore: Sendable {
     /// Volumes open for writing and their write handles, per file; the writer closes with the last.
     private let writing = Locked<[VolumeKey: (volume: OpenVolume, handles: Int)]>([:])
 
+    /// `pool`'s volumes under the names the tree shows (`TreeNames`).
     public init(pool: any Pool, cache: BlockCache, logsFailures: Bool = true, writesImages: Bool = false) {
-        self.pool = pool
+        self.pool = TreeNamedPool(pool)
         self.cache = cache
         self.logsFailures = logsFailures
         self.writesImages = writesImages

@@ -144,8 +144,9 @@ public struct DirectoryPool: Pool {
     public let path: String
     public var displayName: String { path }
     public var statisticsPath: String { path }
-    /// The name the tree reserves for snapshots; a file so named is not shown.
-    static let reserved: Set<String> = [".snapshots", ".", ".."]
+    /// Not volumes. A file named as one of the tree's directories is one, shown under an escaped
+    /// name (PoolFS's TreeNames).
+    static let reserved: Set<String> = [".", ".."]
 
     /// Where files the images name may be opened from: this directory and `backing_dirs=`.
     public let policy: TrustPolicy

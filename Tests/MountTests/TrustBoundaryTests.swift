@@ -268,3 +268,51 @@ struct TrustBoundaryBoundsTests {
         #expect(spent < 10, "the daemon spent \(spent) s of CPU on two stats")
     }
 }
+
+/// Issue 22, attack 8: names from the pool and from images.
+@Suite("trust boundary: names")
+struct TrustBoundaryNameTests {
+    @Test func everyNameIsReachableAndNoneReachesALogOrTerminalRaw() throws {
+        let scratch = try TrustBoundaryTests.world()
+        let long = String(repeating: "L", count: 300)
+        try scratch.sh("""
+            for f in .partitions .snapshots %2Epartitions; do head -c 4096 /dev/urandom > "pool/$f"; done &&
+            qemu-img create -q -f qcow2 pool/s.qcow2 1M && qemu-img snapshot -c '\(long)' pool/s.qcow2 &&
+            qemu-img snapshot -c aa pool/s.qcow2 && qemu-img snapshot -c bb pool/s.qcow2 && qemu-img snapshot -c cc pool/s.qcow2 &&
+            python3 - pool/s.qcow2 <<'PY'
+            import struct, sys
+            p = sys.argv[1]; d = bytearray(open(p, 'rb').read())
+            # Snapshot "bb" (id 3) becomes "aa" with id 2, a twin of the second; "cc" gets a NUL.
+            i = d.find(b'bb'); d[i:i+2] = b'aa'; j = d.rfind(b'3', 0, i); d[j] = ord('2')
+            k = d.find(b'cc'); d[k+1] = 0
+            open(p, 'wb').write(d)
+            PY
+            """)
+        try scratch.sh("head -c 4096 /dev/urandom > \"pool/$(printf 'evil\\nforged line \\033[31mred')\" && qemu-img create -q -f qcow2 -u -b \"$(printf 'x\\033]0;title\\007')\" -F raw pool/esc.qcow2 1M")
+        let mount = try PoolMount(scratch.path("pool"), in: scratch, options: TrustBoundaryTests.options + ["rw"])
+        defer { mount.unmount() }
+        let root = try FileManager.default.contentsOfDirectory(atPath: mount.mountpoint)
+        for (shown, file) in [("%2Epartitions", ".partitions"), ("%2Esnapshots", ".snapshots"), ("%252Epartitions", "%2Epartitions")] {
+            #expect(root.contains(shown), "\(shown) in \(root)")
+            #expect(try contents(mount.path(shown)) == (try contents(scratch.path("pool/" + file))), "\(shown) reads \(file)")
+        }
+        #expect(root.filter { $0 == ".partitions" }.count == 1 && root.filter { $0 == ".snapshots" }.count == 1,
+                "the tree's own directories are listed once: \(root)")
+        let snapshots = try FileManager.default.contentsOfDirectory(atPath: mount.path(".snapshots/s.qcow2"))
+        #expect(snapshots.count == 4, "\(snapshots)")
+        #expect(Set(snapshots).count == 4, "every snapshot has a name of its own, twins included")
+        for name in snapshots {
+            #expect(name.utf8.count <= 255)
+            var st = stat()
+            #expect(stat(mount.path(".snapshots/s.qcow2/" + name), &st) == 0, "\(name) is reachable")
+        }
+        #expect(snapshots.contains("c%00"), "a NUL does not cut a name short: \(snapshots)")
+        let listed = runPoolfs("ls '\(scratch.path("pool"))'", in: scratch).output
+        _ = try? contents(mount.path("esc.qcow2"))
+        let log = try String(contentsOfFile: mount.log, encoding: .utf8)
+        for (what, text) in [("poolfs ls", listed), ("the log", log)] {
+            #expect(!text.utf8.contains(0x1b) && !text.utf8.contains(0x07), "\(what) carries no raw escape sequence")
+            #expect(!text.contains("\nforged line"), "\(what) carries no forged line")
+        }
+    }
+}
