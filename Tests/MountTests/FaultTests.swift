@@ -285,7 +285,8 @@ struct FaultTests {
             qemu-img create -q -f qcow2 -b \(scratch.path("base.qcow2")) -F qcow2 pool/over.qcow2 &&
             qemu-img create -q -f qcow2 pool/good.qcow2 1M && qemu-io -c 'write -P 0x67 0 1M' pool/good.qcow2 >/dev/null
             """)
-        let mount = try PoolMount(scratch.path("pool"), in: scratch)
+        // The base lies outside the pool, in a directory the mount allows.
+        let mount = try PoolMount(scratch.path("pool"), in: scratch, options: ["backing_dirs=\(scratch.dir)"])
         defer { mount.unmount() }
         #expect(try scratch.sh("timeout 10 head -c 1 '\(mount.path("over.qcow2"))' | od -An -tx1") == " 66\n")
         try scratch.sh("mv base.qcow2 base.away && sleep 0.3")
@@ -294,7 +295,7 @@ struct FaultTests {
         #expect(open == "\(EIO)\n")
         let why = try scratch.sh("timeout 10 getfattr --only-values -n user.poolfs.error '\(mount.path("over.qcow2"))'")
         #expect(why.contains(scratch.path("base.qcow2")) && why.contains("No such file or directory"), "\(why)")
-        let ls = try scratch.sh("timeout 10 '\(Binary.path)' ls pool")
+        let ls = try scratch.sh("timeout 10 '\(Binary.path)' ls -o backing_dirs=\(scratch.dir) pool")
         #expect(ls.contains("error: open \(scratch.path("base.qcow2")): No such file or directory"), "\(ls)")
         #expect(Self.log(of: mount).contains("volume over.qcow2: open \(scratch.path("base.qcow2")): No such file or directory"))
         #expect(try scratch.sh("timeout 10 head -c 1 '\(mount.path("good.qcow2"))' | od -An -tx1") == " 67\n", "other volumes keep working")
