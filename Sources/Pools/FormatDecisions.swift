@@ -40,7 +40,7 @@ public final class FormatDecisions: Sendable {
         if let declared = domains.format(of: file.path) {
             // Kept on the file too: when the domain goes (undefined, a transient one stopped),
             // the file stays what it was declared.
-            if let recorded = Self.recorded(fd: file.fd), recorded == (declared, true) {} else {
+            if Self.recorded(fd: file.fd).map({ $0 != (declared, true) }) ?? true {
                 Self.record(fd: file.fd, declared, declared: true)
             }
             return Image.FormatDecision(format: declared, declared: true)

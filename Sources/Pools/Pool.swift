@@ -175,7 +175,7 @@ public struct DirectoryPool: Pool {
         options.decideFormat = { file in
             // The file opened, wherever a symbolic link in the pool led, must lie in the pool
             // (or an allowed directory) before anything is read from it or recorded on it.
-            guard let opened = DirectoryPool.openedPath(file.fd), policy.root(of: opened) != nil else {
+            guard let opened = file.openedPath, policy.root(of: opened) != nil else {
                 throw Qcow2Error.refused("\(file.path) leads outside the pool through a symbolic link")
             }
             return try formats.decide(file)

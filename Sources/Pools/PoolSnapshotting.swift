@@ -85,14 +85,6 @@ extension DirectoryPool {
         try snapshotLeavingPunch(operation, name, of: volume, dryRun: dryRun)?.run()
     }
 
-    /// Where the open descriptor `fd` leads, symbolic links resolved (/proc/self/fd).
-    static func openedPath(_ fd: Int32) -> String? {
-        var buffer = [CChar](repeating: 0, count: Int(PATH_MAX) + 1)
-        let n = readlink("/proc/self/fd/\(fd)", &buffer, buffer.count - 1)
-        guard n > 0 else { return nil }
-        return String(decoding: buffer[0..<n].map { UInt8(bitPattern: $0) }, as: UTF8.self)
-    }
-
     /// `snapshot`, the clusters a revert or delete freed left to punch (`PendingPunch`), the
     /// image still locked until then.
     public func snapshotLeavingPunch(_ operation: SnapshotOperation, _ name: String, of volume: String, dryRun: Bool) throws -> PendingPunch? {
@@ -103,7 +95,7 @@ extension DirectoryPool {
             options.skipsBacking = true
             let image = try Image.open(path: path, cache: BlockCache(capacityBytes: 1 << 20), options: options, writable: true)
             // The file opened, wherever a symbolic link led: it must lie in the pool.
-            guard let opened = Self.openedPath(image.hostFiles[0].fd), opened.hasPrefix(self.path + "/") else {
+            guard let opened = image.hostFiles[0].openedPath, opened.hasPrefix(self.path + "/") else {
                 throw SnapshotSkip.cannotHoldSnapshots("a symbolic link to a file outside the pool: poolfs snapshot writes only files in the pool")
             }
             // The kept decision, not the content: a raw disk with a qcow2 header written into it

@@ -5,7 +5,7 @@ import Glibc
 /// Where files that an image names (backing files, external data files) may be opened from:
 /// beneath the pool's own directory, and beneath directories the administrator allowed
 /// (`-o backing_dirs=`). Nothing else. See docs/security.md.
-public struct TrustPolicy: Sendable, Equatable {
+public struct TrustPolicy: Sendable {
     /// Each allowed directory as given (absolute) and with its symbolic links resolved: a name
     /// may use either spelling; it is opened beneath the resolved one.
     public let roots: [(given: String, real: String)]
@@ -23,10 +23,6 @@ public struct TrustPolicy: Sendable, Equatable {
     /// No file an image names may be opened (pools whose volumes are not files in a directory,
     /// with no `backing_dirs=`).
     public static let nothing = TrustPolicy(directories: [])
-
-    public static func == (a: TrustPolicy, b: TrustPolicy) -> Bool {
-        a.roots.map(\.real) == b.roots.map(\.real)
-    }
 
     static func trimmed(_ path: String) -> String {
         var path = path
@@ -99,27 +95,20 @@ public enum ChainResolver {
 /// (and the backslash as `\\`), so a name cannot forge a log line or send a terminal an escape
 /// sequence.
 public enum Printable {
-    public static func escaped(_ text: String) -> String {
-        guard text.unicodeScalars.contains(where: needsEscape) else { return text }
-        var out = ""
-        for scalar in text.unicodeScalars {
-            switch scalar.value {
-            case 0x5c: out += "\\\\"
-            case _ where needsEscape(scalar):
-                out += scalar.value < 0x100 ? "\\x" + hex(UInt8(scalar.value)) : "\\u{fffd}"
-            default: out.unicodeScalars.append(scalar)
-            }
-        }
-        return out
-    }
+    public static func escaped(_ text: String) -> String { escaping(text, backslash: true) }
 
     /// `text` with control characters, DEL and invalid UTF-8 escaped, backslashes left alone:
     /// for whole messages, whose names may carry them.
-    public static func controlsEscaped(_ text: String) -> String {
-        guard text.unicodeScalars.contains(where: { $0 != "\\" && needsEscape($0) }) else { return text }
+    public static func controlsEscaped(_ text: String) -> String { escaping(text, backslash: false) }
+
+    private static func escaping(_ text: String, backslash: Bool) -> String {
+        let escapes = { (scalar: Unicode.Scalar) in scalar == "\\" ? backslash : needsEscape(scalar) }
+        guard text.unicodeScalars.contains(where: escapes) else { return text }
         var out = ""
         for scalar in text.unicodeScalars {
-            if scalar != "\\" && needsEscape(scalar) {
+            if scalar == "\\" && backslash {
+                out += "\\\\"
+            } else if escapes(scalar) {
                 out += scalar.value < 0x100 ? "\\x" + hex(UInt8(scalar.value)) : "\\u{fffd}"
             } else {
                 out.unicodeScalars.append(scalar)
@@ -128,10 +117,10 @@ public enum Printable {
         return out
     }
 
-    /// C0 and C1 controls, DEL, the backslash, and U+FFFD (what invalid UTF-8 decoded to).
+    /// C0 and C1 controls, DEL, and U+FFFD (what invalid UTF-8 decoded to).
     static func needsEscape(_ scalar: Unicode.Scalar) -> Bool {
         switch scalar.value {
-        case 0..<0x20, 0x5c, 0x7f, 0x80..<0xa0, 0xfffd: return true
+        case 0..<0x20, 0x7f, 0x80..<0xa0, 0xfffd: return true
         default: return false
         }
     }

@@ -31,7 +31,9 @@ public final class HostFile: Sendable {
 
     public var isRegularFile: Bool { mode & S_IFMT == S_IFREG }
 
-    var typeName: String {
+    var typeName: String { Self.typeName(of: mode) }
+
+    static func typeName(of mode: mode_t) -> String {
         switch mode & S_IFMT {
         case S_IFBLK: return "a block device"
         case S_IFCHR: return "a character device"
@@ -118,6 +120,14 @@ public final class HostFile: Sendable {
 
     public static func closeDirectory(_ fd: Int32) { close(fd) }
 
+    /// Where the open descriptor leads now, symbolic links resolved (readlink of /proc/self/fd).
+    public var openedPath: String? {
+        var buffer = [CChar](repeating: 0, count: Int(PATH_MAX) + 1)
+        let n = readlink("/proc/self/fd/\(fd)", &buffer, buffer.count - 1)
+        guard n > 0 else { return nil }
+        return String(decoding: buffer[0..<n].map { UInt8(bitPattern: $0) }, as: UTF8.self)
+    }
+
     /// A second, read-only open of the file `other` has open, with an open file description of
     /// its own, so that OFD locks taken through it are held and dropped apart from `other`'s.
     /// open(2) of /proc/self/fd/N reaches the same file even if its path names another one by
@@ -146,7 +156,7 @@ public final class HostFile: Sendable {
         }
         if (st.st_mode & S_IFMT) == S_IFIFO || (st.st_mode & S_IFMT) == S_IFSOCK {
             close(fd)
-            throw .refused("\(path) is a \((st.st_mode & S_IFMT) == S_IFIFO ? "FIFO" : "socket"), not an image")
+            throw .refused("\(path) is \(Self.typeName(of: st.st_mode)), not an image")
         }
         self.path = path
         self.fd = fd
