@@ -189,17 +189,22 @@ def settle_writeback():
     os.sync()
 
 
+def started(proc, mountpoint, stop):
+    """`proc` once its FUSE mount at `mountpoint` is up; stopped with `stop` if it never is."""
+    try:
+        wait_mounted(mountpoint, proc)
+    except BaseException:
+        stop(mountpoint, proc)
+        raise
+    return proc
+
+
 def start_poolfs(binary, pool, mnt, options, log):
     os.makedirs(mnt, exist_ok=True)
     with open(log, "w") as f:
         proc = subprocess.Popen([binary, "mount", "--foreground", *(["-o", options] if options else []), pool, mnt],
                                 stdout=f, stderr=f)
-    try:
-        wait_mounted(mnt, proc)
-    except BaseException:
-        stop_mount(mnt, proc)
-        raise
-    return proc
+    return started(proc, mnt, stop_mount)
 
 
 def start_qsd_export(target, log, image, driver, writable):
@@ -214,12 +219,7 @@ def start_qsd_export(target, log, image, driver, writable):
                                  "--export", f"type=fuse,id=e,node-name=d,mountpoint={target},"
                                              f"writable={'on' if writable else 'off'}"],
                                 stdout=f, stderr=f)
-    try:
-        wait_mounted(target, proc)
-    except BaseException:
-        stop_qsd(target, proc)
-        raise
-    return proc
+    return started(proc, target, stop_qsd)
 
 
 def start_qsd_raw(source, target, log, writable):
