@@ -5,7 +5,7 @@ let package = Package(
     name: "poolfs",
     products: [
         .executable(name: "poolfs", targets: ["poolfs"]),
-        .library(name: "Qcow2", targets: ["Qcow2"]),
+        .library(name: "Block", targets: ["Block"]),
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0"),
@@ -23,28 +23,29 @@ let package = Package(
         // The lock every module uses: a pthread mutex, which ThreadSanitizer understands.
         .target(name: "Locking"),
 
-        // The qcow2/raw engine: no FUSE, no processes.
-        .target(name: "Qcow2", dependencies: ["CCompress", "CHostIO", "Locking"]),
+        // The Block core (Core/: devices, read plans, host files, the chain resolver, format
+        // detection) and one folder per image format (Qcow2/, Raw/, ...): no FUSE, no processes.
+        .target(name: "Block", dependencies: ["CCompress", "CHostIO", "Locking"]),
         // The only Swift module that imports libfuse.
         .target(name: "FuseKit", dependencies: ["CFuse3", "CFuseShim", "Locking"]),
         // Pool adapters: directories, LVM volume groups, disks, iSCSI targets; external commands
         // through one runner. Partition tables are read by libblkid (CBlkid), from
         // PartitionTable.swift only; iSCSI goes through libiscsi (CISCSI), from ISCSIClient.swift only.
         // Ceph RBD through librados/librbd (CRBD), from RBDClient.swift only.
-        .target(name: "Pools", dependencies: ["Qcow2", "CHostIO", "CBlkid", "CISCSI", "CRBD", "Locking"]),
+        .target(name: "Pools", dependencies: ["Block", "CHostIO", "CBlkid", "CISCSI", "CRBD", "Locking"]),
         // The filesystem: the tree of volumes and snapshots, FUSE operations.
-        .target(name: "PoolFS", dependencies: ["Qcow2", "FuseKit", "Pools", "Locking"]),
+        .target(name: "PoolFS", dependencies: ["Block", "FuseKit", "Pools", "Locking"]),
         .executableTarget(name: "poolfs", dependencies: [
-            "PoolFS", "Pools", "Qcow2",
+            "PoolFS", "Pools", "Block",
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
         ]),
 
         .target(name: "TestSupport", path: "Tests/TestSupport"),
-        .testTarget(name: "Qcow2Tests", dependencies: ["Qcow2", "TestSupport"]),
-        .testTarget(name: "PoolFSTests", dependencies: ["PoolFS", "Pools", "FuseKit", "Qcow2", "TestSupport"]),
-        .testTarget(name: "PoolsTests", dependencies: ["Pools", "Qcow2", "TestSupport"], resources: [.copy("Fixtures")]),
+        .testTarget(name: "Qcow2Tests", dependencies: ["Block", "TestSupport"]),
+        .testTarget(name: "PoolFSTests", dependencies: ["PoolFS", "Pools", "FuseKit", "Block", "TestSupport"]),
+        .testTarget(name: "PoolsTests", dependencies: ["Pools", "Block", "TestSupport"], resources: [.copy("Fixtures")]),
         // Mounts the built `poolfs` binary through FUSE and compares with qemu-img.
-        .testTarget(name: "MountTests", dependencies: ["Qcow2", "FuseKit", "TestSupport", "CHostIO"], exclude: ["dm-vm"]),
+        .testTarget(name: "MountTests", dependencies: ["Block", "FuseKit", "TestSupport", "CHostIO"], exclude: ["dm-vm"]),
     ]
 )
 
@@ -58,12 +59,12 @@ if Context.environment["POOLFS_FUZZ"] == "1" {
     }
     package.targets += [
         .target(name: "CFuzzDriver", path: "Fuzz/Driver"),
-        .target(name: "FuzzSupport", dependencies: ["Qcow2", "CFuzzDriver"], path: "Fuzz/Support"),
-        fuzzTarget("Qcow2Read", ["Qcow2"]),
-        fuzzTarget("Qcow2Write", ["Qcow2"]),
-        fuzzTarget("LVMReport", ["Pools", "Qcow2"]),
-        fuzzTarget("SnapshotStore", ["Pools", "Qcow2"]),
-        fuzzTarget("ThinMetadata", ["Pools", "Qcow2"]),
+        .target(name: "FuzzSupport", dependencies: ["Block", "CFuzzDriver"], path: "Fuzz/Support"),
+        fuzzTarget("Qcow2Read", ["Block"]),
+        fuzzTarget("Qcow2Write", ["Block"]),
+        fuzzTarget("LVMReport", ["Pools", "Block"]),
+        fuzzTarget("SnapshotStore", ["Pools", "Block"]),
+        fuzzTarget("ThinMetadata", ["Pools", "Block"]),
         fuzzTarget("LibvirtXML", ["Pools"]),
         fuzzTarget("MountOptions", ["PoolFS"]),
     ]

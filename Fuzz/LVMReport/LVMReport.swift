@@ -6,7 +6,7 @@
 // parser's and the mapper's typed errors is a finding.
 import FuzzSupport
 import Pools
-import Qcow2
+import Block
 
 let scratch = FuzzDirectory()
 nonisolated(unsafe) var physicalVolume: HostFile?

@@ -11,7 +11,7 @@
 import FuzzSupport
 import Glibc
 import Synchronization
-@testable import Qcow2
+@testable import Block
 
 let scratch = FuzzDirectory()
 nonisolated(unsafe) var prepared = false

@@ -9,7 +9,7 @@
 // length (mod 256 KiB, + 1, clipped to the disk). Backing and data files as in FuzzQcow2Read.
 import FuzzSupport
 import Glibc
-@testable import Qcow2
+@testable import Block
 
 let scratch = FuzzDirectory()
 nonisolated(unsafe) var prepared = false

@@ -6,7 +6,7 @@
 // an error other than `ExceptionStoreError` / `Qcow2Error` is a finding.
 import FuzzSupport
 @testable import Pools
-import Qcow2
+import Block
 
 let scratch = FuzzDirectory()
 

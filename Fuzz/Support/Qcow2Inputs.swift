@@ -1,4 +1,4 @@
-@testable import Qcow2
+@testable import Block
 
 /// The backing file and external data file names the header asks for, as the engine reads them;
 /// none when the header does not parse (the engine then refuses the image before opening any).

@@ -7,7 +7,7 @@
 // a hang, or an error other than `ThinMetadataError` / `Qcow2Error` is a finding.
 import FuzzSupport
 @testable import Pools
-import Qcow2
+import Block
 
 let scratch = FuzzDirectory()
 nonisolated(unsafe) var dataDevice: RawImage?

@@ -2,7 +2,7 @@
 import Glibc
 #endif
 import FuseKit
-import Qcow2
+import Block
 import Synchronization
 import Locking
 

@@ -1,7 +1,7 @@
 #if canImport(Glibc)
 import Glibc
 #endif
-import Qcow2
+import Block
 import Synchronization
 
 /// Messages for the person running the mount: to stderr while in the foreground, to syslog always

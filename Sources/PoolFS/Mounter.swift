@@ -4,7 +4,7 @@ import Glibc
 import Foundation
 import FuseKit
 import Pools
-import Qcow2
+import Block
 
 /// Checks everything that can be checked before mounting, so that each failure gets one clear
 /// message and nothing is left mounted; then serves the pool until unmounted.

@@ -3,7 +3,7 @@ import Glibc
 #endif
 import FuseKit
 import Pools
-import Qcow2
+import Block
 
 /// `.partitions/`: the partitions of every volume and snapshot as files of their own, so that
 /// `mount -o loop` needs no offset: `.partitions/<volume>/part<N>` and

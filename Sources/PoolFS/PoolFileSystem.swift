@@ -4,7 +4,7 @@ import Glibc
 import FuseKit
 import Locking
 import Pools
-import Qcow2
+import Block
 import Synchronization
 
 /// The tree: volumes at the top, `.snapshots/<volume>/<snapshot>` below, all read-only; and

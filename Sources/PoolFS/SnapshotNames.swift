@@ -1,5 +1,5 @@
 import Pools
-import Qcow2
+import Block
 
 /// File names for snapshots under `.snapshots/<volume>/`.
 ///

@@ -3,7 +3,7 @@ import Glibc
 #endif
 import Locking
 import Pools
-import Qcow2
+import Block
 
 /// Names as the tree shows them (docs/security.md, "Names people see"):
 /// - a volume named as one of the tree's own directories (`.snapshots`, `.partitions`) shows as

@@ -2,7 +2,7 @@
 import Glibc
 #endif
 import Foundation
-import Qcow2
+import Block
 
 /// What `poolfs ls` prints about each volume, as a table or as JSON.
 public struct VolumeReport: Codable, Sendable {

@@ -4,7 +4,7 @@ import Glibc
 import Dispatch
 import FuseKit
 import Pools
-import Qcow2
+import Block
 import Synchronization
 import Locking
 

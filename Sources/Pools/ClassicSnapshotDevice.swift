@@ -1,4 +1,4 @@
-import Qcow2
+import Block
 
 /// A classic LVM snapshot read without device-mapper: the origin LV's bytes, except the chunks the
 /// snapshot's COW LV holds copies of. The COW is the kernel's persistent exception store,

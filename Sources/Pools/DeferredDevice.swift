@@ -1,7 +1,7 @@
 #if canImport(Glibc)
 import Glibc
 #endif
-import Qcow2
+import Block
 import Locking
 
 /// A volume whose device is made on its first read: an LV that must first be activated, or whose

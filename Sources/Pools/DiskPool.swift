@@ -1,7 +1,7 @@
 #if canImport(Glibc)
 import Glibc
 #endif
-import Qcow2
+import Block
 import Locking
 
 /// A libvirt `disk` pool: the partitions of one disk are its volumes. The disk is a block device

@@ -1,4 +1,4 @@
-import Qcow2
+import Block
 
 /// An LV read straight from its physical volumes, without device-mapper: each linear or striped
 /// segment maps LV bytes to PV bytes at `pe_start + extent × extent_size`. This reads an LVM

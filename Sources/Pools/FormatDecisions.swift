@@ -7,7 +7,7 @@ import FoundationXML
 #endif
 import CHostIO
 import Locking
-import Qcow2
+import Block
 
 /// A dir pool's format decisions (docs/security.md, "Formats"). A guest writes what it likes
 /// into its own raw disk, a qcow2 header included; so a volume's format is decided once and

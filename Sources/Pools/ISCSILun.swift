@@ -3,7 +3,7 @@ import Glibc
 #endif
 import Dispatch
 import Locking
-import Qcow2
+import Block
 import Synchronization
 
 /// One direct-access LUN of an iSCSI target as a raw disk: reads are READ(16) of the blocks that

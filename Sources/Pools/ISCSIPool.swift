@@ -3,7 +3,7 @@ import Glibc
 #endif
 import Foundation
 import Locking
-import Qcow2
+import Block
 
 /// A libvirt `iscsi` / `iscsi-direct` pool: the direct-access LUNs of one iSCSI target, read
 /// through libiscsi (no kernel initiator, no /dev/sd*). Each LUN is a raw volume named as libvirt

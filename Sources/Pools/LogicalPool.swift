@@ -1,7 +1,7 @@
 #if canImport(Glibc)
 import Glibc
 #endif
-import Qcow2
+import Block
 import Locking
 
 /// A libvirt `logical` pool: an LVM volume group. Regular LVs are volumes; classic and thin

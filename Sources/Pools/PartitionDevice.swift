@@ -1,4 +1,4 @@
-import Qcow2
+import Block
 
 /// A partition as a disk of its own: the window `start ..< start + size` of another device.
 /// Reads forward the parent's plan for the shifted range (host runs stay host runs, so spliced

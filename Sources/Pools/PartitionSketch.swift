@@ -1,6 +1,6 @@
 import CBlkid
 import Glibc
-import Qcow2
+import Block
 
 /// The file libblkid probes in place of a volume: a `memfd_create` file as large as the device,
 /// holes everywhere except the ranges copied in from the device. libblkid reads only a file

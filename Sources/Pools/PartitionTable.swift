@@ -1,6 +1,6 @@
 import CBlkid
 import Glibc
-import Qcow2
+import Block
 
 /// Partition tables, read by libblkid's partition probing (util-linux): DOS/MBR with extended and
 /// logical partitions, GPT, and the nested tables libblkid knows (BSD, Solaris, UnixWare, Minix

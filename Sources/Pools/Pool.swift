@@ -2,7 +2,7 @@
 import Glibc
 #endif
 import Foundation
-import Qcow2
+import Block
 
 /// A storage pool: where its volumes are and how to list them.
 public protocol Pool: Sendable {

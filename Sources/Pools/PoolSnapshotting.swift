@@ -1,7 +1,7 @@
 #if canImport(Glibc)
 import Glibc
 #endif
-import Qcow2
+import Block
 
 /// Snapshot operations on one volume of a pool, for `poolfs snapshot create|revert|delete`.
 ///

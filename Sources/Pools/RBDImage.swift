@@ -3,7 +3,7 @@ import Glibc
 #endif
 import Dispatch
 import Locking
-import Qcow2
+import Block
 
 /// Open image handles, at most `capacity` of them, the least recently used closed first. A handle
 /// is closed only once its last reader lets go of it (`RBDImageHandle.deinit`), so eviction

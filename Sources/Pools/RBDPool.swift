@@ -3,7 +3,7 @@ import Glibc
 #endif
 import Foundation
 import Locking
-import Qcow2
+import Block
 
 /// A libvirt `rbd` pool: the images of one Ceph pool (and namespace), read through librbd. Each
 /// image is a raw volume; each of its RBD snapshots a read-only volume of its own.

@@ -1,4 +1,4 @@
-import Qcow2
+import Block
 
 /// One thin LV read from its pool's metadata and data device, without device-mapper: byte `o`
 /// is virtual block `o / B` (B = the pool's data block size) at `o % B`; the device's mapping

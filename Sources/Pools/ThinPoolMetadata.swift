@@ -1,4 +1,4 @@
-import Qcow2
+import Block
 import Locking
 
 /// The metadata of a dm-thin pool (lvm2's `_tmeta` LV), read without device-mapper: the

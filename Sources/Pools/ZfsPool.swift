@@ -1,7 +1,7 @@
 #if canImport(Glibc)
 import Glibc
 #endif
-import Qcow2
+import Block
 import Locking
 
 /// A libvirt `zfs` pool: the zvols under a dataset, and their snapshots.

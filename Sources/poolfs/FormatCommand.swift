@@ -1,7 +1,7 @@
 import ArgumentParser
 import Foundation
 import Pools
-import Qcow2
+import Block
 
 /// `poolfs format show|set|reset`: the format decisions poolfs keeps on a dir pool's image files
 /// (FormatDecisions, docs/security.md). Root only: the decision is a trusted.* attribute.

@@ -4,7 +4,7 @@ import Dispatch
 import Foundation
 import PoolFS
 import Pools
-import Qcow2
+import Block
 import Synchronization
 
 /// `poolfs snapshot create|revert|delete`: one snapshot operation on every volume of a pool (or

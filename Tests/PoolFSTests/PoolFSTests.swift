@@ -6,7 +6,7 @@ import Synchronization
 import Testing
 
 import Pools
-@testable import Qcow2
+@testable import Block
 
 @Suite struct SnapshotNameTests {
     static func snapshot(_ id: String, _ name: String) -> Snapshot {

@@ -1,5 +1,5 @@
 @testable import Pools
-import Qcow2
+import Block
 import TestSupport
 import Testing
 

@@ -1,6 +1,6 @@
 import Foundation
 @testable import Pools
-import Qcow2
+import Block
 import Synchronization
 import TestSupport
 import Testing

@@ -3,7 +3,7 @@ import Glibc
 #endif
 import Foundation
 @testable import Pools
-import Qcow2
+import Block
 import TestSupport
 import Testing
 

@@ -4,7 +4,7 @@ import Glibc
 import Dispatch
 import Foundation
 @testable import Pools
-import Qcow2
+import Block
 import Synchronization
 import TestSupport
 import Testing

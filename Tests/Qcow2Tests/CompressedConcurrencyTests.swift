@@ -1,6 +1,6 @@
 import Dispatch
 import Foundation
-@testable import Qcow2
+@testable import Block
 import Synchronization
 import TestSupport
 import Testing

@@ -1,5 +1,5 @@
 import TestSupport
-import Qcow2
+import Block
 import Testing
 
 /// One fixture: shell commands run in a scratch directory that leave `img.qcow2` (or the named

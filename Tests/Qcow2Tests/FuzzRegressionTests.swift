@@ -1,5 +1,5 @@
 import Glibc
-@testable import Qcow2
+@testable import Block
 import TestSupport
 import Testing
 

@@ -1,5 +1,5 @@
 import TestSupport
-import Qcow2
+import Block
 import Testing
 
 /// One malformed image and the error it must produce, at open or at the first read.

@@ -1,6 +1,6 @@
 import Foundation
 import TestSupport
-import Qcow2
+import Block
 import Testing
 
 /// Comparisons against qemu-img, the reference implementation.

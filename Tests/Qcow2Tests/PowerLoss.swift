@@ -1,4 +1,4 @@
-import Qcow2
+import Block
 import TestSupport
 
 /// An image made by qemu-img for a table-driven test: a name, and the shell that makes `img.qcow2`.

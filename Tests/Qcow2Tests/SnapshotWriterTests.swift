@@ -1,5 +1,5 @@
 import Foundation
-import Qcow2
+import Block
 import Synchronization
 import TestSupport
 import Testing
