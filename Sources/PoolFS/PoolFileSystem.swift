@@ -632,7 +632,10 @@ public final class PoolFileSystem: FileSystemOperations {
                 return []
             case .volume(let v):
                 let pooled = v.properties.map { ("user.poolfs." + $0.key, $0.value) }
-                guard let image = v.image else { return [("user.poolfs.error", v.error ?? "unknown")] + pooled }
+                guard let image = v.image else {
+                    return [("user.poolfs.error", v.error ?? "unknown")]
+                        + (v.recognisedFormat.map { [("user.poolfs.format", $0)] } ?? []) + pooled
+                }
                 return [
                     ("user.poolfs.format", image.format.rawValue),
                     ("user.poolfs.virtual_size", "\(image.virtualSize)"),

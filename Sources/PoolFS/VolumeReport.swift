@@ -63,7 +63,7 @@ public struct VolumeReport: Codable, Sendable {
     public static func make(_ volume: OpenVolume) -> VolumeReport {
         let image = volume.image
         return VolumeReport(
-            name: volume.name, path: volume.path, format: image?.format.rawValue,
+            name: volume.name, path: volume.path, format: image?.format.rawValue ?? volume.recognisedFormat,
             virtualSize: image?.virtualSize,
             allocatedSize: image == nil ? nil : volume.allocatedBytes(snapshot: nil),
             diskUsage: UInt64(volume.fileStat.st_blocks) * 512,

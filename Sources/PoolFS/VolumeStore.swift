@@ -32,6 +32,8 @@ public final class OpenVolume: Sendable {
     public let key: VolumeKey
     public let image: Image?
     public let error: String?
+    /// The format the volume's image was recognised as, when it could not be read.
+    public let recognisedFormat: String?
     public let snapshotFiles: [(file: String, snapshot: Snapshot)]
     /// Position in `snapshotFiles` by file name.
     private let snapshotIndex: [String: Int]
@@ -80,6 +82,7 @@ public final class OpenVolume: Sendable {
             let image = try opened.get()
             self.image = image
             self.error = nil
+            self.recognisedFormat = nil
             let files = SnapshotNames.files(for: image.snapshots)
             self.snapshotFiles = files
             self.snapshotIndex = Dictionary(files.enumerated().map { ($0.element.file, $0.offset) }, uniquingKeysWith: { first, _ in first })
@@ -88,6 +91,7 @@ public final class OpenVolume: Sendable {
         } catch {
             self.image = nil
             self.error = "\(error)"
+            self.recognisedFormat = (error as? Qcow2Error)?.recognisedFormat
             self.snapshotFiles = []
             self.snapshotIndex = [:]
         }

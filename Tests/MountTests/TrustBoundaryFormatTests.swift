@@ -122,15 +122,19 @@ struct TrustBoundaryFormatTests {
     @Test func formatsPoolfsCannotReadAreNeverServedAsRaw() throws {
         let scratch = try World.world()
         try scratch.sh("""
-            qemu-img create -q -f vmdk pool/disk.vmdk 1M && qemu-img create -q -f vpc pool/disk.vhd 1M &&
-            qemu-img create -q -f vdi pool/disk.vdi 1M && qemu-img create -q -f qed pool/disk.qed 1M
+            qemu-img create -q -f parallels pool/disk.hdd 1M && qemu-img create -q -f qcow pool/old.qcow 1M &&
+            qemu-img create -q --object secret,id=s0,data=k -f luks -o key-secret=s0 pool/disk.luks 1M
             """)
         let mount = try PoolMount(scratch.path("pool"), in: scratch, options: World.options)
         defer { mount.unmount() }
-        for (file, format) in [("disk.vmdk", "vmdk"), ("disk.vhd", "vpc"), ("disk.vdi", "vdi"), ("disk.qed", "qed")] {
+        let cases = [("disk.hdd", "parallels", "parallels images are not supported"),
+                     ("old.qcow", "qcow", "qcow (version 1) images are not supported"),
+                     ("disk.luks", "luks", "LUKS encrypted images are not supported")]
+        for (file, format, reason) in cases {
             #expect(FileManager.default.contents(atPath: mount.path(file)) == nil, "\(file) is not served as its container bytes")
             let error = World.xattr("user.poolfs.error", of: mount.path(file), in: scratch)
-            #expect(error.contains("\(format) images are not supported yet"), "\(file): \(error)")
+            #expect(error.contains(reason), "\(file): \(error)")
+            #expect(World.xattr("user.poolfs.format", of: mount.path(file), in: scratch) == format, "\(file)")
         }
     }
 }

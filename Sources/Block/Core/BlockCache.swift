@@ -6,7 +6,8 @@ import Locking
 /// CLOCK (a hit only sets a bit, no list surgery under the lock).
 public final class BlockCache: Sendable {
     public struct Key: Hashable, Sendable {
-        public enum Kind: UInt8, Sendable { case l1, l2, decoded, refcountTable, refcountBlock }
+        /// `table`: a table of another format's reader (vmdk grain tables, vhd BAT blocks, ...).
+        public enum Kind: UInt8, Sendable { case l1, l2, decoded, refcountTable, refcountBlock, table }
         var file: UInt64
         var offset: UInt64
         var kind: Kind

@@ -5,8 +5,20 @@ import Glibc
 /// An opened image file of either format, with its backing chain resolved. This is what the
 /// filesystem holds per volume.
 public final class Image: Sendable {
-    public enum Format: String, Sendable, Codable {
-        case qcow2, raw
+    /// Every format QEMU or libvirt recognises by content, by QEMU's name. Raw and qcow2 are
+    /// read by the engine itself, the others by a reader in `Image.readers`; a format with no
+    /// reader is still detected, kept and named, and refused with `unsupportedReason`.
+    public enum Format: String, Sendable, Codable, CaseIterable {
+        case raw, qcow2, qcow, qed, vmdk, vdi, vpc, vhdx, parallels, luks, dmg, cloop, bochs
+
+        /// Why images of this format cannot be opened, when no reader reads them.
+        public var unsupportedReason: String {
+            switch self {
+            case .qcow: return "qcow (version 1) images are not supported; convert with qemu-img convert -O qcow2"
+            case .luks: return "LUKS encrypted images are not supported"
+            default: return "\(rawValue) images are not supported; poolfs does not serve their container bytes as a disk"
+            }
+        }
     }
 
     public struct Options: Sendable {
@@ -96,30 +108,70 @@ public final class Image: Sendable {
         case .qcow2:
             var backingImage: Image?
             var visited = seen
-            let refuseNamed = { (what: String) in
-                Qcow2Error.refused("\(path) was probed as qcow2 with no backing format recorded, and names a \(what): an image whose format was probed may not name other files (set the backing format with qemu-img rebase -F)")
-            }
             let image = try Qcow2Image(
                 file: file, cache: cache,
                 openBacking: { name, formatName in
-                    guard mayNameFiles else { throw refuseNamed("backing file") }
-                    if options.skipsBacking { return nil }
-                    let backingFile = try ChainResolver.open(name, what: "backing file", namedBy: path, policy: policy)
-                    let backingDecision = try formatName.map { FormatDecision(format: try parseFormat($0, for: backingFile.path), declared: true) }
-                        ?? FormatDecision(format: probe(backingFile), declared: false)
-                    let opened = try open(file: backingFile, decision: backingDecision, mayNameFiles: backingDecision.declared,
-                                          cache: cache, options: options, policy: policy, seen: &visited)
-                    backingImage = opened
-                    return opened.live
+                    guard mayNameFiles else { throw refuseNamed(path, "backing file") }
+                    let format = try formatName.map { try parseFormat($0, for: path) }
+                    backingImage = try openBacking(name, what: "backing file", format: format, namedBy: path, cache: cache,
+                                                   options: options, policy: policy, seen: &visited)
+                    return backingImage?.live
                 },
                 openDataFile: { name in
-                    guard mayNameFiles else { throw refuseNamed("data file") }
+                    guard mayNameFiles else { throw refuseNamed(path, "data file") }
                     return try ChainResolver.open(name, what: "data file", namedBy: path, policy: policy, writable: writable)
                 })
             seen = visited
             return Image(path: path, format: .qcow2, formatDeclared: decision.declared, qcow2: image,
                          live: image.live, backing: backingImage)
+        default:
+            let format = decision.format.rawValue
+            guard let reader = readers[decision.format] else {
+                throw Qcow2Error.unreadable(format: format, why: "\(path): \(decision.format.unsupportedReason)")
+            }
+            var visited = seen
+            let context = FormatContext(
+                file: file, cache: cache,
+                openNamedFile: { name, what in
+                    guard mayNameFiles else { throw refuseNamed(path, what) }
+                    return try ChainResolver.open(name, what: what, namedBy: path, policy: policy)
+                },
+                openBacking: { name, what, format in
+                    guard mayNameFiles else { throw refuseNamed(path, what) }
+                    return try openBacking(name, what: what, format: format, namedBy: path, cache: cache,
+                                           options: options, policy: policy, seen: &visited)
+                },
+                mayNameFiles: mayNameFiles)
+            let opening: FormatOpening
+            do {
+                opening = try reader.open(context)
+            } catch let error as Qcow2Error {
+                switch error {
+                case .refused, .io, .inUse, .unreadable: throw error
+                default: throw Qcow2Error.unreadable(format: format, why: "\(path): \(error)")
+                }
+            }
+            seen = visited
+            return Image(path: path, format: decision.format, formatDeclared: decision.declared, qcow2: nil,
+                         live: opening.live, backing: opening.backing,
+                         hostFiles: [file] + opening.otherFiles + (opening.backing?.hostFiles ?? []))
         }
+    }
+
+    private static func refuseNamed(_ path: String, _ what: String) -> Qcow2Error {
+        Qcow2Error.refused("\(path) was probed, not declared, and names a \(what): an image whose format was probed may not name other files (set the backing format with qemu-img rebase -F)")
+    }
+
+    /// Opens a backing image that the image at `namedBy` names, in `format` (nil: probed, and
+    /// then it may name no files of its own). nil when `options.skipsBacking`.
+    private static func openBacking(_ name: String, what: String, format: Format?, namedBy path: String, cache: BlockCache,
+                                    options: Options, policy: TrustPolicy, seen: inout [FileIdentity]) throws -> Image? {
+        if options.skipsBacking { return nil }
+        let backingFile = try ChainResolver.open(name, what: what, namedBy: path, policy: policy)
+        let decision = try format.map { FormatDecision(format: $0, declared: true) }
+            ?? FormatDecision(format: probe(backingFile), declared: false)
+        return try open(file: backingFile, decision: decision, mayNameFiles: decision.declared,
+                        cache: cache, options: options, policy: policy, seen: &seen)
     }
 
     private init(path: String, format: Format, formatDeclared: Bool = true, qcow2: Qcow2Image?, live: any BlockDevice,
@@ -173,26 +225,25 @@ public final class Image: Sendable {
     /// caller can tell when any of them changed.
     public let hostFiles: [HostFile]
 
-    /// The format of `file` by its content: qcow2 by its magic, raw when no format poolfs
-    /// knows is recognised; a recognised format poolfs does not read is refused, never served
-    /// as raw.
+    /// The format of `file` by its content, as QEMU probes it: raw when no format QEMU knows is
+    /// recognised. A recognised format is returned even when poolfs has no reader for it, so
+    /// that the decision is kept; opening it then fails with its reason.
     public static func probe(_ file: HostFile) throws -> Format {
         let head = try file.readBytes(at: 0, count: Int(min(file.size, UInt64(FormatMagic.probeLength))))
         var name = FormatMagic.formatName(ofFirstBytes: head)
         if name == nil, file.size >= 1024, file.size % 512 == 0 {
             name = FormatMagic.formatName(ofLastSector: try file.readBytes(at: file.size - 512, count: 512))
         }
-        switch name {
-        case nil: return .raw
-        case "qcow2": return .qcow2
-        case "qcow": throw Qcow2Error.unsupportedFormat("\(file.path): qcow (version 1) images are not supported; convert with qemu-img convert -O qcow2")
-        case let other?: throw Qcow2Error.unsupportedFormat("\(file.path): \(other) images are not supported yet; poolfs does not serve their container bytes as a disk")
+        guard let name else { return .raw }
+        guard let format = Format(rawValue: name) else {
+            throw Qcow2Error.unsupportedFormat("\(file.path): \(name) images are not supported; poolfs does not serve their container bytes as a disk")
         }
+        return format
     }
 
     static func parseFormat(_ name: String, for path: String) throws -> Format {
         guard let format = Format(rawValue: name) else {
-            throw Qcow2Error.backing("\(path): backing format '\(name)' is not supported (qcow2 or raw)")
+            throw Qcow2Error.backing("\(path): backing format '\(name)' is not a format poolfs knows")
         }
         return format
     }

@@ -26,6 +26,8 @@ extension Image {
             return RawWriter(file: top)
         case .qcow2:
             return try Qcow2Writer(image: qcow2!)
+        default:
+            throw Qcow2Error.writeRefused("\(path) is a \(format.rawValue) image, which poolfs reads but does not write; mount with -o cow for a writable view")
         }
     }
 }

@@ -28,6 +28,9 @@ public enum Qcow2Error: Error, Equatable, CustomStringConvertible {
     case refused(String)
     /// The image is of a format poolfs recognises but does not read (yet); never served as raw.
     case unsupportedFormat(String)
+    /// An image of a recognised format (QEMU's name) that cannot be read: no reader for the
+    /// format, or the format's reader refused it. The volume still shows the format.
+    case unreadable(format: String, why: String)
 
     public var description: String {
         switch self {
@@ -52,7 +55,7 @@ public enum Qcow2Error: Error, Equatable, CustomStringConvertible {
             return "write refused: \(why)"
         case .refused(let why):
             return "refused: \(why)"
-        case .unsupportedFormat(let why):
+        case .unsupportedFormat(let why), .unreadable(_, let why):
             return why
         }
     }
@@ -65,5 +68,11 @@ public enum Qcow2Error: Error, Equatable, CustomStringConvertible {
         case .refused: return EACCES
         default: return EIO
         }
+    }
+
+    /// The format an image was recognised as, when it could not be read.
+    public var recognisedFormat: String? {
+        if case .unreadable(let format, _) = self { return format }
+        return nil
     }
 }
