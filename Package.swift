@@ -42,6 +42,8 @@ let package = Package(
 
         .target(name: "TestSupport", path: "Tests/TestSupport"),
         .testTarget(name: "Qcow2Tests", dependencies: ["Block", "TestSupport"]),
+        // The readers of every other format (vmdk, vpc, vhdx, vdi, qed), each against qemu-img.
+        .testTarget(name: "FormatTests", dependencies: ["Block", "TestSupport"]),
         .testTarget(name: "PoolFSTests", dependencies: ["PoolFS", "Pools", "FuseKit", "Block", "TestSupport"]),
         .testTarget(name: "PoolsTests", dependencies: ["Pools", "Block", "TestSupport"], resources: [.copy("Fixtures")]),
         // Mounts the built `poolfs` binary through FUSE and compares with qemu-img.
