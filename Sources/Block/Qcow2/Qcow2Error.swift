@@ -28,6 +28,8 @@ public enum Qcow2Error: Error, Equatable, CustomStringConvertible {
     case refused(String)
     /// The image is of a format poolfs recognises but does not read (yet); never served as raw.
     case unsupportedFormat(String)
+    /// A format poolfs reads but does not write (everything but raw and qcow2): EROFS.
+    case readOnlyFormat(String)
     /// An image of a recognised format (QEMU's name) that cannot be read: no reader for the
     /// format, or the format's reader refused it. The volume still shows the format.
     case unreadable(format: String, why: String)
@@ -55,6 +57,8 @@ public enum Qcow2Error: Error, Equatable, CustomStringConvertible {
             return "write refused: \(why)"
         case .refused(let why):
             return "refused: \(why)"
+        case .readOnlyFormat(let why):
+            return "read-only: \(why)"
         case .unsupportedFormat(let why), .unreadable(_, let why):
             return why
         }
@@ -66,6 +70,7 @@ public enum Qcow2Error: Error, Equatable, CustomStringConvertible {
         case .io(let code, _, _): return code
         case .inUse: return EBUSY
         case .refused: return EACCES
+        case .readOnlyFormat: return EROFS
         default: return EIO
         }
     }
