@@ -138,5 +138,13 @@ struct TrustBoundaryFormatTests {
             #expect(error.contains(reason), "\(file): \(error)")
             #expect(World.xattr("user.poolfs.format", of: mount.path(file), in: scratch) == format, "\(file)")
         }
+        // poolfs ls names the format and says why; the daemon's log says it too.
+        let listing = runPoolfs("ls pool", in: scratch).output
+        for (file, format, reason) in cases {
+            let row = listing.split(separator: "\n").first { $0.hasPrefix(file + " ") } ?? ""
+            #expect(row.contains(format) && row.contains(reason), "poolfs ls: \(row)")
+        }
+        let log = try String(contentsOfFile: mount.log, encoding: .utf8)
+        #expect(cases.allSatisfy { log.contains($0.2) }, "the log says why: \(log)")
     }
 }
