@@ -207,11 +207,19 @@ public final class Image: Sendable {
         return q.dataFile.path
     }
 
+    /// Every internal snapshot the table lists, those that cannot be read (with a `problem`)
+    /// included, so that they show and say why.
     public var snapshots: [Snapshot] { qcow2?.snapshots ?? [] }
 
-    /// The view of one internal snapshot; nil for raw images.
+    /// Why entries at the end of the snapshot table could not be read, or nil (see
+    /// `Qcow2Image.snapshotTableProblem`).
+    public var snapshotTableProblem: String? { qcow2?.snapshotTableProblem }
+
+    /// The view of one internal snapshot; nil for raw images and for a snapshot with a
+    /// `problem` (reading it fails with that reason, as loading it fails in QEMU).
     public func device(of snapshot: Snapshot) -> (any BlockDevice)? {
-        qcow2?.view(of: snapshot)
+        guard snapshot.problem == nil else { return nil }
+        return qcow2?.view(of: snapshot)
     }
 
     /// This image and every backing file below it, top first.
