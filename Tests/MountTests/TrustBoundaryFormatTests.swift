@@ -82,11 +82,12 @@ struct TrustBoundaryFormatTests {
             #expect(try scratch.sh("sha256sum < pool/mine.img") == before, "\(header): the volume is unchanged")
         }
         // A hole punched into an allowed prefix ("QEDx" → "QED\0") would make it qed; a vmdk
-        // descriptor may start with comments.
+        // descriptor may start with comments and lines of spaces (QEMU's rule: an empty line
+        // there makes it raw, DetectionTests).
         #expect(World.asUser("printf 'QEDx' | dd of='\(mount.path("mine.img"))' conv=notrunc,fsync", in: scratch).ok)
         let punched = World.asUser("fallocate -p -o 3 -l 1 '\(mount.path("mine.img"))' 2>&1", in: scratch)
         #expect(!punched.ok && punched.output.contains("Operation not permitted"), "\(punched.output)")
-        let descriptor = World.asUser("printf '# x\\n\\nversion=1\\nRW 2048 FLAT \\\"/etc/shadow\\\" 0\\n' | dd of='\(mount.path("mine.img"))' conv=notrunc,fsync 2>&1", in: scratch)
+        let descriptor = World.asUser("printf '# x\\n  \\nversion=1\\nRW 2048 FLAT \\\"/etc/shadow\\\" 0\\n' | dd of='\(mount.path("mine.img"))' conv=notrunc,fsync 2>&1", in: scratch)
         #expect(!descriptor.ok && descriptor.output.contains("Operation not permitted"), "\(descriptor.output)")
         // Ordinary writes to the first sector (zeros, a partition table's signature) go through.
         #expect(World.asUser("dd if=/dev/zero of='\(mount.path("mine.img"))' bs=512 count=1 conv=notrunc,fsync", in: scratch).ok)

@@ -8,8 +8,9 @@ public enum Qcow2Error: Error, Equatable, CustomStringConvertible {
     /// The file does not start with the qcow2 magic "QFI\xfb".
     case notQcow2(path: String)
     case unsupportedVersion(UInt32)
-    /// `crypt_method` is non-zero, or the image has a full-disk-encryption (LUKS) header extension.
-    case encrypted
+    /// `crypt_method` is non-zero (1: the old AES-CBC method, 2: LUKS), or the image has a
+    /// full-disk-encryption (LUKS) header extension (method 2).
+    case encrypted(method: UInt32)
     /// An incompatible feature bit this engine does not implement; `name` comes from the image's
     /// feature name table when it has one.
     case unsupportedFeature(bit: Int, name: String?)
@@ -38,10 +39,16 @@ public enum Qcow2Error: Error, Equatable, CustomStringConvertible {
         switch self {
         case .notQcow2(let path):
             return "\(path): not a qcow2 image"
+        case .unsupportedVersion(1):
+            return "qcow version 1 is not supported (unsupported qcow2 version 1); convert it with qemu-img convert -O qcow2"
         case .unsupportedVersion(let version):
             return "unsupported qcow2 version \(version)"
-        case .encrypted:
-            return "encrypted images are not supported"
+        case .encrypted(1):
+            return "qcow2 images encrypted with the old AES method (crypt_method 1, encrypt.format=aes) are not supported"
+        case .encrypted(2):
+            return "qcow2 images encrypted with LUKS (crypt_method 2, encrypt.format=luks) are not supported"
+        case .encrypted(let method):
+            return "qcow2 encryption method \(method) is unknown and not supported"
         case .unsupportedFeature(let bit, let name):
             let named = name.map { " (\($0))" } ?? ""
             return "unsupported incompatible feature bit \(bit)\(named)"
