@@ -199,6 +199,23 @@ struct IotestDifferencesTests {
         #expect(try image.live.read(at: 0, count: 8) == Self.be64(0x8000_0000_0003_0000))
     }
 
+    /// 060 then writes through the same image: QEMU's overlap check refuses the write (and marks
+    /// the image corrupt). poolfs's writer must refuse it too, and leave the L1 table as it was.
+    @Test func writingThroughAnL2TableAtTheL1TableIsRefused() throws {
+        let scratch = try Scratch()
+        try scratch.sh("qemu-img create -q -f qcow2 -o compat=1.1 t.qcow2 4M")
+        try Self.poke("t.qcow2", 0x30000, Self.be64(0x8000_0000_0003_0000), in: scratch)
+        let qemu = scratch.attempt("cp t.qcow2 q.qcow2 && qemu-io -c 'write -P 0x2a 0 512' q.qcow2")
+        #expect(qemu.output.contains("Preventing invalid write") || qemu.output.contains("corrupt"), "\(qemu.output)")
+        let before = try scratch.bytes("t.qcow2")
+        let image = try Image.open(path: scratch.path("t.qcow2"), cache: BlockCache(capacityBytes: 1 << 20), writable: true)
+        let writer = try image.makeWriter()
+        let data = [UInt8](repeating: 0x2a, count: 512)
+        #expect(throws: Qcow2Error.self) { try data.withUnsafeBytes { try writer.write($0, at: 0) } }
+        try? writer.close()
+        #expect(Array(try scratch.bytes("t.qcow2")[0x30000..<0x30008]) == Array(before[0x30000..<0x30008]))
+    }
+
     // MARK: 5. qcow version 1 opened as qcow2
 
     @Test func qcowVersion1DeclaredAsQcow2() throws {
