@@ -36,5 +36,10 @@ struct SnapshotProblemMountTests {
         let lost = World.xattr("user.poolfs.snapshot_error", of: mount.path("lost.qcow2"), in: scratch)
         #expect(lost.contains("snapshot table entries 0...1 lie past the end of the file"), "\(lost)")
         #expect(try FileManager.default.contentsOfDirectory(atPath: mount.path(".snapshots/lost.qcow2")).isEmpty)
+
+        // poolfs ls --json says the same.
+        let listed = runPoolfs("ls --json pool", in: scratch).output
+        #expect(listed.contains("\"snapshot_error\" : \"snapshot table entries 0...1 lie past the end"), "\(listed)")
+        #expect(listed.contains("is not cluster-aligned"), "\(listed)")
     }
 }

@@ -30,12 +30,12 @@ struct IotestDifferencesTests {
         }
     }
 
-    /// A 64 MiB image with two snapshots ("one" holds 0x11, "two" 0x22) and live data 0x33
+    /// A 4 MiB image (the iotests' 64 MiB gives the same layout, only slower to compare) with two snapshots ("one" holds 0x11, "two" 0x22) and live data 0x33
     /// (`liveWrite`; without it the snapshot table ends the file), and the offset of its
     /// snapshot table.
     static func imageWithTwoSnapshots(in scratch: Scratch, liveWrite: Bool = true) throws -> UInt64 {
         try scratch.sh("""
-            qemu-img create -q -f qcow2 s.qcow2 64M && qemu-io -c 'write -P 0x11 0 64k' s.qcow2 >/dev/null \
+            qemu-img create -q -f qcow2 s.qcow2 4M && qemu-io -c 'write -P 0x11 0 64k' s.qcow2 >/dev/null \
             && qemu-img snapshot -c one s.qcow2 && qemu-io -c 'write -P 0x22 64k 64k' s.qcow2 >/dev/null \
             && qemu-img snapshot -c two s.qcow2
             """)
@@ -82,6 +82,20 @@ struct IotestDifferencesTests {
         try Oracle.expectSame(image.live, as: scratch.path("live.raw"), "live disk, snapshot table past the end")
         #expect(image.snapshots.isEmpty)
         #expect(image.snapshotTableProblem?.contains("snapshot table entries 0...1 lie past the end of the file") == true,
+                "\(image.snapshotTableProblem ?? "no problem")")
+    }
+
+    /// 080 "Hitting snapshot table size limit": 65536 snapshots at 16 MiB, past the end of a
+    /// new image. QEMU opens it and reads; so do we, with the table reported.
+    @Test func hittingTheSnapshotTableSizeLimit() throws {
+        let scratch = try Scratch()
+        try scratch.sh("qemu-img create -q -f qcow2 t.qcow2 64M")
+        try Self.poke("t.qcow2", 60, Self.be32(0x1_0000) + Self.be64(0x100_0000), in: scratch)
+        try scratch.sh("qemu-io -c 'read 0 512' t.qcow2")
+        let image = try Image.open(path: scratch.path("t.qcow2"), cache: BlockCache(capacityBytes: 1 << 20))
+        #expect(try image.live.read(at: 0, count: 512) == [UInt8](repeating: 0, count: 512))
+        #expect(image.snapshots.isEmpty)
+        #expect(image.snapshotTableProblem?.hasPrefix("snapshot table entries 0...65535 lie past the end of the file") == true,
                 "\(image.snapshotTableProblem ?? "no problem")")
     }
 
@@ -174,7 +188,8 @@ struct IotestDifferencesTests {
     /// L1 table as L2 entries, zeros past the end of the file.
     @Test func l2TableAtTheL1TablePastTheEndOfTheFile() throws {
         let scratch = try Scratch()
-        try scratch.sh("qemu-img create -q -f qcow2 -o compat=1.1 t.qcow2 64M")
+        // 4 MiB rather than the iotest's 64 MiB: the same layout (L1 table at 0x30000, one entry).
+        try scratch.sh("qemu-img create -q -f qcow2 -o compat=1.1 t.qcow2 4M")
         try Self.poke("t.qcow2", 0x30000, Self.be64(0x8000_0000_0003_0000), in: scratch)
         #expect(try scratch.bytes("t.qcow2").count < 0x40000, "the L2 table must run past the end of the file")
         try scratch.sh("qemu-io -r -c 'read 0 512' t.qcow2 && qemu-img convert -O raw t.qcow2 live.raw")
@@ -182,6 +197,23 @@ struct IotestDifferencesTests {
         try Oracle.expectSame(image.live, as: scratch.path("live.raw"), "060 L2 into L1")
         try Oracle.expectSameMap(image.live, as: "t.qcow2", in: scratch, "060 L2 into L1")
         #expect(try image.live.read(at: 0, count: 8) == Self.be64(0x8000_0000_0003_0000))
+    }
+
+    /// 060 then writes through the same image: QEMU's overlap check refuses the write (and marks
+    /// the image corrupt). poolfs's writer must refuse it too, and leave the L1 table as it was.
+    @Test func writingThroughAnL2TableAtTheL1TableIsRefused() throws {
+        let scratch = try Scratch()
+        try scratch.sh("qemu-img create -q -f qcow2 -o compat=1.1 t.qcow2 4M")
+        try Self.poke("t.qcow2", 0x30000, Self.be64(0x8000_0000_0003_0000), in: scratch)
+        let qemu = scratch.attempt("cp t.qcow2 q.qcow2 && qemu-io -c 'write -P 0x2a 0 512' q.qcow2")
+        #expect(qemu.output.contains("Preventing invalid write") || qemu.output.contains("corrupt"), "\(qemu.output)")
+        let before = try scratch.bytes("t.qcow2")
+        let image = try Image.open(path: scratch.path("t.qcow2"), cache: BlockCache(capacityBytes: 1 << 20), writable: true)
+        let writer = try image.makeWriter()
+        let data = [UInt8](repeating: 0x2a, count: 512)
+        #expect(throws: Qcow2Error.self) { try data.withUnsafeBytes { try writer.write($0, at: 0) } }
+        try? writer.close()
+        #expect(Array(try scratch.bytes("t.qcow2")[0x30000..<0x30008]) == Array(before[0x30000..<0x30008]))
     }
 
     // MARK: 5. qcow version 1 opened as qcow2
