@@ -130,3 +130,14 @@ fileprivate extension Substring {
         count >= 2 && hasPrefix("\"") && hasSuffix("\"") ? dropFirst().dropLast() : self
     }
 }
+
+extension VmdkDescriptor {
+    /// The extent files a vmdk text descriptor names that lie beside it (plain names, no
+    /// directory): a dir pool does not list them as volumes of their own. nil when `bytes` is
+    /// not a descriptor (FormatMagic's rule) or does not parse.
+    public static func extentFileNames(ofDescriptor bytes: [UInt8]) -> [String]? {
+        guard FormatMagic.isVmdkDescriptor(Array(bytes.prefix(FormatMagic.probeLength))),
+              let descriptor = try? parse(bytes) else { return nil }
+        return descriptor.extents.compactMap(\.fileName).filter { !$0.contains("/") }
+    }
+}
