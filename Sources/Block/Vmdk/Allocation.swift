@@ -45,11 +45,11 @@ extension VmdkDisk {
         let grainSize = sparse.header.grainSize
         var tables: [UInt64: Table] = [:]
         var total: UInt64 = 0
-        for index in sparse.directory.indices {
+        for index in sparse.sectors.indices {
             if index % 1024 == 0, shouldStop() { return nil }
             let start = UInt64(index) * span
             let length = min(span, sparse.length - start)
-            let at = sparse.directory[index]
+            let at = sparse.directory(index)
             var table: Table
             if at != 0, length == span, let known = tables[at] {
                 table = known

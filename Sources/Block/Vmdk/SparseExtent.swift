@@ -19,8 +19,8 @@ final class SparseExtent: Sendable {
     let file: HostFile
     let header: SparseHeader
     let cache: BlockCache
-    /// Byte positions of the grain tables; 0: none.
-    let directory: [UInt64]
+    /// Grain table positions in sectors (as stored, 4 bytes each); 0: none.
+    let sectors: [UInt32]
     /// Compressed grains being decoded now, by byte position.
     let decodingTable = Locked<[UInt64: PendingDecode]>([:])
 
@@ -30,15 +30,15 @@ final class SparseExtent: Sendable {
         self.file = file
         self.cache = cache
         header = try SparseHeader.read(file)
-        directory = try Self.readDirectory(file, header)
+        sectors = try Self.readDirectory(file, header)
     }
 
     /// The grain directory, each entry checked: a grain table lies inside the file.
-    private static func readDirectory(_ file: HostFile, _ header: SparseHeader) throws -> [UInt64] {
+    private static func readDirectory(_ file: HostFile, _ header: SparseHeader) throws -> [UInt32] {
         let count = Int(header.directoryEntries)
         let raw = try file.readBytes(at: header.directoryOffset, count: count * 4)
         let b = VmdkLittleEndian(bytes: raw)
-        var tables = [UInt64](repeating: 0, count: count)
+        var tables = [UInt32](repeating: 0, count: count)
         let tableBytes = UInt64(header.tableBytes)
         for i in 0..<count {
             let at = UInt64(b.u32(i * 4)) * 512
@@ -46,14 +46,17 @@ final class SparseExtent: Sendable {
                 throw Qcow2Error.corrupt("grain directory entry \(i) points at a grain table at byte \(at), past the end of the file (\(file.size) bytes)",
                                          offset: header.directoryOffset + UInt64(i) * 4)
             }
-            tables[i] = at
+            tables[i] = b.u32(i * 4)
         }
         return tables
     }
 
+    /// Byte position of the grain table of directory entry `index`; 0: none.
+    func directory(_ index: Int) -> UInt64 { UInt64(sectors[index]) * 512 }
+
     /// The grain table of directory entry `index`, through the cache; nil when it has none.
     func table(_ index: Int) throws -> CachedBlock? {
-        let at = directory[index]
+        let at = directory(index)
         guard at != 0 else { return nil }
         let count = header.tableBytes
         return try cache.block(.init(file: file.id, offset: at, kind: .table)) {
@@ -74,7 +77,7 @@ final class SparseExtent: Sendable {
         guard at < file.size else {
             let guest = (UInt64(index) * header.entriesPerTable + UInt64(slot)) * header.grainSize
             throw Qcow2Error.corrupt("grain of extent offset \(guest) is at byte \(at), past the end of the file (\(file.size) bytes)",
-                                     offset: directory[index] + UInt64(slot) * 4)
+                                     offset: directory(index) + UInt64(slot) * 4)
         }
         return header.compressed ? .compressed(at) : .data(at)
     }
