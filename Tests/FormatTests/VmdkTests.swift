@@ -72,4 +72,45 @@ import Testing
         #expect(a === b)
         #expect(try image.live.read(at: 0, count: 1 << 20) == scratch.bytes("r.raw"))
     }
+
+    static func le(_ value: UInt64, _ width: Int) -> [UInt8] { (0..<width).map { UInt8(truncatingIfNeeded: value >> (8 * $0)) } }
+
+    /// A stream whose header says "the grain directory is at the end" and whose footer holds it,
+    /// as VMware writes streams: made from qemu-img's stream by appending the footer and changing
+    /// the header's gdOffset.
+    @Test func streamWithFooterMatchesQemu() throws {
+        let scratch = try Scratch()
+        try scratch.sh("head -c 700000 /dev/urandom > r.raw && truncate -s 1M r.raw && qemu-img convert -O vmdk -o subformat=streamOptimized r.raw s.vmdk")
+        var bytes = try scratch.bytes("s.vmdk")
+        let header = Array(bytes[0..<512])
+        var marker = [UInt8](repeating: 0, count: 512)
+        marker.replaceSubrange(12..<16, with: Self.le(3, 4))
+        bytes += marker + header + [UInt8](repeating: 0, count: 512)
+        bytes.replaceSubrange(56..<64, with: Self.le(UInt64.max, 8))
+        try scratch.write("s.vmdk", bytes)
+        try FormatOracle.expectMatchesQemu("s.vmdk", format: .vmdk, in: scratch)
+        bytes.replaceSubrange((bytes.count - 1024 + 56)..<(bytes.count - 1024 + 64), with: Self.le(UInt64.max, 8))
+        try scratch.write("s.vmdk", bytes)
+        #expect(FormatOracle.openError("s.vmdk", in: scratch)?.contains("Invalid footer: its grain directory offset") == true)
+    }
+
+    /// A hosted sparse (COWD, VMDK 3) extent, built by hand (qemu-img cannot make one), read
+    /// through a descriptor as QEMU reads it: 4 KiB grains, one grain table of 4096 entries.
+    @Test func cowdExtentMatchesQemu() throws {
+        let scratch = try Scratch()
+        var file = [UInt8](repeating: 0, count: 56 * 512)
+        func put(_ at: Int, _ value: UInt64) { file.replaceSubrange(at..<at + 4, with: Self.le(value, 4)) }
+        file.replaceSubrange(0..<4, with: Array("COWD".utf8))
+        put(4, 1); put(8, 3); put(12, 2048); put(16, 8); put(20, 4); put(24, 1); put(28, 56)
+        put(4 * 512, 5)                 // directory entry 0: the grain table at sector 5
+        put(5 * 512, 40)                // grain 0 at sector 40
+        put(5 * 512 + 3 * 4, 48)        // grain 3 at sector 48
+        file.replaceSubrange(40 * 512..<48 * 512, with: [UInt8](repeating: 0xab, count: 4096))
+        file.replaceSubrange(48 * 512..<56 * 512, with: [UInt8](repeating: 0xcd, count: 4096))
+        try scratch.write("c.cowd", file)
+        try scratch.write("d.vmdk", Array("version=1\nCID=1\nparentCID=ffffffff\ncreateType=\"twoGbMaxExtentSparse\"\nRW 2048 SPARSE \"c.cowd\"\n".utf8))
+        let image = try FormatOracle.expectMatchesQemu("d.vmdk", format: .vmdk, in: scratch)
+        #expect(try image.live.read(at: 12288, count: 2) == [0xcd, 0xcd])
+        #expect(FormatOracle.openError("c.cowd", in: scratch)?.contains("COWD") == true)
+    }
 }
