@@ -112,4 +112,22 @@ import Testing
             #expect(took < .seconds(1), "\(capacity): \(took)")
         }
     }
+
+    /// A 1 TiB disk whose 32768 directory entries all point at one grain table: st_blocks reads
+    /// that table once, and counts its grains for every entry, as the disk reads.
+    @Test func sharedGrainTableIsCountedOnce() throws {
+        let scratch = try Scratch()
+        try scratch.sh("qemu-img create -q -f vmdk d.vmdk 1T && qemu-io -f vmdk -c 'write -P 0x11 0 128k' d.vmdk >/dev/null")
+        var bytes = try scratch.bytes("d.vmdk")
+        let gd = Int(Self.u32(bytes, 56)) * 512
+        let first = Array(bytes[gd..<gd + 4])
+        for i in 0..<32768 { bytes.replaceSubrange(gd + 4 * i..<gd + 4 * i + 4, with: first) }
+        try scratch.write("d.vmdk", bytes)
+        let image = try Image.open(path: scratch.path("d.vmdk"), cache: BlockCache(capacityBytes: 1 << 20))
+        let disk = try #require(image.live as? VmdkDisk)
+        let count = try #require(try disk.allocationCount())
+        #expect(count.tablesWalked == 1)
+        #expect(count.bytes == 32768 * (128 << 10))
+        #expect(try image.live.read(at: 1 << 35, count: 4) == [0x11, 0x11, 0x11, 0x11])
+    }
 }

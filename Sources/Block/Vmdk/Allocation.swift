@@ -4,7 +4,14 @@
 /// by byte range.
 extension VmdkDisk {
     func allocatedBytes(shouldStop: () -> Bool) throws -> UInt64? {
+        try allocationCount(shouldStop: shouldStop)?.bytes
+    }
+
+    /// `allocatedBytes`, and how many grain tables it read: each distinct table once, however
+    /// many directory entries point at it.
+    func allocationCount(shouldStop: () -> Bool = { false }) throws -> (bytes: UInt64, tablesWalked: Int)? {
         var total: UInt64 = 0
+        var walked = 0
         for extent in extents {
             if shouldStop() { return nil }
             switch extent.kind {
@@ -13,11 +20,11 @@ extension VmdkDisk {
                 guard let n = try counted(extent.start, extent.length, shouldStop: shouldStop) else { return nil }
                 total += n
             case .sparse(let sparse):
-                guard let n = try sparseAllocation(sparse, extentStart: extent.start, shouldStop: shouldStop) else { return nil }
+                guard let n = try sparseAllocation(sparse, extentStart: extent.start, walked: &walked, shouldStop: shouldStop) else { return nil }
                 total += n
             }
         }
-        return total
+        return (total, walked)
     }
 
     /// Data bytes of `[start, start + length)` from `status`, in 4 GiB windows.
@@ -39,7 +46,8 @@ extension VmdkDisk {
         return total
     }
 
-    private func sparseAllocation(_ sparse: SparseExtent, extentStart: UInt64, shouldStop: () -> Bool) throws -> UInt64? {
+    private func sparseAllocation(_ sparse: SparseExtent, extentStart: UInt64, walked: inout Int,
+                                  shouldStop: () -> Bool) throws -> UInt64? {
         struct Table { var data: UInt64; var unallocated: [(start: UInt64, length: UInt64)] }
         let span = sparse.header.tableSpan
         let grainSize = sparse.header.grainSize
@@ -56,6 +64,7 @@ extension VmdkDisk {
             } else {
                 table = Table(data: 0, unallocated: [])
                 if let block = try sparse.table(index) {
+                    walked += 1
                     let grains = Int((length + grainSize - 1) / grainSize)
                     for slot in 0..<grains {
                         let n = min(grainSize, length - UInt64(slot) * grainSize)
