@@ -76,6 +76,14 @@ import Testing
         #expect(error?.contains(expected) == true, "\(field): \(error ?? "opened")")
     }
 
+    @Test func hugeCompressedGrainsAreRefused() throws {
+        let scratch = try Scratch()
+        try scratch.sh("head -c 65536 /dev/urandom > r.raw && qemu-img convert -O vmdk -o subformat=streamOptimized r.raw d.vmdk")
+        try Self.patch("d.vmdk", .header(20, width: 8, 8192), in: scratch)
+        let error = FormatOracle.openError("d.vmdk", in: scratch)
+        #expect(error?.contains("compressed grains of 4194304 bytes are over poolfs's limit of 2097152") == true, "\(error ?? "opened")")
+    }
+
     /// Errors a read finds (the image opens): a grain past the end of the file, a broken
     /// compressed grain.
     @Test(arguments: [

@@ -29,6 +29,8 @@ struct SparseHeader: Equatable {
     static let maximumDirectoryEntries: UInt64 = 32 * 1024 * 1024
     static let maximumGrainSectors: UInt64 = 0x200000
     static let maximumEntriesPerTable: UInt64 = 512
+    /// The largest grain poolfs decodes (qcow2's largest cluster): a decoded grain is one buffer.
+    static let maximumCompressedGrain: UInt64 = 2 << 20
     /// 2^54 sectors (8 EiB): byte positions stay within 63 bits.
     static let maximumCapacity: UInt64 = 1 << 54
 
@@ -74,6 +76,10 @@ struct SparseHeader: Equatable {
             throw Qcow2Error.unsupportedFormat("a sparse header with capacity 0 that points at a descriptor (ESX style) is not supported")
         }
         try header.checkGeometry(at: base)
+        if header.compressed && header.grainSize > maximumCompressedGrain {
+            // A decoded grain is one buffer: QEMU allocates three grains per read; poolfs keeps it bounded.
+            throw Qcow2Error.unsupportedFormat("compressed grains of \(header.grainSize) bytes are over poolfs's limit of \(maximumCompressedGrain) (streams use 64 KiB)")
+        }
         if header.directoryOffset != directoryAtEnd {
             guard let offset = vmdkBytes(header.directoryOffset) else {
                 throw Qcow2Error.corrupt("grain directory offset \(header.directoryOffset) sectors is not a byte position", offset: base + 56)
