@@ -89,6 +89,18 @@ import Testing
         #expect(error?.contains("does not match CID") == true, "\(error ?? "opened")")
     }
 
+    /// A descriptor that names itself as its parent, or as a sparse extent, is refused.
+    @Test func selfReferencesAreRefused() throws {
+        let scratch = try Scratch()
+        try scratch.sh("head -c 1048576 /dev/zero > a.bin")
+        try scratch.write("d.vmdk", Array("version=1\nCID=abcdef01\nparentCID=abcdef01\nparentFileNameHint=\"d.vmdk\"\ncreateType=\"monolithicFlat\"\nRW 2048 FLAT \"a.bin\" 0\n".utf8))
+        let loop = FormatOracle.openError("d.vmdk", in: scratch)
+        #expect(loop?.contains("appears twice in its own backing chain") == true, "\(loop ?? "opened")")
+        try scratch.write("d.vmdk", Array(Self.descriptor("monolithicFlat", ["RW 2048 SPARSE \"d.vmdk\""]).utf8))
+        let sparse = FormatOracle.openError("d.vmdk", in: scratch)
+        #expect(sparse?.contains("a sparse header needs 512") == true, "\(sparse ?? "opened")")
+    }
+
     @Test func extentsOutsideThePoolAreRefused() throws {
         let scratch = try Scratch()
         try scratch.sh("mkdir pool && head -c 1048576 /dev/urandom > outside.bin && ln -s ../outside.bin pool/link.bin")
