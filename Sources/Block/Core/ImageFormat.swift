@@ -54,6 +54,7 @@ extension Image {
     static let readers: [Format: any ImageFormatReader.Type] = {
         let all: [any ImageFormatReader.Type] = [
             VdiReader.self,
+            VmdkReader.self,
             VpcReader.self,
         ]
         return Dictionary(uniqueKeysWithValues: all.map { ($0.format, $0) })
