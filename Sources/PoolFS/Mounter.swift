@@ -131,7 +131,8 @@ public enum Mounter {
         try PoolSource.open(source, type: options.type,
                             lvmMode: LogicalPool.Mode.forThisHost(noactivate: options.noactivate), writable: options.rw,
                             lvmCowSize: options.cowSize,
-                            iscsi: try options.iscsiOptions(), rbd: options.rbdOptions(), trust: options.trust)
+                            iscsi: try options.iscsiOptions(), rbd: options.rbdOptions(),
+                            network: options.networkOptions(), trust: options.trust)
     }
 
     /// Opens every volume of the pool, for `poolfs ls`; and why the pool shows none, if it says.
@@ -165,6 +166,12 @@ extension MountOptions {
     }
 
     /// The RBD options: the secret stays in its keyring file, which librados reads.
+    func networkOptions() -> NetworkPoolOptions {
+        var options = NetworkPoolOptions()
+        options.timeout = netTimeout
+        return options
+    }
+
     func rbdOptions() -> RBDPool.Options {
         var options = RBDPool.Options(confFile: cephConf, id: cephID, keyring: keyring, monHost: monHost)
         options.timeout = rbdTimeout

@@ -324,7 +324,8 @@ public final class PoolFileSystem: FileSystemOperations {
     /// regular file (block devices are read through the daemon: see docs/mounting.md, "Raw files at page-cache speed").
     static func rawFile(_ volume: OpenVolume) -> HostFile? {
         guard let image = volume.image, image.format == .raw, image.hostFiles.count == 1,
-              let raw = image.live as? RawImage, raw.file === image.hostFiles[0], !raw.file.isBlockDevice else { return nil }
+              let raw = image.live as? RawImage, raw.file === image.hostFiles[0], !raw.file.isBlockDevice,
+              !raw.file.isRemote else { return nil }
         return raw.file
     }
 
@@ -340,8 +341,7 @@ public final class PoolFileSystem: FileSystemOperations {
         // may be one the store still trusts a moment after its file changed.
         var files: [FileIdentity] = []
         for file in image.hostFiles {
-            var st = stat()
-            guard fstat(file.fd, &st) == 0 else { return nil }
+            guard let st = file.currentStatus() else { return nil }
             files.append(FileIdentity(st))
         }
         return CacheFingerprint(files: files, generation: volume.generation)
@@ -428,11 +428,11 @@ public final class PoolFileSystem: FileSystemOperations {
                     return .success(try overlay.read(at: target.start + offset, length: n, base: target.base))
                 }
                 let plan = try device.plan(at: offset, length: n)
-                if plan.readsBlockDevice {
+                if plan.readsBlockDevice || plan.readsRemoteFile {
                     // Devices are read here, not spliced: a device that fails (the loop device
                     // of a PV whose file is gone) then fails in this process, which logs it and
                     // answers EIO, rather than inside libfuse's splice, which answers EIO and
-                    // tells no one.
+                    // tells no one. Files of network pools have no descriptor: copied too.
                     let buffer = ReplyBuffer(count: n)
                     try plan.execute(into: buffer.bytes)
                     return .success(ReadData(segments: [.memory(UnsafeRawBufferPointer(buffer.bytes))], owner: buffer))

@@ -75,7 +75,7 @@ public final class GlusterServer: @unchecked Sendable {
         }
         try scratch.sh("timeout 60 gluster --mode=script volume create \(Self.volume) $(hostname):\(brick) force")
         try startVolume()
-        try scratch.sh("glusterfs --volfile-server=127.0.0.1 --volfile-id=\(Self.volume) --log-file=\(d)/log/fuse.log \(mountPoint)")
+        try scratch.sh("\(CephCluster.detached) glusterfs --volfile-server=127.0.0.1 --volfile-id=\(Self.volume) --log-file=\(d)/log/fuse.log \(mountPoint)")
         mounted = true
         // The FUSE client answers once it has the volume's graph.
         let ready = Date().addingTimeInterval(20)

@@ -69,6 +69,15 @@ public struct ReadPlan: Sendable {
         }
     }
 
+    /// Whether any host run reads a file of a network share, which has no descriptor to splice
+    /// from: the reply is copied (`execute`).
+    public var readsRemoteFile: Bool {
+        segments.contains { segment in
+            if case .host(let file, _, _) = segment { return file.isRemote }
+            return false
+        }
+    }
+
     /// Copies the planned bytes into `buffer`, which must hold `length` bytes.
     public func execute(into buffer: UnsafeMutableRawBufferPointer) throws(Qcow2Error) {
         precondition(buffer.count >= length, "read buffer smaller than its plan")

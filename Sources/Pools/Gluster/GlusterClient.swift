@@ -1,0 +1,201 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import Block
+import CGlusterFS
+import Locking
+
+/// Where a gluster pool is: `gluster://HOST[:PORT]/VOLUME[/DIR]` (QEMU's form, without a file),
+/// or a libvirt gluster pool's `<host name= port=/>`, `<name>` and `<dir path=/>`.
+public struct GlusterAddress: Sendable, Equatable {
+    public var host: String
+    public var port: Int
+    public var volume: String
+    /// The pool's directory in the volume, without leading or trailing '/'; empty: its root.
+    public var directory: String
+
+    public init(host: String, port: Int = 24007, volume: String, directory: String = "") {
+        self.host = host
+        self.port = port
+        self.volume = volume
+        self.directory = directory.split(separator: "/").joined(separator: "/")
+    }
+
+    /// Parses `gluster://` (or `gluster+tcp://`) URLs; nil when `text` is not one.
+    public init?(url text: String) {
+        guard let rest = ["gluster://", "gluster+tcp://"].lazy.compactMap({ text.hasPrefix($0) ? text.dropFirst($0.count) : nil }).first,
+              let (host, port, path) = parseHostPortPath(rest, defaultPort: 24007) else { return nil }
+        let parts = path.split(separator: "/").map(String.init)
+        guard let volume = parts.first, !parts.contains(where: { $0 == ".." || $0 == "." }) else { return nil }
+        self.init(host: host, port: port, volume: volume, directory: parts.dropFirst().joined(separator: "/"))
+    }
+
+    public var url: String {
+        let host = self.host.contains(":") ? "[\(self.host)]" : self.host
+        return "gluster://\(host)\(port == 24007 ? "" : ":\(port)")/\(volume)" + (directory.isEmpty ? "" : "/" + directory)
+    }
+}
+
+/// `HOST[:PORT]/PATH` (HOST may be `[IPv6]`): nil when the host is empty or the port not a port.
+func parseHostPortPath(_ text: Substring, defaultPort: Int) -> (String, Int, String)? {
+    let slash = text.firstIndex(of: "/") ?? text.endIndex
+    var authority = text[..<slash]
+    let path = String(text[slash...])
+    var host: String
+    var port = defaultPort
+    if authority.hasPrefix("[") {
+        guard let close = authority.firstIndex(of: "]") else { return nil }
+        host = String(authority[authority.index(after: authority.startIndex)..<close])
+        authority = authority[authority.index(after: close)...]
+        if authority.hasPrefix(":") {
+            guard let n = Int(authority.dropFirst()), (1...65535).contains(n) else { return nil }
+            port = n
+        } else if !authority.isEmpty { return nil }
+    } else if let colon = authority.lastIndex(of: ":") {
+        host = String(authority[..<colon])
+        guard let n = Int(authority[authority.index(after: colon)...]), (1...65535).contains(n) else { return nil }
+        port = n
+    } else {
+        host = String(authority)
+    }
+    guard !host.isEmpty else { return nil }
+    return (host, port, path)
+}
+
+/// One libgfapi connection to a volume (glfs_t), through CGlusterFS, with every call bounded by
+/// `timeout`. The connection is dropped when the pool goes: glfs_fini then runs on a thread
+/// nobody waits for (it takes about 10 s).
+final class GlusterClient: ShareClient, @unchecked Sendable {
+    let address: GlusterAddress
+    let timeoutMs: Int32
+    /// pgl_volume *, reference-counted in C: calls running past their bound keep it.
+    private let volume: OpaquePointer
+    var location: String { address.url }
+
+    init(_ address: GlusterAddress, timeout: Double) throws {
+        self.address = address
+        timeoutMs = Int32(timeout * 1000)
+        guard pgl_load() == 0 else {
+            throw PoolError.libvirt("\(address.url): libgfapi cannot be loaded (install glusterfs-common / libgfapi0)")
+        }
+        var out: OpaquePointer?
+        let r = pgl_connect(address.host, Int32(address.port), address.volume, nil, timeoutMs, &out)
+        guard r == 0, let out else {
+            let why = r == -ETIMEDOUT ? "no answer in \(Int(timeout)) s" : String(cString: strerror(-r))
+            throw PoolError.libvirt("\(address.url): cannot connect to gluster volume '\(address.volume)' on \(address.host):\(address.port) (\(why)); is the volume started?")
+        }
+        volume = out
+        // The pool's directory must be a directory.
+        do {
+            let st = try lstat("")
+            guard st.st_mode & S_IFMT == S_IFDIR else { throw PoolError.notADirectory(address.url) }
+        } catch let error as Qcow2Error {
+            pgl_disconnect(out)
+            throw PoolError.notFound("\(address.url) (\(error))")
+        } catch {
+            pgl_disconnect(out)
+            throw error
+        }
+    }
+
+    deinit { pgl_disconnect(volume) }
+
+    /// The path in the volume of `relativePath` beneath the pool's directory.
+    func volumePath(_ relativePath: String) -> String {
+        "/" + [address.directory, relativePath].filter { !$0.isEmpty }.joined(separator: "/")
+    }
+
+    func failure(_ r: Int64, _ operation: String, _ relativePath: String) -> Qcow2Error {
+        let code = Int32(-r)
+        let what = code == ETIMEDOUT ? "gluster \(operation) (no answer in \(timeoutMs / 1000) s)" : "gluster \(operation)"
+        return .io(errno: readerErrno(code), operation: what, path: location + (relativePath.isEmpty ? "" : "/" + relativePath))
+    }
+
+    func list(_ relativePath: String) throws(Qcow2Error) -> [(name: String, type: UInt8)] {
+        var records: UnsafeMutablePointer<CChar>?
+        var length = 0
+        let r = pgl_list(volume, volumePath(relativePath), &records, &length, timeoutMs)
+        guard r == 0 else { throw failure(Int64(r), "readdir", relativePath) }
+        defer { free(records) }
+        guard let records else { return [] }
+        return parseRecords(UnsafeRawBufferPointer(start: records, count: length))
+    }
+
+    func lstat(_ relativePath: String) throws(Qcow2Error) -> stat {
+        var s = pgl_stat()
+        let r = pgl_lstat(volume, volumePath(relativePath), &s, timeoutMs)
+        guard r == 0 else { throw failure(Int64(r), "lstat", relativePath) }
+        return Self.stat(s)
+    }
+
+    func open(_ relativePath: String) throws(Qcow2Error) -> any RemoteFile {
+        try GlusterFile(client: self, relativePath: relativePath)
+    }
+
+    static func stat(_ s: pgl_stat) -> stat {
+        makeStat(size: s.size, blocks: s.blocks, ino: s.ino, dev: s.dev, nlink: s.nlink, mode: s.mode, uid: s.uid, gid: s.gid,
+                 mtime: (s.mtime_sec, s.mtime_nsec), ctime: (s.ctime_sec, s.ctime_nsec))
+    }
+
+    /// An open glfs_fd_t; closed when the last call using it returns.
+    final class Handle: @unchecked Sendable {
+        let file: OpaquePointer
+        init(_ file: OpaquePointer) { self.file = file }
+        deinit { pgl_close(file) }
+    }
+
+    func openHandle(_ relativePath: String) throws(Qcow2Error) -> (Handle, stat) {
+        var out: OpaquePointer?
+        let r = pgl_open(volume, volumePath(relativePath), &out, timeoutMs)
+        guard r == 0, let out else { throw failure(Int64(r), "open", relativePath) }
+        let handle = Handle(out)
+        var s = pgl_stat()
+        let f = pgl_fstat(out, &s, timeoutMs)
+        guard f == 0 else { throw failure(Int64(f), "fstat", relativePath) }
+        return (handle, Self.stat(s))
+    }
+}
+
+/// A file of a gluster volume, read with glfs_pread; SEEK_DATA/SEEK_HOLE through glfs_lseek
+/// (the seek translator answers them from the brick's filesystem).
+final class GlusterFile: RemoteFile, @unchecked Sendable {
+    let client: GlusterClient
+    let relativePath: String
+    let handle: RemoteHandle<GlusterClient.Handle>
+
+    init(client: GlusterClient, relativePath: String) throws(Qcow2Error) {
+        self.client = client
+        self.relativePath = relativePath
+        handle = try RemoteHandle(path: client.location + "/" + relativePath) { () throws(Qcow2Error) in
+            try client.openHandle(relativePath)
+        }
+    }
+
+    func read(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) throws(Qcow2Error) -> Int {
+        try handle.with { (h) throws(Qcow2Error) -> Int in
+            let n = pgl_pread(h.file, buffer.baseAddress, buffer.count, offset, client.timeoutMs)
+            guard n >= 0 else { throw client.failure(n, "pread", relativePath) }
+            return Int(n)
+        }
+    }
+
+    func status() throws(Qcow2Error) -> stat {
+        try handle.with { (h) throws(Qcow2Error) -> stat in
+            var s = pgl_stat()
+            let r = pgl_fstat(h.file, &s, client.timeoutMs)
+            guard r == 0 else { throw client.failure(Int64(r), "fstat", relativePath) }
+            return GlusterClient.stat(s)
+        }
+    }
+
+    func statusByName() -> stat? { try? client.lstat(relativePath) }
+
+    func seek(from offset: UInt64, hole: Bool) -> RemoteSeek {
+        let r = try? handle.with { (h) throws(Qcow2Error) -> Int64 in
+            pgl_lseek(h.file, offset, hole ? 4 : 3, client.timeoutMs)
+        }
+        guard let r else { return .unknown }
+        if r >= 0 { return .at(UInt64(r)) }
+        return r == -Int64(ENXIO) ? .none : .unknown
+    }
+}
