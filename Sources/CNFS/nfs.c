@@ -13,6 +13,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <unistd.h>
 #include <nfsc/libnfs.h>
 #include "cnfs.h"
 
@@ -36,6 +37,7 @@ static struct {
     __typeof__(nfs_opendir) *opendir;
     __typeof__(nfs_readdir) *readdir;
     __typeof__(nfs_closedir) *closedir;
+    __typeof__(nfs4_set_client_name) *set_client_name;
 } api;
 
 static void load(void) {
@@ -49,6 +51,7 @@ static void load(void) {
     BIND(lstat64, "nfs_lstat64"); BIND(fstat64, "nfs_fstat64"); BIND(open, "nfs_open");
     BIND(close, "nfs_close"); BIND(pread, "nfs_pread"); BIND(lseek, "nfs_lseek");
     BIND(opendir, "nfs_opendir"); BIND(readdir, "nfs_readdir"); BIND(closedir, "nfs_closedir");
+    BIND(set_client_name, "nfs4_set_client_name");
 #undef BIND
     void **all = (void **)&api;
     for (size_t i = 0; i < sizeof api / sizeof(void *); i++) {
@@ -82,6 +85,13 @@ int pnfs_connect(const char *server, int port, const char *export_path, int vers
         return -EINVAL;
     }
     api.destroy_url(parsed);
+    // NFSv4 knows a client by its name: libnfs names every context of a process alike, so a
+    // second connection would take the first one's state away (NFS4ERR_STALE_CLIENTID, then
+    // NFS4ERR_EXPIRED on its reads). One name per connection.
+    static unsigned long connections;
+    char name[96];
+    snprintf(name, sizeof name, "poolfs-%ld-%lu", (long)getpid(), __atomic_add_fetch(&connections, 1, __ATOMIC_RELAXED));
+    api.set_client_name(nfs, name);
     // No reconnecting inside libnfs (it retries forever or a set number of times, unbounded in
     // time): a failed call fails, and the caller connects again.
     api.set_autoreconnect(nfs, 0);

@@ -128,7 +128,10 @@ public enum Mounter {
 
     /// The pool SOURCE names, as `poolfs mount` and `poolfs ls` take it with their options.
     public static func openPool(_ source: String, options: MountOptions) throws -> any Pool {
+        // POOLFS_LIBVIRT_STORAGE: where libvirt pool definitions are, for tests (as
+        // POOLFS_LIBVIRT_DOMAINS is for domains).
         try PoolSource.open(source, type: options.type,
+                            libvirtDirectory: ProcessInfo.processInfo.environment["POOLFS_LIBVIRT_STORAGE"] ?? PoolSource.libvirtStorageDirectory,
                             lvmMode: LogicalPool.Mode.forThisHost(noactivate: options.noactivate), writable: options.rw,
                             lvmCowSize: options.cowSize,
                             iscsi: try options.iscsiOptions(), rbd: options.rbdOptions(),

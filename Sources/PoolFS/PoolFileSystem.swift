@@ -427,12 +427,13 @@ public final class PoolFileSystem: FileSystemOperations {
                    let overlay = cow.overlay(for: target.holder, create: false) {
                     return .success(try overlay.read(at: target.start + offset, length: n, base: target.base))
                 }
-                let plan = try device.plan(at: offset, length: n)
-                if plan.readsBlockDevice || plan.readsRemoteFile {
+                // Runs of network files are read now, into memory (they have no descriptor).
+                let plan = try device.plan(at: offset, length: n).readingRemoteRuns()
+                if plan.readsBlockDevice {
                     // Devices are read here, not spliced: a device that fails (the loop device
                     // of a PV whose file is gone) then fails in this process, which logs it and
                     // answers EIO, rather than inside libfuse's splice, which answers EIO and
-                    // tells no one. Files of network pools have no descriptor: copied too.
+                    // tells no one.
                     let buffer = ReplyBuffer(count: n)
                     try plan.execute(into: buffer.bytes)
                     return .success(ReadData(segments: [.memory(UnsafeRawBufferPointer(buffer.bytes))], owner: buffer))

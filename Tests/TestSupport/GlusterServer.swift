@@ -131,6 +131,9 @@ public final class GlusterServer: @unchecked Sendable {
         Self.turn.signal()
     }
 
+    /// Whether `pid` runs (a zombie does not).
+    public static func running(_ pid: Int32) -> Bool { CephCluster.alive(pid) }
+
     static func pid(in file: String) -> Int32? {
         guard let text = try? String(contentsOfFile: file, encoding: .utf8) else { return nil }
         return Int32(text.trimmingCharacters(in: .whitespacesAndNewlines))

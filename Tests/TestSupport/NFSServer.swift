@@ -59,7 +59,6 @@ public final class NFSServer: @unchecked Sendable {
             RecoveryBackend = fs;
             RecoveryRoot = \(scratch.path("recovery"));
             Graceless = true;
-            Lease_Lifetime = 5;
         }
         EXPORT {
             Export_Id = 1;
@@ -78,7 +77,7 @@ public final class NFSServer: @unchecked Sendable {
     /// Starts ganesha (it daemonizes and writes its pid file) and waits until the export lists.
     public func start() throws {
         let d = scratch.dir
-        try scratch.sh("ganesha.nfsd -f \(d)/ganesha.conf -p \(d)/ganesha.pid -L \(d)/ganesha.log -N NIV_EVENT </dev/null >/dev/null 2>&1")
+        try scratch.sh("\(CephCluster.detached) ganesha.nfsd -f \(d)/ganesha.conf -p \(d)/ganesha.pid -L \(d)/ganesha.log -N NIV_EVENT")
         let deadline = Date().addingTimeInterval(20)
         while !scratch.attempt("timeout 5 nfs-ls '\(toolURL())'").ok {
             guard Date() < deadline else { throw ShellError(command: "ganesha.nfsd", status: -1, output: "export did not answer in 20 s") }

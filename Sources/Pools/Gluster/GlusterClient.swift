@@ -71,10 +71,12 @@ final class GlusterClient: ShareClient, @unchecked Sendable {
     /// pgl_volume *, reference-counted in C: calls running past their bound keep it.
     private let volume: OpaquePointer
     var location: String { address.url }
+    let breaker: ServerBreaker
 
     init(_ address: GlusterAddress, timeout: Double) throws {
         self.address = address
         timeoutMs = Int32(timeout * 1000)
+        breaker = ServerBreaker(timeout: timeout, location: address.url)
         guard pgl_load() == 0 else {
             throw PoolError.libvirt("\(address.url): libgfapi cannot be loaded (install glusterfs-common / libgfapi0)")
         }
@@ -114,8 +116,10 @@ final class GlusterClient: ShareClient, @unchecked Sendable {
     func list(_ relativePath: String) throws(Qcow2Error) -> [(name: String, type: UInt8)] {
         var records: UnsafeMutablePointer<CChar>?
         var length = 0
-        let r = pgl_list(volume, volumePath(relativePath), &records, &length, timeoutMs)
-        guard r == 0 else { throw failure(Int64(r), "readdir", relativePath) }
+        try breaker.guarded { () throws(Qcow2Error) in
+            let r = pgl_list(volume, volumePath(relativePath), &records, &length, timeoutMs)
+            guard r == 0 else { throw failure(Int64(r), "readdir", relativePath) }
+        }
         defer { free(records) }
         guard let records else { return [] }
         return parseRecords(UnsafeRawBufferPointer(start: records, count: length))
@@ -123,8 +127,10 @@ final class GlusterClient: ShareClient, @unchecked Sendable {
 
     func lstat(_ relativePath: String) throws(Qcow2Error) -> stat {
         var s = pgl_stat()
-        let r = pgl_lstat(volume, volumePath(relativePath), &s, timeoutMs)
-        guard r == 0 else { throw failure(Int64(r), "lstat", relativePath) }
+        try breaker.guarded { () throws(Qcow2Error) in
+            let r = pgl_lstat(volume, volumePath(relativePath), &s, timeoutMs)
+            guard r == 0 else { throw failure(Int64(r), "lstat", relativePath) }
+        }
         return Self.stat(s)
     }
 
@@ -145,6 +151,10 @@ final class GlusterClient: ShareClient, @unchecked Sendable {
     }
 
     func openHandle(_ relativePath: String) throws(Qcow2Error) -> (Handle, stat) {
+        try breaker.guarded { () throws(Qcow2Error) in try openHandleNow(relativePath) }
+    }
+
+    private func openHandleNow(_ relativePath: String) throws(Qcow2Error) -> (Handle, stat) {
         var out: OpaquePointer?
         let r = pgl_open(volume, volumePath(relativePath), &out, timeoutMs)
         guard r == 0, let out else { throw failure(Int64(r), "open", relativePath) }
@@ -172,20 +182,20 @@ final class GlusterFile: RemoteFile, @unchecked Sendable {
     }
 
     func read(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) throws(Qcow2Error) -> Int {
-        try handle.with { (h) throws(Qcow2Error) -> Int in
+        try handle.with { (h) throws(Qcow2Error) -> Int in try client.breaker.guarded { () throws(Qcow2Error) -> Int in
             let n = pgl_pread(h.file, buffer.baseAddress, buffer.count, offset, client.timeoutMs)
             guard n >= 0 else { throw client.failure(n, "pread", relativePath) }
             return Int(n)
-        }
+        } }
     }
 
     func status() throws(Qcow2Error) -> stat {
-        try handle.with { (h) throws(Qcow2Error) -> stat in
+        try handle.with { (h) throws(Qcow2Error) -> stat in try client.breaker.guarded { () throws(Qcow2Error) -> stat in
             var s = pgl_stat()
             let r = pgl_fstat(h.file, &s, client.timeoutMs)
             guard r == 0 else { throw client.failure(Int64(r), "fstat", relativePath) }
             return GlusterClient.stat(s)
-        }
+        } }
     }
 
     func statusByName() -> stat? { try? client.lstat(relativePath) }

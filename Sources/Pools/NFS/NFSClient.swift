@@ -90,10 +90,12 @@ final class NFSClient: ShareClient, @unchecked Sendable {
     let timeoutMs: Int32
     private let main = Locked<NFSConnection?>(nil)
     var location: String { address.url }
+    let breaker: ServerBreaker
 
     init(_ address: NFSAddress, timeout: Double) throws {
         self.address = address
         timeoutMs = Int32(max(1, timeout.rounded(.up)) * 1000)
+        breaker = ServerBreaker(timeout: max(1, timeout.rounded(.up)), location: address.url)
         guard pnfs_load() == 0 else {
             throw PoolError.libvirt("\(address.url): libnfs cannot be loaded (install libnfs13)")
         }
@@ -119,6 +121,10 @@ final class NFSClient: ShareClient, @unchecked Sendable {
 
     /// Runs `body` on the shared connection (connecting again if the last call failed).
     private func withMain<T>(_ body: (NFSConnection) throws(Qcow2Error) -> T) throws(Qcow2Error) -> T {
+        try breaker.guarded { () throws(Qcow2Error) -> T in try withMainNow(body) }
+    }
+
+    private func withMainNow<T>(_ body: (NFSConnection) throws(Qcow2Error) -> T) throws(Qcow2Error) -> T {
         let connection: NFSConnection
         if let held = main.withLock({ $0 }) {
             connection = held
@@ -176,6 +182,10 @@ final class NFSClient: ShareClient, @unchecked Sendable {
     }
 
     func openHandle(_ relativePath: String) throws(Qcow2Error) -> (Handle, stat) {
+        try breaker.guarded { () throws(Qcow2Error) in try openHandleNow(relativePath) }
+    }
+
+    private func openHandleNow(_ relativePath: String) throws(Qcow2Error) -> (Handle, stat) {
         let connection = try NFSConnection(address, timeoutMs: timeoutMs)
         return try connection.lock.withLock { _ throws(Qcow2Error) -> (Handle, stat) in
             var out: OpaquePointer?
@@ -206,24 +216,24 @@ final class NFSFile: RemoteFile, @unchecked Sendable {
     }
 
     func read(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) throws(Qcow2Error) -> Int {
-        try handle.with { (h) throws(Qcow2Error) -> Int in
+        try handle.with { (h) throws(Qcow2Error) -> Int in try client.breaker.guarded { () throws(Qcow2Error) -> Int in
             try h.connection.lock.withLock { _ throws(Qcow2Error) -> Int in
                 let n = pnfs_pread(h.connection.mount, h.file, buffer.baseAddress, UInt64(buffer.count), offset)
                 guard n >= 0 else { throw client.failure(n, "read", relativePath, h.connection) }
                 return Int(n)
             }
-        }
+        } }
     }
 
     func status() throws(Qcow2Error) -> stat {
-        try handle.with { (h) throws(Qcow2Error) -> stat in
+        try handle.with { (h) throws(Qcow2Error) -> stat in try client.breaker.guarded { () throws(Qcow2Error) -> stat in
             try h.connection.lock.withLock { _ throws(Qcow2Error) -> stat in
                 var s = pnfs_stat()
                 let r = pnfs_fstat(h.connection.mount, h.file, &s)
                 guard r == 0 else { throw client.failure(Int64(r), "fstat", relativePath, h.connection) }
                 return NFSClient.stat(s)
             }
-        }
+        } }
     }
 
     func statusByName() -> stat? { try? client.lstat(relativePath) }

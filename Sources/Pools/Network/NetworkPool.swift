@@ -2,6 +2,7 @@
 import Glibc
 #endif
 import Block
+import Locking
 
 /// A directory of a network share read natively, with no kernel mount: a gluster volume through
 /// libgfapi, an NFS export through libnfs (docs/network-pools.md). As in a dir pool, every
@@ -15,6 +16,9 @@ public struct NetworkPool: Pool {
     let client: any ShareClient
     /// "gluster" or "NFS", for messages.
     let kind: String
+    /// What each volume was when last seen: a server that does not answer makes a lookup fail
+    /// with EIO, which must not read as the volume being gone.
+    let known = KnownVolumes()
     public var displayName: String { client.location }
     public var statisticsPath: String { "/" }
 
@@ -35,8 +39,21 @@ public struct NetworkPool: Pool {
     }
 
     public func volume(_ name: String) -> PoolVolume? {
-        guard !name.isEmpty, name != ".", name != "..", !name.utf8.contains(UInt8(ascii: "/")),
-              let st = try? client.lstat(name), st.st_mode & S_IFMT == S_IFREG else { return nil }
+        guard !name.isEmpty, name != ".", name != "..", !name.utf8.contains(UInt8(ascii: "/")) else { return nil }
+        let st: stat
+        do {
+            st = try client.lstat(name)
+        } catch .io(let code, _, _) where code == EIO {
+            return known.status(of: name).map { PoolVolume(path: client.location + "/" + name, status: $0) }
+        } catch {
+            known.forget(name)
+            return nil
+        }
+        guard st.st_mode & S_IFMT == S_IFREG else {
+            known.forget(name)
+            return nil
+        }
+        known.remember(name, st)
         return PoolVolume(path: client.location + "/" + name, status: st)
     }
 
@@ -63,3 +80,13 @@ public struct NetworkPool: Pool {
         throw SnapshotError.unsupported(pool: "\(displayName) (\(snapshotRefusal!))")
     }
 }
+
+/// The last status seen of each volume of a network pool.
+final class KnownVolumes: Sendable {
+    private let statuses = Locked<[String: StatBox]>([:])
+    func status(of name: String) -> stat? { statuses.withLock { $0[name]?.value } }
+    func remember(_ name: String, _ st: stat) { statuses.withLock { $0[name] = StatBox(value: st) } }
+    func forget(_ name: String) { _ = statuses.withLock { $0.removeValue(forKey: name) } }
+}
+
+struct StatBox: @unchecked Sendable { var value: stat }

@@ -26,27 +26,38 @@ final class RemoteHandle<Handle: AnyObject & Sendable>: Sendable {
     }
 
     /// Runs `body` on the open handle (opening it again first if a call failed since); a failure
-    /// drops the handle.
+    /// drops the handle. A handle that served earlier calls and now fails at once (not by
+    /// timing out: a server restarted, an NFSv4 lease expired while idle) is opened again and
+    /// the call tried once more, so the restart costs the reader nothing.
     func with<T>(_ body: (Handle) throws(Qcow2Error) -> T) throws(Qcow2Error) -> T {
-        let handle = try current()
+        let (handle, fresh) = try current()
+        let start = ContinuousClock.now
         do {
             return try body(handle)
         } catch {
             slot.withLock { held in if held === handle { held = nil } }
+            guard !fresh, ContinuousClock.now - start < .seconds(1) else { throw error }
+        }
+        let (again, _) = try current()
+        do {
+            return try body(again)
+        } catch {
+            slot.withLock { held in if held === again { held = nil } }
             throw error
         }
     }
 
-    private func current() throws(Qcow2Error) -> Handle {
-        if let handle = slot.withLock({ $0 }) { return handle }
+    /// The open handle, and whether it was opened by this call.
+    private func current() throws(Qcow2Error) -> (Handle, Bool) {
+        if let handle = slot.withLock({ $0 }) { return (handle, false) }
         let (handle, st) = try reopen()
         guard UInt64(st.st_ino) == inode else {
             throw .io(errno: ESTALE, operation: "reopen (the name leads to another file now)", path: path)
         }
         return slot.withLock { held in
-            if let held { return held }
+            if let held { return (held, false) }
             held = handle
-            return handle
+            return (handle, true)
         }
     }
 }
