@@ -4,6 +4,7 @@ import Glibc
 import Block
 import CNFS
 import Locking
+import Synchronization
 
 /// Where an NFS pool is: libnfs's URL form `nfs://HOST[:PORT]/EXPORT[/DIR][?version=3|4]`
 /// (`nfsport=` as libnfs takes it too), or a libvirt netfs pool's `<host name= port=/>`,
@@ -64,6 +65,9 @@ public struct NFSAddress: Sendable, Equatable {
 final class NFSConnection: @unchecked Sendable {
     let mount: OpaquePointer
     let lock = Locked<Void>(())
+    /// A call on it failed: it sends nothing more (not even a CLOSE, which would wait out the
+    /// timeout again on a server that does not answer).
+    let failed = Atomic<Bool>(false)
 
     init(_ address: NFSAddress, timeoutMs: Int32) throws(Qcow2Error) {
         var out: OpaquePointer?
@@ -110,6 +114,7 @@ final class NFSClient: ShareClient, @unchecked Sendable {
     }
 
     func failure(_ r: Int64, _ operation: String, _ relativePath: String, _ connection: NFSConnection) -> Qcow2Error {
+        connection.failed.store(true, ordering: .relaxed)
         let code = Int32(-r)
         let said = connection.lastError
         return .io(errno: readerErrno(code), operation: "NFS \(operation)" + (said.isEmpty ? "" : " (\(said))"),
@@ -178,7 +183,13 @@ final class NFSClient: ShareClient, @unchecked Sendable {
             self.connection = connection
             self.file = file
         }
-        deinit { connection.lock.withLock { _ in pnfs_close(connection.mount, file) } }
+        deinit {
+            // On a failed connection the file's small struct is left (libnfs frees it only with
+            // a CLOSE call); the server drops its state with the connection's lease.
+            if !connection.failed.load(ordering: .relaxed) {
+                connection.lock.withLock { _ in pnfs_close(connection.mount, file) }
+            }
+        }
     }
 
     func openHandle(_ relativePath: String) throws(Qcow2Error) -> (Handle, stat) {
