@@ -76,7 +76,7 @@ struct MountCommand: ParsableCommand {
           files' modes and owners), noatime, nodev, nosuid, ...
         """)
 
-    @Option(name: .long, help: "Pool type: dir (also fs, netfs), logical, zfs, disk or iscsi (also iscsi-direct). Default: dir, or iscsi for an iscsi:// SOURCE.",
+    @Option(name: .long, help: "Pool type: dir (also fs, netfs), logical, zfs, disk, iscsi (also iscsi-direct), rbd or gluster. Default: dir, or the type a iscsi://, gluster:// or nfs:// SOURCE names.",
             completion: .list(poolTypes))
     var type: String?
 
