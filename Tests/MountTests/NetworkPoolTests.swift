@@ -12,8 +12,10 @@ struct NetworkServerTests {
     @Test(.enabled(if: GlusterServer.available)) func glusterServesAFileToQemu() throws {
         let server = try GlusterServer()
         defer { server.stop() }
-        try server.scratch.sh("qemu-img create -q -f qcow2 mnt/x.qcow2 10M")
-        let info = try server.scratch.sh("timeout 60 qemu-img info --output=json \(server.url("x.qcow2")) 2>/dev/null")
+        // Data in the first cluster: the file then ends on a cluster, and QEMU's gluster driver
+        // fails a read cut short by the end of the file (an empty image's L1 table is).
+        try server.scratch.sh("qemu-img create -q -f qcow2 mnt/x.qcow2 10M && qemu-io -c 'write 0 64k' mnt/x.qcow2 >/dev/null")
+        let info = try server.scratch.sh("timeout 60 qemu-img info --output=json \(server.url("x.qcow2")) 2>&1")
         #expect(info.contains("\"format\": \"qcow2\"") && info.contains("10485760"), "\(info)")
         let brick = server.brickPID
         #expect(brick != nil)
@@ -114,7 +116,7 @@ struct GlusterPoolTests {
                 usleep(500_000)
                 again = directRead(mount.path("odd.raw"), offset: 2 << 20)
             }
-            #expect(again.errno == 0, "no read after the brick restarted: \(again)")
+            #expect(again.errno == 0, "no read after the brick restarted: \(again); \((try? String(contentsOfFile: mount.log, encoding: .utf8)) ?? "")")
             try scratch.sh("cmp odd.raw.raw mnt/odd.raw && cmp top.raw mnt/top.qcow2")
 
             // poolfs unmount returns without waiting for glfs_fini.

@@ -92,23 +92,29 @@ public final class GlusterServer: @unchecked Sendable {
     /// The pid of glusterd, from its pid file.
     public var glusterdPID: Int32? { Self.pid(in: scratch.path("run/glusterd.pid")) }
 
-    /// The pid of this server's brick process (glusterfsd), from glusterd's run directory, only
-    /// if its command line names this brick.
-    public var brickPID: Int32? {
+    /// The brick's pid file, which glusterd names HOSTNAME + the brick path with '/' as '-'.
+    var brickPIDFile: String? {
         let dir = "/var/run/gluster/vols/\(Self.volume)"
-        for name in (try? FileManager.default.contentsOfDirectory(atPath: dir)) ?? [] where name.hasSuffix(".pid") {
-            guard let pid = Self.pid(in: dir + "/" + name),
-                  let cmdline = try? String(contentsOfFile: "/proc/\(pid)/cmdline", encoding: .utf8),
-                  cmdline.contains(brick) else { continue }
-            return pid
-        }
-        return nil
+        let suffix = brick.replacingOccurrences(of: "/", with: "-") + ".pid"
+        return ((try? FileManager.default.contentsOfDirectory(atPath: dir)) ?? []).first { $0.hasSuffix(suffix) }.map { dir + "/" + $0 }
+    }
+
+    /// The pid of this server's brick process (glusterfsd), from its pid file, only if its
+    /// command line names this brick.
+    public var brickPID: Int32? {
+        guard let file = brickPIDFile, let pid = Self.pid(in: file),
+              let cmdline = try? String(contentsOfFile: "/proc/\(pid)/cmdline", encoding: .utf8),
+              cmdline.contains(brick) else { return nil }
+        return pid
     }
 
     /// Kills the brick (the server that holds the data) as a crash would.
     public func killBrick() {
         guard let pid = brickPID else { return }
         Self.kill(pid, signal: SIGKILL)
+        // A killed daemon may stay a zombie here (nothing reaps it), which glusterd would take
+        // for a running brick and not start again.
+        if let file = brickPIDFile { try? FileManager.default.removeItem(atPath: file) }
     }
 
     /// Freezes the brick (SIGSTOP): the volume stops answering, as when its host hangs.
@@ -127,6 +133,7 @@ public final class GlusterServer: @unchecked Sendable {
         stopped = true
         if mounted { _ = scratch.attempt("umount -l \(mountPoint)") }
         if let pid = brickPID { Self.kill(pid, signal: SIGKILL) }
+        if let file = brickPIDFile { try? FileManager.default.removeItem(atPath: file) }
         if let pid = glusterdPID { Self.kill(pid, signal: SIGKILL) }
         Self.turn.signal()
     }

@@ -68,8 +68,8 @@ func parseHostPortPath(_ text: Substring, defaultPort: Int) -> (String, Int, Str
 final class GlusterClient: ShareClient, @unchecked Sendable {
     let address: GlusterAddress
     let timeoutMs: Int32
-    /// pgl_volume *, reference-counted in C: calls running past their bound keep it.
-    private let volume: OpaquePointer
+    /// The connection now; replaced when a call finds it broken (`reconnect`).
+    private let current: Locked<Connection>
     var location: String { address.url }
     let breaker: ServerBreaker
 
@@ -80,27 +80,55 @@ final class GlusterClient: ShareClient, @unchecked Sendable {
         guard pgl_load() == 0 else {
             throw PoolError.libvirt("\(address.url): libgfapi cannot be loaded (install glusterfs-common / libgfapi0)")
         }
-        var out: OpaquePointer?
-        let r = pgl_connect(address.host, Int32(address.port), address.volume, nil, timeoutMs, &out)
-        guard r == 0, let out else {
-            let why = r == -ETIMEDOUT ? "no answer in \(Int(timeout)) s" : String(cString: strerror(-r))
+        let ms = timeoutMs
+        let connected = Result { () throws(Qcow2Error) in try GlusterClient.connect(address, timeoutMs: ms) }
+        guard case .success(let first) = connected else {
+            var code = EIO
+            if case .failure(.io(let errno, _, _)) = connected { code = errno }
+            let why = code == ETIMEDOUT ? "no answer in \(Int(timeout)) s" : String(cString: strerror(code))
             throw PoolError.libvirt("\(address.url): cannot connect to gluster volume '\(address.volume)' on \(address.host):\(address.port) (\(why)); is the volume started?")
         }
-        volume = out
+        current = Locked(first)
         // The pool's directory must be a directory.
         do {
             let st = try lstat("")
             guard st.st_mode & S_IFMT == S_IFDIR else { throw PoolError.notADirectory(address.url) }
         } catch let error as Qcow2Error {
-            pgl_disconnect(out)
             throw PoolError.notFound("\(address.url) (\(error))")
-        } catch {
-            pgl_disconnect(out)
-            throw error
         }
     }
 
-    deinit { pgl_disconnect(volume) }
+    /// One glfs_t (pgl_volume *, reference-counted in C: calls running past their bound and open
+    /// files keep it). Dropped, glfs_fini runs on a thread nobody waits for.
+    final class Connection: @unchecked Sendable {
+        let volume: OpaquePointer
+        init(_ volume: OpaquePointer) { self.volume = volume }
+        deinit { pgl_disconnect(volume) }
+    }
+
+    static func connect(_ address: GlusterAddress, timeoutMs: Int32) throws(Qcow2Error) -> Connection {
+        var out: OpaquePointer?
+        let r = pgl_connect(address.host, Int32(address.port), address.volume, nil, timeoutMs, &out)
+        guard r == 0, let out else { throw .io(errno: -r, operation: "gluster connect", path: address.url) }
+        return Connection(out)
+    }
+
+    /// Runs a call on the current connection. A call that fails for a reason other than the
+    /// path (a brick restarted under a glfs_t that no longer finds it) makes a new connection,
+    /// and the call is made once more on it.
+    private func onVolume<T>(_ body: (OpaquePointer) throws(Qcow2Error) -> T) throws(Qcow2Error) -> T {
+        let connection = current.withLock { $0 }
+        do {
+            return try body(connection.volume)
+        } catch .io(let code, let operation, _) where code == EIO && !operation.contains("no answer") {
+            let fresh = try Self.connect(address, timeoutMs: timeoutMs)
+            let used = current.withLock { held -> Connection in
+                if held === connection { held = fresh }
+                return held
+            }
+            return try body(used.volume)
+        }
+    }
 
     /// The path in the volume of `relativePath` beneath the pool's directory.
     func volumePath(_ relativePath: String) -> String {
@@ -117,8 +145,10 @@ final class GlusterClient: ShareClient, @unchecked Sendable {
         var records: UnsafeMutablePointer<CChar>?
         var length = 0
         try breaker.guarded { () throws(Qcow2Error) in
-            let r = pgl_list(volume, volumePath(relativePath), &records, &length, timeoutMs)
-            guard r == 0 else { throw failure(Int64(r), "readdir", relativePath) }
+            try onVolume { (volume) throws(Qcow2Error) in
+                let r = pgl_list(volume, volumePath(relativePath), &records, &length, timeoutMs)
+                guard r == 0 else { throw failure(Int64(r), "readdir", relativePath) }
+            }
         }
         defer { free(records) }
         guard let records else { return [] }
@@ -128,8 +158,10 @@ final class GlusterClient: ShareClient, @unchecked Sendable {
     func lstat(_ relativePath: String) throws(Qcow2Error) -> stat {
         var s = pgl_stat()
         try breaker.guarded { () throws(Qcow2Error) in
-            let r = pgl_lstat(volume, volumePath(relativePath), &s, timeoutMs)
-            guard r == 0 else { throw failure(Int64(r), "lstat", relativePath) }
+            try onVolume { (volume) throws(Qcow2Error) in
+                let r = pgl_lstat(volume, volumePath(relativePath), &s, timeoutMs)
+                guard r == 0 else { throw failure(Int64(r), "lstat", relativePath) }
+            }
         }
         return Self.stat(s)
     }
@@ -155,6 +187,10 @@ final class GlusterClient: ShareClient, @unchecked Sendable {
     }
 
     private func openHandleNow(_ relativePath: String) throws(Qcow2Error) -> (Handle, stat) {
+        try onVolume { (volume) throws(Qcow2Error) in try openHandle(relativePath, on: volume) }
+    }
+
+    private func openHandle(_ relativePath: String, on volume: OpaquePointer) throws(Qcow2Error) -> (Handle, stat) {
         var out: OpaquePointer?
         let r = pgl_open(volume, volumePath(relativePath), &out, timeoutMs)
         guard r == 0, let out else { throw failure(Int64(r), "open", relativePath) }
