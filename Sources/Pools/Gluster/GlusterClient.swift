@@ -100,10 +100,15 @@ final class GlusterClient: ShareClient, @unchecked Sendable {
 
     /// One glfs_t (pgl_volume *, reference-counted in C: calls running past their bound and open
     /// files keep it). Dropped, glfs_fini runs on a thread nobody waits for.
+    ///
+    /// A connection belongs to the process that made it: `poolfs mount` opens the pool, then
+    /// daemonizes (fork), and libgfapi's threads do not cross a fork. The daemon makes its own,
+    /// and leaves the inherited one alone.
     final class Connection: @unchecked Sendable {
         let volume: OpaquePointer
+        let process = getpid()
         init(_ volume: OpaquePointer) { self.volume = volume }
-        deinit { pgl_disconnect(volume) }
+        deinit { if process == getpid() { pgl_disconnect(volume) } }
     }
 
     static func connect(_ address: GlusterAddress, timeoutMs: Int32) throws(Qcow2Error) -> Connection {
@@ -117,7 +122,14 @@ final class GlusterClient: ShareClient, @unchecked Sendable {
     /// path (a brick restarted under a glfs_t that no longer finds it) makes a new connection,
     /// and the call is made once more on it.
     private func onVolume<T>(_ body: (OpaquePointer) throws(Qcow2Error) -> T) throws(Qcow2Error) -> T {
-        let connection = current.withLock { $0 }
+        var connection = current.withLock { $0 }
+        if connection.process != getpid() {
+            let fresh = try Self.connect(address, timeoutMs: timeoutMs)
+            connection = current.withLock { held -> Connection in
+                if held.process != getpid() { held = fresh }
+                return held
+            }
+        }
         do {
             return try body(connection.volume)
         } catch .io(let code, let operation, _) where code == EIO && !operation.contains("no answer") {

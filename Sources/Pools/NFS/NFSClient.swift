@@ -68,6 +68,8 @@ final class NFSConnection: @unchecked Sendable {
     /// A call on it failed: it sends nothing more (not even a CLOSE, which would wait out the
     /// timeout again on a server that does not answer).
     let failed = Atomic<Bool>(false)
+    /// The process that made it: a daemon (after `poolfs mount` forks) makes its own.
+    let process = getpid()
 
     init(_ address: NFSAddress, timeoutMs: Int32) throws(Qcow2Error) {
         var out: OpaquePointer?
@@ -81,7 +83,7 @@ final class NFSConnection: @unchecked Sendable {
         mount = out
     }
 
-    deinit { pnfs_disconnect(mount) }
+    deinit { if process == getpid() { pnfs_disconnect(mount) } }
 
     var lastError: String { String(cString: pnfs_error(mount)) }
 }
@@ -131,11 +133,11 @@ final class NFSClient: ShareClient, @unchecked Sendable {
 
     private func withMainNow<T>(_ body: (NFSConnection) throws(Qcow2Error) -> T) throws(Qcow2Error) -> T {
         let connection: NFSConnection
-        if let held = main.withLock({ $0 }) {
+        if let held = main.withLock({ $0 }), held.process == getpid() {
             connection = held
         } else {
             connection = try NFSConnection(address, timeoutMs: timeoutMs)
-            main.withLock { $0 = $0 ?? connection }
+            main.withLock { if $0?.process != getpid() { $0 = connection } }
         }
         do {
             return try connection.lock.withLock { _ throws(Qcow2Error) in try body(connection) }
@@ -186,7 +188,7 @@ final class NFSClient: ShareClient, @unchecked Sendable {
         deinit {
             // On a failed connection the file's small struct is left (libnfs frees it only with
             // a CLOSE call); the server drops its state with the connection's lease.
-            if !connection.failed.load(ordering: .relaxed) {
+            if !connection.failed.load(ordering: .relaxed), connection.process == getpid() {
                 connection.lock.withLock { _ in pnfs_close(connection.mount, file) }
             }
         }
