@@ -82,11 +82,20 @@ static void volume_release(pgl_volume *v) {
     free(v);
 }
 static pgl_file *file_retain(pgl_file *f) { __atomic_add_fetch(&f->refs, 1, __ATOMIC_RELAXED); return f; }
-static void file_release(pgl_file *f) {
-    if (!f || __atomic_sub_fetch(&f->refs, 1, __ATOMIC_ACQ_REL) != 0) return;
+/// glfs_close, then the file's reference on its volume (so glfs_fini never runs under it).
+static void *close_thread(void *arg) {
+    pgl_file *f = arg;
     if (f->fd) api.close(f->fd);
     volume_release(f->volume);
     free(f);
+    return NULL;
+}
+
+static void file_release(pgl_file *f) {
+    if (!f || __atomic_sub_fetch(&f->refs, 1, __ATOMIC_ACQ_REL) != 0) return;
+    // glfs_close waits for the brick (up to its 42 s ping timeout when it does not answer): on
+    // a thread nobody waits for.
+    detach(close_thread, f);
 }
 
 // ---- one bounded call -----------------------------------------------------------------------

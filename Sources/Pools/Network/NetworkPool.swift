@@ -46,6 +46,11 @@ public struct NetworkPool: Pool {
         } catch .io(let code, _, _) where code == EIO {
             return known.status(of: name).map { PoolVolume(path: client.location + "/" + name, status: $0) }
         } catch {
+            // Not found: gone, unless the pool's directory cannot be found either (a volume
+            // whose bricks are all down answers ENOENT too).
+            if (try? client.lstat("")) == nil {
+                return known.status(of: name).map { PoolVolume(path: client.location + "/" + name, status: $0) }
+            }
             known.forget(name)
             return nil
         }

@@ -5,7 +5,7 @@ import Glibc
 #endif
 
 /// Keeps one request from paying a server's timeout many times over: after a call times out,
-/// every call of the next `timeout` fails at once with EIO (a lookup, an fstat, a reopen and
+/// every call of the next three `timeout`s fails at once with EIO (a lookup, an fstat, a reopen and
 /// a read would otherwise each wait the whole bound), then one call tries the server again.
 final class ServerBreaker: Sendable {
     let timeout: Duration
@@ -22,7 +22,7 @@ final class ServerBreaker: Sendable {
     func guarded<T>(_ body: () throws(Qcow2Error) -> T) throws(Qcow2Error) -> T {
         let now = ContinuousClock.now
         if let until = downUntil.withLock({ $0 }), now < until {
-            throw .io(errno: EIO, operation: "no call (the server did not answer lately; trying again in under \(timeout))", path: location)
+            throw .io(errno: EIO, operation: "no call (the server did not answer lately; trying again in under \(timeout * 3))", path: location)
         }
         do {
             let result = try body()
@@ -30,7 +30,7 @@ final class ServerBreaker: Sendable {
             return result
         } catch {
             if ContinuousClock.now - now >= timeout * 0.9 {
-                let until = ContinuousClock.now + timeout
+                let until = ContinuousClock.now + timeout * 3
                 downUntil.withLock { $0 = until }
             }
             throw error
