@@ -236,6 +236,9 @@ struct NFSPoolTests {
         try scratch.sh("cmp odd.raw.raw \(server.exportDir)/odd.raw")
         let rw = runPoolfs("mount --foreground -o rw \(server.url()) \(scratch.path("mnt"))", in: scratch)
         #expect(rw.status != 0 && rw.output.contains("read-only"), "\(rw.output)")
+        let snapshot = runPoolfs("snapshot create '\(server.url())' later top.qcow2", in: scratch)
+        #expect(snapshot.status != 0 && snapshot.output.contains("read-only"), "\(snapshot.output)")
+        try scratch.sh("qemu-img snapshot -l \(server.exportDir)/top.qcow2 | grep -vq later")
 
         // The fstab form daemonizes after opening the pool: the daemon connects anew.
         try scratch.sh("mkdir -p daemon")

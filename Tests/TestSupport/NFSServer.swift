@@ -79,7 +79,8 @@ public final class NFSServer: @unchecked Sendable {
         let d = scratch.dir
         try scratch.sh("\(CephCluster.detached) ganesha.nfsd -f \(d)/ganesha.conf -p \(d)/ganesha.pid -L \(d)/ganesha.log -N NIV_EVENT")
         let deadline = Date().addingTimeInterval(20)
-        while !scratch.attempt("timeout 5 nfs-ls '\(toolURL())'").ok {
+        // Ready once the export lists and the pid file is written (it may come later).
+        while !scratch.attempt("timeout 5 nfs-ls '\(toolURL())' && test -s ganesha.pid").ok {
             guard Date() < deadline else { throw ShellError(command: "ganesha.nfsd", status: -1, output: "export did not answer in 20 s") }
             usleep(50_000)
         }
