@@ -14,6 +14,9 @@ public final class NFSServer: @unchecked Sendable {
     public static let export = "/export"
     public var exportDir: String { scratch.path("export") }
     private var stopped = false
+    /// NFSv3 too: then an rpcbind of the server's own runs (`rpcbind -f`, port 111: one per
+    /// machine), and v3 clients mount the export by its path, `exportDir`.
+    public let v3: Bool
 
     /// Whether ganesha and libnfs's tools are installed (scripts/install-deps.sh).
     public static var available: Bool {
@@ -30,10 +33,19 @@ public final class NFSServer: @unchecked Sendable {
         "nfs://127.0.0.1\(Self.export)" + (path.isEmpty ? "" : "/" + path) + "?version=4&nfsport=\(port)"
     }
 
-    public init() throws {
+    public init(v3: Bool = false) throws {
         scratch = try Scratch()
         port = try TestTarget.freePort()
+        self.v3 = v3
         try scratch.sh("mkdir -p export recovery")
+        if v3 {
+            try scratch.sh("\(CephCluster.detached) rpcbind -f -w & echo $! > rpcbind.pid")
+            let deadline = Date().addingTimeInterval(10)
+            while !scratch.attempt("rpcinfo -p 127.0.0.1 >/dev/null 2>&1").ok {
+                guard Date() < deadline else { stop(); throw ShellError(command: "rpcbind", status: -1, output: "did not answer (is another rpcbind running?)") }
+                usleep(50_000)
+            }
+        }
         try config().write(toFile: scratch.path("ganesha.conf"), atomically: true, encoding: .utf8)
         do {
             try start()
@@ -48,8 +60,8 @@ public final class NFSServer: @unchecked Sendable {
     private func config() -> String {
         """
         NFS_CORE_PARAM {
-            Protocols = 4;
-            NFS_Port = \(port);
+            Protocols = \(v3 ? "3, 4" : "4");
+            NFS_Port = \(port);\(v3 ? "\n    MNT_Port = \(try! TestTarget.freePort());" : "")
             Bind_addr = 127.0.0.1;
             Enable_NLM = false;
             Enable_RQUOTA = false;
@@ -66,7 +78,8 @@ public final class NFSServer: @unchecked Sendable {
             Pseudo = \(Self.export);
             Access_Type = RW;
             Squash = No_Root_Squash;
-            Protocols = 4;
+            Protocols = \(v3 ? "3, 4" : "4");
+            Transports = TCP;
             SecType = sys;
             FSAL { Name = VFS; }
         }
@@ -103,5 +116,12 @@ public final class NFSServer: @unchecked Sendable {
         guard !stopped else { return }
         stopped = true
         kill()
+        if let pid = GlusterServer.pid(in: scratch.path("rpcbind.pid")) { GlusterServer.kill(pid, signal: SIGKILL) }
+    }
+
+    /// `nfs://127.0.0.1/EXPORTDIR/PATH`: NFSv3 through the portmapper, as QEMU's nfs driver and
+    /// poolfs take it (only with `v3`).
+    public func v3URL(_ path: String = "") -> String {
+        "nfs://127.0.0.1\(exportDir)" + (path.isEmpty ? "" : "/" + path)
     }
 }
