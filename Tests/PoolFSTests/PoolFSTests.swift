@@ -60,7 +60,7 @@ import Pools
     }
 
     @Test(arguments: ["cache_size=", "cache_size=12Q", "cache_size=-1", "threads=0", "threads=1000", "threads=many", "cache_dir=", "cow_memory=lots", "rw,cow", "max_read=2M", "max_read=1K", "max_read=",
-                      "cow_size=", "cow_size=0", "cow_size=0%", "cow_size=101%", "cow_size=%", "cow_size=1.5G", "cow_size=20%%"])
+                      "cow_size=", "cow_size=0", "cow_size=0%", "cow_size=101%", "cow_size=%", "cow_size=1.5G", "cow_size=20%%", "net_timeout=0", "net_timeout=301", "net_timeout=", "net_timeout=x"])
     func badValuesAreRefused(_ option: String) {
         #expect(throws: MountError.self) { try MountOptions.parse([option]) }
     }
