@@ -70,6 +70,9 @@ final class GlusterClient: ShareClient, @unchecked Sendable {
     let timeoutMs: Int32
     /// The connection now; replaced when a call finds it broken (`reconnect`).
     private let current: Locked<Connection>
+    /// When a broken connection was last replaced: at most one new glfs_t every 2 s (each
+    /// costs threads, and a glfs_fini of 10 s when it goes), however many reads fail meanwhile.
+    private let lastReconnect = Locked<ContinuousClock.Instant?>(nil)
     var location: String { address.url }
     let breaker: ServerBreaker
 
@@ -132,7 +135,14 @@ final class GlusterClient: ShareClient, @unchecked Sendable {
         }
         do {
             return try body(connection.volume)
-        } catch .io(let code, let operation, _) where code == EIO && !operation.contains("no answer") {
+        } catch .io(let code, let operation, let path) where code == EIO && !operation.contains("no answer") {
+            let now = ContinuousClock.now
+            let due = lastReconnect.withLock { last -> Bool in
+                if let last, now - last < .seconds(2) { return false }
+                last = now
+                return true
+            }
+            guard due else { throw .io(errno: code, operation: operation, path: path) }
             let fresh = try Self.connect(address, timeoutMs: timeoutMs)
             let used = current.withLock { held -> Connection in
                 if held === connection { held = fresh }
