@@ -11,7 +11,7 @@ let package = Package(
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0"),
     ],
     targets: [
-        // C libraries. Nothing but these seven targets touches C headers directly.
+        // C libraries. Nothing but these nine targets touches C headers directly.
         .systemLibrary(name: "CFuse3", pkgConfig: "fuse3", providers: [.apt(["libfuse3-dev"])]),
         .systemLibrary(name: "CBlkid", pkgConfig: "blkid", providers: [.apt(["libblkid-dev"])]),
         .target(name: "CFuseShim", dependencies: ["CFuse3"]),
@@ -20,6 +20,11 @@ let package = Package(
         .systemLibrary(name: "CISCSI", pkgConfig: "libiscsi", providers: [.apt(["libiscsi-dev"])]),
         // librados and librbd (librbd-dev): loaded on first use (loader.c), not linked.
         .target(name: "CRBD", linkerSettings: [.linkedLibrary("dl")]),
+        // libgfapi (libglusterfs-dev) and libnfs (libnfs-dev): loaded on first use, not linked;
+        // every call bounded in time (glusterfs.c, nfs.c).
+        .target(name: "CGlusterFS", cSettings: [.define("_FILE_OFFSET_BITS", to: "64"), .define("__USE_FILE_OFFSET64"), .define("__USE_LARGEFILE64")],
+                linkerSettings: [.linkedLibrary("dl")]),
+        .target(name: "CNFS", linkerSettings: [.linkedLibrary("dl")]),
         // The lock every module uses: a pthread mutex, which ThreadSanitizer understands.
         .target(name: "Locking"),
 
@@ -32,7 +37,9 @@ let package = Package(
         // through one runner. Partition tables are read by libblkid (CBlkid), from
         // PartitionTable.swift only; iSCSI goes through libiscsi (CISCSI), from ISCSIClient.swift only.
         // Ceph RBD through librados/librbd (CRBD), from RBDClient.swift only.
-        .target(name: "Pools", dependencies: ["Block", "CHostIO", "CBlkid", "CISCSI", "CRBD", "Locking"]),
+        // GlusterFS through libgfapi (CGlusterFS), from Gluster/GlusterClient.swift only; NFS through
+        // libnfs (CNFS), from NFS/NFSClient.swift only.
+        .target(name: "Pools", dependencies: ["Block", "CHostIO", "CBlkid", "CISCSI", "CRBD", "CGlusterFS", "CNFS", "Locking"]),
         // The filesystem: the tree of volumes and snapshots, FUSE operations.
         .target(name: "PoolFS", dependencies: ["Block", "FuseKit", "Pools", "Locking"]),
         .executableTarget(name: "poolfs", dependencies: [

@@ -8,8 +8,12 @@ set -euo pipefail
 # checks the man page that make install installs; bsdextrautils has col. librbd-dev builds the RBD
 # pools; ceph-mon, ceph-osd, ceph-mgr and ceph-common run the RBD tests' one-node cluster (started by
 # the tests, from their own conf: the packages enable no daemon of their own), python3-rbd holds an
-# image's lock in them and rbd-fuse is `make bench`'s comparison.
-packages=(libfuse3-dev libblkid-dev fuse3 zlib1g-dev libdeflate-dev libzstd-dev pkg-config qemu-utils fdisk e2fsprogs mount util-linux kmod attr lvm2 fio python3 qemu-system-common qemu-system-x86 linux-image-amd64 busybox-static thin-provisioning-tools libiscsi-dev tgt qemu-block-extra man-db mandoc bsdextrautils librbd-dev ceph-mon ceph-osd ceph-mgr ceph-common python3-rbd rbd-fuse "$@")
+# image's lock in them and rbd-fuse is `make bench`'s comparison. libglusterfs-dev and libnfs-dev build
+# the network pools (libgfapi and libnfs, loaded on first use); glusterfs-server and glusterfs-client
+# (glusterd, the brick, the FUSE client the tests make images through), nfs-ganesha with
+# nfs-ganesha-vfs and libnfs-utils (nfs-ls, nfs-cp) run their tests, each server started by the tests
+# from its own config; rpcbind serves NFSv3 (`rpcbind -f`) where it is tested.
+packages=(libfuse3-dev libblkid-dev fuse3 zlib1g-dev libdeflate-dev libzstd-dev pkg-config qemu-utils fdisk e2fsprogs mount util-linux kmod attr lvm2 fio python3 qemu-system-common qemu-system-x86 linux-image-amd64 busybox-static thin-provisioning-tools libiscsi-dev tgt qemu-block-extra man-db mandoc bsdextrautils librbd-dev ceph-mon ceph-osd ceph-mgr ceph-common python3-rbd rbd-fuse libglusterfs-dev glusterfs-server glusterfs-client libnfs-dev libnfs-utils nfs-ganesha nfs-ganesha-vfs rpcbind "$@")
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -166,7 +166,7 @@ final class CowOverlay: @unchecked Sendable {
         var pendingStart: UInt64?
         func flushBase(upTo limit: UInt64) throws {
             guard let start = pendingStart else { return }
-            let plan = try base.plan(at: start, length: Int(limit - start))
+            let plan = try base.plan(at: start, length: Int(limit - start)).readingRemoteRuns()
             segments += PoolFileSystem.replySegments(plan)
             plans.append(plan)
             pendingStart = nil

@@ -38,6 +38,8 @@ public struct MountOptions: Sendable, Equatable {
     public var monHost: String?
     /// RBD: seconds any cluster operation may take (connect, open, read, write) before it fails.
     public var rbdTimeout = 10.0
+    /// gluster and NFS pools: the bound on every call to the server, in seconds.
+    public var netTimeout = 10.0
     public var fuseOptions: [String] = []
 
     public init() {}
@@ -122,6 +124,11 @@ public struct MountOptions: Sendable, Equatable {
                         throw MountError.badOption("\(option): rbd_timeout takes seconds from 1 to 300")
                     }
                     o.rbdTimeout = Double(n)
+                case "net_timeout":
+                    guard let value, let n = Int(value), (1...300).contains(n) else {
+                        throw MountError.badOption("\(option): net_timeout takes seconds from 1 to 300")
+                    }
+                    o.netTimeout = Double(n)
                 case "ro":
                     o.rw = false
                 case "rw":

@@ -128,10 +128,14 @@ public enum Mounter {
 
     /// The pool SOURCE names, as `poolfs mount` and `poolfs ls` take it with their options.
     public static func openPool(_ source: String, options: MountOptions) throws -> any Pool {
+        // POOLFS_LIBVIRT_STORAGE: where libvirt pool definitions are, for tests (as
+        // POOLFS_LIBVIRT_DOMAINS is for domains).
         try PoolSource.open(source, type: options.type,
+                            libvirtDirectory: ProcessInfo.processInfo.environment["POOLFS_LIBVIRT_STORAGE"] ?? PoolSource.libvirtStorageDirectory,
                             lvmMode: LogicalPool.Mode.forThisHost(noactivate: options.noactivate), writable: options.rw,
                             lvmCowSize: options.cowSize,
-                            iscsi: try options.iscsiOptions(), rbd: options.rbdOptions(), trust: options.trust)
+                            iscsi: try options.iscsiOptions(), rbd: options.rbdOptions(),
+                            network: options.networkOptions(), trust: options.trust)
     }
 
     /// Opens every volume of the pool, for `poolfs ls`; and why the pool shows none, if it says.
@@ -165,6 +169,12 @@ extension MountOptions {
     }
 
     /// The RBD options: the secret stays in its keyring file, which librados reads.
+    func networkOptions() -> NetworkPoolOptions {
+        var options = NetworkPoolOptions()
+        options.timeout = netTimeout
+        return options
+    }
+
     func rbdOptions() -> RBDPool.Options {
         var options = RBDPool.Options(confFile: cephConf, id: cephID, keyring: keyring, monHost: monHost)
         options.timeout = rbdTimeout

@@ -327,7 +327,8 @@ public final class PoolFileSystem: FileSystemOperations {
     /// regular file (block devices are read through the daemon: see docs/mounting.md, "Raw files at page-cache speed").
     static func rawFile(_ volume: OpenVolume) -> HostFile? {
         guard let image = volume.image, image.format == .raw, image.hostFiles.count == 1,
-              let raw = image.live as? RawImage, raw.file === image.hostFiles[0], !raw.file.isBlockDevice else { return nil }
+              let raw = image.live as? RawImage, raw.file === image.hostFiles[0], !raw.file.isBlockDevice,
+              !raw.file.isRemote else { return nil }
         return raw.file
     }
 
@@ -343,8 +344,7 @@ public final class PoolFileSystem: FileSystemOperations {
         // may be one the store still trusts a moment after its file changed.
         var files: [FileIdentity] = []
         for file in image.hostFiles {
-            var st = stat()
-            guard fstat(file.fd, &st) == 0 else { return nil }
+            guard let st = file.currentStatus() else { return nil }
             files.append(FileIdentity(st))
         }
         return CacheFingerprint(files: files, generation: volume.generation)
@@ -430,7 +430,8 @@ public final class PoolFileSystem: FileSystemOperations {
                    let overlay = cow.overlay(for: target.holder, create: false) {
                     return .success(try overlay.read(at: target.start + offset, length: n, base: target.base))
                 }
-                let plan = try device.plan(at: offset, length: n)
+                // Runs of network files are read now, into memory (they have no descriptor).
+                let plan = try device.plan(at: offset, length: n).readingRemoteRuns()
                 if plan.readsBlockDevice {
                     // Devices are read here, not spliced: a device that fails (the loop device
                     // of a PV whose file is gone) then fails in this process, which logs it and

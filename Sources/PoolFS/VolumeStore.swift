@@ -102,8 +102,7 @@ public final class OpenVolume: Sendable {
     /// pool said for volumes not read through their own file (LVs read through their PVs, LUNs)
     /// or that failed to open.
     static func fileStatus(of image: Image?, entry: PoolVolume) -> Glibc.stat {
-        var st = Glibc.stat()
-        if entry.path != nil, let file = image?.hostFiles.first, fstat(file.fd, &st) == 0 {
+        if entry.path != nil, let file = image?.hostFiles.first, var st = file.currentStatus() {
             // Never more than the chain's other files grant (docs/security.md).
             st.st_mode &= ~image!.hiddenPermissions
             return st

@@ -133,7 +133,7 @@ public enum PoolError: Error, CustomStringConvertible, Equatable {
         switch self {
         case .notFound(let what): return "pool \(what) does not exist"
         case .notADirectory(let path): return "pool \(path) is not a directory"
-        case .unsupportedType(let type): return "pool type '\(type)' is not supported yet (supported: dir, fs, netfs, logical, zfs, disk, iscsi, iscsi-direct, rbd)"
+        case .unsupportedType(let type): return "pool type '\(type)' is not supported yet (supported: dir, fs, netfs, logical, zfs, disk, iscsi, iscsi-direct, rbd, gluster)"
         case .libvirt(let why): return why
         }
     }
@@ -246,6 +246,7 @@ public enum PoolSource {
                             writable: Bool = false, lvmCowSize: LogicalPool.CowSize = .default,
                             iscsi: ISCSIPool.Options = ISCSIPool.Options(),
                             rbd: RBDPool.Options = RBDPool.Options(),
+                            network: NetworkPoolOptions = NetworkPoolOptions(),
                             trust: PoolTrust = PoolTrust()) throws -> any Pool {
         var path = source
         var resolvedType = type
@@ -254,6 +255,9 @@ public enum PoolSource {
         var rbd = rbd
         rbd.writable = writable
         if type == nil, source.hasPrefix("iscsi://") { resolvedType = "iscsi" }
+        if let kind = networkType(of: source), type == nil || type == kind || (type == "netfs" && kind == "gluster") {
+            return try openNetworkURL(source, type: kind, options: network)
+        }
         if type != "logical", type != "zfs", type != "rbd", !source.contains("/"), !FileManager.default.fileExists(atPath: source) {
             let definition = libvirtDirectory + "/" + source + ".xml"
             guard let xml = try? String(contentsOfFile: definition, encoding: .utf8) else {
@@ -271,6 +275,13 @@ public enum PoolSource {
                 throw PoolError.libvirt("libvirt pool \(source) has type '\(parsed.type)', not '\(type)'")
             }
             resolvedType = parsed.type
+            if parsed.type == "gluster" {
+                return try openLibvirtGluster(xml, file: definition, options: network)
+            }
+            if parsed.type == "netfs" || parsed.type == "fs" {
+                return try openLibvirtMountable(xml, type: parsed.type, target: path, file: definition, name: source,
+                                                trust: trust, options: network)
+            }
             if parsed.type == "iscsi" || parsed.type == "iscsi-direct" {
                 let target = try parseLibvirtISCSI(xml, file: definition)
                 path = target.url
@@ -323,6 +334,8 @@ public enum PoolSource {
             return try ISCSIPool(url: path, options: iscsi)
         case "rbd":
             return try RBDPool(spec: path, options: rbd)
+        case "gluster":
+            throw PoolError.libvirt("a gluster pool is given as gluster://HOST[:PORT]/VOLUME[/DIR] or as the name of a libvirt gluster pool, not \(source)")
         case let other:
             throw PoolError.unsupportedType(other)
         }
@@ -345,7 +358,7 @@ public enum PoolSource {
         let device = firstMatch(#"<source>.*?<device\s[^>]*path\s*=\s*['"]([^'"]+)['"]"#)
         // A disk pool's disk is its source device; an iscsi-direct pool has no target path (its
         // source says it all: parseLibvirtISCSI).
-        guard let path = firstMatch(#"<target>.*?<path>\s*([^<]*?)\s*</path>"#) ?? (type == "disk" ? device : type.hasPrefix("iscsi") || type == "rbd" ? "" : nil) else {
+        guard let path = firstMatch(#"<target>.*?<path>\s*([^<]*?)\s*</path>"#) ?? (type == "disk" ? device : type.hasPrefix("iscsi") || type == "rbd" || type == "gluster" ? "" : nil) else {
             throw PoolError.libvirt("\(file): no <target><path>")
         }
         return (type, path, device)

@@ -39,6 +39,9 @@ struct MountCommand: ParsableCommand {
           cow_size=SIZE|N%    logical, poolfs snapshot create: the
                               copy-on-write space of a classic
                               snapshot, or N% of the origin (20%)
+          net_timeout=SECONDS gluster, nfs: how long any call to the
+                              server may take before the read fails
+                              (EIO); 1-300, default 10
           initiator=IQN       iscsi: the initiator name to log in as
                               (iqn.2026-01.org.poolfs:initiator)
           chap_user=NAME      iscsi: log in with CHAP as NAME
@@ -76,7 +79,7 @@ struct MountCommand: ParsableCommand {
           files' modes and owners), noatime, nodev, nosuid, ...
         """)
 
-    @Option(name: .long, help: "Pool type: dir (also fs, netfs), logical, zfs, disk or iscsi (also iscsi-direct). Default: dir, or iscsi for an iscsi:// SOURCE.",
+    @Option(name: .long, help: "Pool type: dir (also fs, netfs), logical, zfs, disk, iscsi (also iscsi-direct), rbd or gluster. Default: dir, or the type a iscsi://, gluster:// or nfs:// SOURCE names.",
             completion: .list(poolTypes))
     var type: String?
 

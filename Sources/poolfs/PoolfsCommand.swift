@@ -30,6 +30,15 @@ struct PoolfsCommand: ParsableCommand {
                    symbolic link to one) is a volume, qcow2 or raw as its
                    content says. The default. fs and netfs (libvirt's
                    names for mounted directories) are dir pools.
+          netfs    SOURCE nfs://HOST[:PORT]/EXPORT[/DIR][?version=4]: an
+                   NFS share read through libnfs, no kernel mount; a
+                   libvirt netfs pool whose share is mounted at its
+                   target is a dir pool, one not mounted is read
+                   natively (nfs, glusterfs) or refused (cifs).
+          gluster  SOURCE gluster://HOST[:PORT]/VOLUME[/DIR]: a gluster
+                   volume read through libgfapi. Both read-only (-o cow
+                   works); -o net_timeout=SECONDS bounds every call to
+                   the server (10). See docs/network-pools.md.
           logical  SOURCE is an LVM volume group (VG or /dev/VG): its LVs
                    (linear, striped, thin) are volumes, its classic and
                    thin snapshots the snapshots. An inactive LV is

@@ -60,7 +60,7 @@ import Pools
     }
 
     @Test(arguments: ["cache_size=", "cache_size=12Q", "cache_size=-1", "threads=0", "threads=1000", "threads=many", "cache_dir=", "cow_memory=lots", "rw,cow", "max_read=2M", "max_read=1K", "max_read=",
-                      "cow_size=", "cow_size=0", "cow_size=0%", "cow_size=101%", "cow_size=%", "cow_size=1.5G", "cow_size=20%%"])
+                      "cow_size=", "cow_size=0", "cow_size=0%", "cow_size=101%", "cow_size=%", "cow_size=1.5G", "cow_size=20%%", "net_timeout=0", "net_timeout=301", "net_timeout=", "net_timeout=x"])
     func badValuesAreRefused(_ option: String) {
         #expect(throws: MountError.self) { try MountOptions.parse([option]) }
     }
@@ -100,7 +100,8 @@ import Pools
             """.utf8))
         try scratch.write("storage/vg.xml", Array("<pool type=\"logical\"><name>vgpool</name><source><name>vg</name></source><target><path>/dev/vg</path></target></pool>".utf8))
         try scratch.write("storage/tank.xml", Array("<pool type='zfs'><name>tank</name><target><path>/dev/zvol/tank/vms</path></target></pool>".utf8))
-        try scratch.write("storage/san.xml", Array("<pool type='gluster'><name>san</name><target><path>/gluster</path></target></pool>".utf8))
+        try scratch.write("storage/san.xml", Array("<pool type='sheepdog'><name>san</name><target><path>/sheep</path></target></pool>".utf8))
+        try scratch.write("storage/gl.xml", Array("<pool type='gluster'><name>gl</name><source><dir path='/'/></source></pool>".utf8))
         try scratch.sh("truncate -s 8M images/disk.raw && printf 'label: gpt\\n,4M,L\\n' | sfdisk -q images/disk.raw")
         try scratch.write("storage/sdb.xml", Array("""
             <pool type='disk'><name>sdb</name>
@@ -122,8 +123,11 @@ import Pools
         let names = try disk.volumeNames()
         #expect(disk.displayName == scratch.path("images/disk.raw") && names == ["part1"],
                 "a disk pool's disk is its source device, not its target path")
-        #expect(throws: PoolError.unsupportedType("gluster")) {
+        #expect(throws: PoolError.unsupportedType("sheepdog")) {
             try PoolSource.open("san", type: nil, libvirtDirectory: scratch.path("storage"))
+        }
+        #expect(throws: PoolError.libvirt("\(scratch.path("storage/gl.xml")): no <source><host name=...>")) {
+            try PoolSource.open("gl", type: nil, libvirtDirectory: scratch.path("storage"))
         }
         #expect(throws: PoolError.libvirt("libvirt pool vg has type 'logical', not 'dir'")) {
             try PoolSource.open("vg", type: "dir", libvirtDirectory: scratch.path("storage"))

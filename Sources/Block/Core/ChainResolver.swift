@@ -9,6 +9,9 @@ public struct TrustPolicy: Sendable {
     /// Each allowed directory as given (absolute) and with its symbolic links resolved: a name
     /// may use either spelling; it is opened beneath the resolved one.
     public let roots: [(given: String, real: String)]
+    /// The directory of a network share that the pool serves: names are resolved beneath it
+    /// (RemoteFile.swift), and `roots` are not used.
+    public private(set) var remote: (any RemoteDirectory)?
 
     /// `directories`: the pool's directory first, then the allowed ones. A directory that does
     /// not exist allows nothing.
@@ -23,6 +26,12 @@ public struct TrustPolicy: Sendable {
     /// No file an image names may be opened (pools whose volumes are not files in a directory,
     /// with no `backing_dirs=`).
     public static let nothing = TrustPolicy(directories: [])
+
+    /// Names resolved beneath `directory` of a network share, and nowhere else.
+    public init(remote directory: any RemoteDirectory) {
+        roots = []
+        remote = directory
+    }
 
     static func trimmed(_ path: String) -> String {
         var path = path
@@ -73,6 +82,10 @@ public enum ChainResolver {
     /// `imagePath`, under `policy`.
     public static func open(_ name: String, what: String, namedBy imagePath: String, policy: TrustPolicy,
                             writable: Bool = false) throws(Qcow2Error) -> HostFile {
+        if let remote = policy.remote {
+            if writable { throw .io(errno: EROFS, operation: "open", path: name) }
+            return try openRemote(name, what: what, namedBy: imagePath, in: remote)
+        }
         if hasProtocol(name) {
             throw .refused("\(what) '\(Printable.escaped(name))' of \(imagePath) names a protocol; poolfs reads only files in the pool")
         }

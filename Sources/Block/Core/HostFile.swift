@@ -7,9 +7,16 @@ import Locking
 
 /// An open image file. Every libc call the engine makes lives in this file; EINTR is retried here
 /// and nowhere else. Reads use pread, so one `HostFile` serves any number of threads at once.
+///
+/// A file of a network pool has no descriptor (`fd` is -1): `remote` reads it through its client
+/// library (RemoteFile.swift), and is read-only. Callers that hand `fd` to the kernel (FUSE
+/// splice and passthrough, fstat, xattrs) check `isRemote` first.
 public final class HostFile: Sendable {
     public let path: String
     public let fd: Int32
+    /// The network file this reads, when it is one.
+    public let remote: (any RemoteFile)?
+    public var isRemote: Bool { remote != nil }
     /// Unique for the life of the process: cache keys use it, so a reopened file never sees
     /// entries cached from its previous incarnation.
     public let id: UInt64
@@ -122,6 +129,7 @@ public final class HostFile: Sendable {
 
     /// Where the open descriptor leads now, symbolic links resolved (readlink of /proc/self/fd).
     public var openedPath: String? {
+        if remote != nil { return nil }
         var buffer = [CChar](repeating: 0, count: Int(PATH_MAX) + 1)
         let n = readlink("/proc/self/fd/\(fd)", &buffer, buffer.count - 1)
         guard n > 0 else { return nil }
@@ -133,6 +141,7 @@ public final class HostFile: Sendable {
     /// open(2) of /proc/self/fd/N reaches the same file even if its path names another one by
     /// now; without /proc, the path is opened and must still name the same file.
     public convenience init(reopening other: HostFile) throws(Qcow2Error) {
+        if other.remote != nil { throw .io(errno: EOPNOTSUPP, operation: "reopen", path: other.path) }
         var fd = retryingEINTR { open("/proc/self/fd/\(other.fd)", O_RDONLY | O_CLOEXEC) }
         if fd < 0 { fd = retryingEINTR { open(other.path, O_RDONLY | O_CLOEXEC) } }
         guard fd >= 0 else { throw .io(errno: Glibc.errno, operation: "open", path: other.path) }
@@ -160,6 +169,7 @@ public final class HostFile: Sendable {
         }
         self.path = path
         self.fd = fd
+        self.remote = nil
         self.id = Self.nextID.add(1, ordering: .relaxed).oldValue
         self.identity = FileIdentity(st)
         self.allocatedBytes = UInt64(st.st_blocks) * 512
@@ -171,7 +181,28 @@ public final class HostFile: Sendable {
         self.writable = writable
     }
 
-    deinit { close(fd) }
+    /// A file of a network share, read through `remote`; `path` is what messages call it
+    /// (its URL). Only a regular file is accepted.
+    public init(remote: any RemoteFile, path: String) throws(Qcow2Error) {
+        let st = try remote.status()
+        guard st.st_mode & S_IFMT == S_IFREG else {
+            throw .refused("\(path) is not a regular file (\(Self.typeName(of: st.st_mode))); only regular files are read as images")
+        }
+        self.path = path
+        self.fd = -1
+        self.remote = remote
+        self.id = Self.nextID.add(1, ordering: .relaxed).oldValue
+        self.identity = FileIdentity(st)
+        self.allocatedBytes = UInt64(st.st_blocks) * 512
+        self.owner = st.st_uid
+        self.group = st.st_gid
+        self.mode = st.st_mode
+        self.isBlockDevice = false
+        self.currentSize = Atomic(UInt64(st.st_size))
+        self.writable = false
+    }
+
+    deinit { if fd >= 0 { close(fd) } }
 
     /// Reads exactly `buffer.count` bytes at `offset` with pread(2). The end of the file comes
     /// first only when the file is shorter than its reader thought (a table past the end, or a
@@ -180,6 +211,14 @@ public final class HostFile: Sendable {
     public func read(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) throws(Qcow2Error) {
         var done = 0
         while done < buffer.count {
+            if let remote {
+                let n = try remote.read(into: UnsafeMutableRawBufferPointer(rebasing: buffer[done...]), at: offset + UInt64(done))
+                if n == 0 {
+                    throw .corrupt("read of \(buffer.count) bytes runs past the end of \(path)", offset: offset)
+                }
+                done += n
+                continue
+            }
             let n = retryingEINTR {
                 pread(fd, buffer.baseAddress! + done, buffer.count - done, off_t(offset) + off_t(done))
             }
@@ -207,6 +246,7 @@ public final class HostFile: Sendable {
 
     /// Writes all of `buffer` at `offset` with pwrite(2); the file grows as needed.
     public func write(_ buffer: UnsafeRawBufferPointer, at offset: UInt64) throws(Qcow2Error) {
+        if remote != nil { throw .io(errno: EROFS, operation: "pwrite", path: path) }
         if let code = injectedFault(.write(offset: offset, bytes: Array(buffer))) {
             throw .io(errno: code, operation: "pwrite", path: path)
         }
@@ -238,6 +278,7 @@ public final class HostFile: Sendable {
 
     /// fdatasync(2): everything written so far is on stable storage.
     public func syncData() throws(Qcow2Error) {
+        if remote != nil { throw .io(errno: EROFS, operation: "fdatasync", path: path) }
         if let code = injectedFault(.barrier) { throw .io(errno: code, operation: "fdatasync", path: path) }
         guard retryingEINTR({ fdatasync(fd) }) == 0 else { throw .io(errno: Glibc.errno, operation: "fdatasync", path: path) }
         report(.barrier)
@@ -246,6 +287,7 @@ public final class HostFile: Sendable {
     /// Frees the bytes' storage; they read as zeros afterwards. False where the filesystem cannot.
     @discardableResult
     public func punchHole(at offset: UInt64, length: UInt64) -> Bool {
+        if remote != nil { return false }
         guard poolfs_punch_hole(fd, offset, length) == 0 else { return false }
         report(.zero(offset: offset, length: length))
         return true
@@ -254,6 +296,7 @@ public final class HostFile: Sendable {
     /// Makes the bytes read as zeros, cheaply where the filesystem can (fallocate ZERO_RANGE),
     /// otherwise by writing zeros.
     public func zero(at offset: UInt64, length: UInt64) throws(Qcow2Error) {
+        if remote != nil { throw .io(errno: EROFS, operation: "fallocate", path: path) }
         if poolfs_zero_range(fd, offset, length) == 0 {
             report(.zero(offset: offset, length: length))
             return
@@ -270,6 +313,13 @@ public final class HostFile: Sendable {
     /// The next offset at or after `offset` holding data (lseek SEEK_DATA), or nil when only a
     /// hole follows. Filesystems without hole support report everything as data.
     public func nextData(from offset: UInt64) -> UInt64? {
+        if let remote {
+            switch remote.seek(from: offset, hole: false) {
+            case .at(let at): return at
+            case .none: return nil
+            case .unknown: return offset
+            }
+        }
         let r = lseek(fd, off_t(offset), seekData)
         if r < 0 { return Glibc.errno == ENXIO ? nil : offset }
         return UInt64(r)
@@ -277,6 +327,10 @@ public final class HostFile: Sendable {
 
     /// The next hole at or after `offset` (lseek SEEK_HOLE); the end of the file counts as a hole.
     public func nextHole(from offset: UInt64) -> UInt64 {
+        if let remote {
+            if case .at(let at) = remote.seek(from: offset, hole: true) { return min(at, size) }
+            return size
+        }
         let r = lseek(fd, off_t(offset), seekHole)
         return r < 0 ? size : UInt64(r)
     }
@@ -284,15 +338,25 @@ public final class HostFile: Sendable {
     /// Whether the file changed since it was opened, by stat(2) of its path: also sees the path
     /// now naming another file.
     public func changedOnDisk() -> Bool {
-        FileIdentity(path: path) != identity
+        if let remote { return remote.statusByName().map(FileIdentity.init) != identity }
+        return FileIdentity(path: path) != identity
     }
 
     /// Whether the open file was modified since it was opened, by fstat(2) of its descriptor:
     /// cheaper than a path lookup, blind to the path being replaced.
     public func modifiedInPlace() -> Bool {
+        if let remote { return (try? remote.status()).map(FileIdentity.init) != identity }
         var st = stat()
         guard fstat(fd, &st) == 0 else { return true }
         return FileIdentity(st) != identity
+    }
+
+    /// The file's status now: fstat(2) of its descriptor, or the network file's. nil when it
+    /// cannot be had.
+    public func currentStatus() -> stat? {
+        if let remote { return try? remote.status() }
+        var st = stat()
+        return fstat(fd, &st) == 0 ? st : nil
     }
 
     /// Whether the open file's size or modification time changed since it was opened (fstat(2)
@@ -300,7 +364,12 @@ public final class HostFile: Sendable {
     /// file or its deletion changes: for a file no name leads to any more.
     public func contentChanged() -> Bool {
         var st = stat()
-        guard fstat(fd, &st) == 0 else { return true }
+        if let remote {
+            guard let now = try? remote.status() else { return true }
+            st = now
+        } else {
+            guard fstat(fd, &st) == 0 else { return true }
+        }
         let now = FileIdentity(st)
         return now.size != identity.size || now.mtime.tv_sec != identity.mtime.tv_sec || now.mtime.tv_nsec != identity.mtime.tv_nsec
     }

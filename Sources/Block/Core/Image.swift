@@ -80,9 +80,19 @@ public final class Image: Sendable {
     /// must be readable by the top file's owner (writable too, for a data file written).
     public static func open(path: String, format: Format? = nil, cache: BlockCache,
                             options: Options = Options(), writable: Bool = false) throws -> Image {
-        var seen: [FileIdentity] = []
         let policy = options.policy ?? TrustPolicy(directories: [absoluteDirectory(of: path)])
         let top = try HostFile(path: path, writable: writable)
+        var options = options
+        options.policy = policy
+        return try open(file: top, format: format, cache: cache, options: options, writable: writable)
+    }
+
+    /// Opens the image in `top`, already open (a file of a network share: `HostFile(remote:)`),
+    /// as `open(path:)` does; files it names are resolved by `options.policy`, which must be given.
+    public static func open(file top: HostFile, format: Format? = nil, cache: BlockCache,
+                            options: Options, writable: Bool = false) throws -> Image {
+        var seen: [FileIdentity] = []
+        let policy = options.policy ?? .nothing
         let decision = try format.map { FormatDecision(format: $0, declared: true) }
             ?? options.decideFormat?(top)
             ?? FormatDecision(format: probe(top), declared: false)

@@ -129,7 +129,9 @@ extension Image {
     public func lockBackingChain() throws(Qcow2Error) -> BackingChainLock {
         var files: [HostFile] = []
         do throws(Qcow2Error) {
-            for file in backing?.hostFiles ?? [] {
+            // Files of network shares take no lock: neither libgfapi nor libnfs (nor QEMU's
+            // gluster and nfs drivers) offer QEMU's byte locks (docs/network-pools.md).
+            for file in backing?.hostFiles ?? [] where !file.isRemote {
                 let own = try HostFile(reopening: file)
                 try own.lockForConsistentReading()
                 files.append(own)

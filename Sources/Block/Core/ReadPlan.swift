@@ -69,6 +69,38 @@ public struct ReadPlan: Sendable {
         }
     }
 
+    /// Whether any host run reads a file of a network share, which has no descriptor to splice
+    /// from: the reply is copied (`execute`).
+    public var readsRemoteFile: Bool {
+        segments.contains { segment in
+            if case .host(let file, _, _) = segment { return file.isRemote }
+            return false
+        }
+    }
+
+    /// The plan with every run of a network file read now into memory: such a file has no
+    /// descriptor the FUSE reply could splice from, and a failing server then fails the read
+    /// here, where it is logged and answered with EIO.
+    public func readingRemoteRuns() throws(Qcow2Error) -> ReadPlan {
+        guard readsRemoteFile else { return self }
+        var plan = ReadPlan()
+        for segment in segments {
+            switch segment {
+            case .host(let file, let offset, let n) where file.isRemote:
+                var failure: Qcow2Error?
+                let block = CachedBlock(count: n) { buffer in
+                    do throws(Qcow2Error) { try file.read(into: buffer, at: offset) } catch { failure = error }
+                }
+                if let failure { throw failure }
+                plan.appendBytes(block, start: 0, length: n)
+            default:
+                plan.segments.append(segment)
+                plan.length += segment.length
+            }
+        }
+        return plan
+    }
+
     /// Copies the planned bytes into `buffer`, which must hold `length` bytes.
     public func execute(into buffer: UnsafeMutableRawBufferPointer) throws(Qcow2Error) {
         precondition(buffer.count >= length, "read buffer smaller than its plan")
