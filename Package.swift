@@ -64,6 +64,7 @@ if Context.environment["POOLFS_FUZZ"] == "1" {
         .target(name: "FuzzSupport", dependencies: ["Block", "CFuzzDriver"], path: "Fuzz/Support"),
         fuzzTarget("Qcow2Read", ["Block"]),
         fuzzTarget("Qcow2Write", ["Block"]),
+        fuzzTarget("VpcRead", ["Block"]), fuzzTarget("VhdxRead", ["Block"]),
         fuzzTarget("LVMReport", ["Pools", "Block"]),
         fuzzTarget("SnapshotStore", ["Pools", "Block"]),
         fuzzTarget("ThinMetadata", ["Pools", "Block"]),

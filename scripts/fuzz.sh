@@ -17,6 +17,8 @@ export PATH="/opt/swift/usr/bin:$PATH"
 targets=(
     "qcow2-read      FuzzQcow2Read      1048576"
     "qcow2-write     FuzzQcow2Write     1048576"
+    "vpc-read        FuzzVpcRead        4194304"
+    "vhdx-read       FuzzVhdxRead       12582912"
     "lvm-report      FuzzLVMReport      16384"
     "snapshot-store  FuzzSnapshotStore  262144"
     "thin-metadata   FuzzThinMetadata   131072"
