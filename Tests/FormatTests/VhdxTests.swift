@@ -50,7 +50,7 @@ import Testing
     func dynamicMatchesQemuImg(options: String, size: UInt64) throws {
         let scratch = try Scratch()
         try scratch.sh("qemu-img create -q -f vhdx \(options.isEmpty ? "" : "-o \(options)") d.vhdx \(size)")
-        try FormatOracle.expectMatchesQemu("d.vhdx", format: .vhdx, in: scratch, checkMap: false)
+        if size < 64 << 20 { try FormatOracle.expectMatchesQemu("d.vhdx", format: .vhdx, in: scratch, checkMap: false) }
         let ranges = try Self.writePatterns("d.vhdx", size: size, in: scratch)
         let image = try FormatOracle.expectMatchesQemu("d.vhdx", format: .vhdx, in: scratch, checkMap: false)
         let blockSize = try Self.blockSize("d.vhdx", in: scratch)

@@ -11,7 +11,7 @@ struct VhdxLog {
     /// The largest log poolfs searches, and the most entry bytes it checksums while searching:
     /// a hostile log cannot make an open read without end. Hyper-V and QEMU write 1 MiB logs.
     static let maxSearchedLength: UInt64 = 64 << 20
-    static let maxChecksummedBytes: UInt64 = 1 << 30
+    static let maxChecksummedBytes: UInt64 = 256 << 20
 
     let file: HostFile
     let header: VhdxHeader
