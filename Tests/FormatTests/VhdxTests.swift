@@ -237,6 +237,16 @@ import Testing
                    error: "block size 536870912 is not a power of two", qemuRefuses: true),
         Corruption(name: "has_parent without a locator", edit: { b, l in put(&b, l.items[VhdxMetadata.fileParameters]! + 4, 2, 4) },
                    error: "file parameters say the disk has a parent, but there is no parent locator", qemuRefuses: true),
+        Corruption(name: "differencing (has_parent and a locator)", edit: { b, l in
+                       put(&b, l.items[VhdxMetadata.fileParameters]! + 4, 2, 4)
+                       let n = Int(VhdxFields(b, at: l.metadata).u16(10))
+                       let entry = l.metadata + 32 + 32 * n
+                       b.replaceSubrange(entry..<entry + 16, with: VhdxMetadata.parentLocator.bytes)
+                       put(&b, entry + 16, UInt64(l.items[VhdxMetadata.page83]! - l.metadata), 4)
+                       put(&b, entry + 20, 16, 4)
+                       put(&b, entry + 24, 4, 4)
+                       put(&b, l.metadata + 10, UInt64(n + 1), 2) },
+                   error: "vhdx differencing disks (with a parent) are not supported", qemuRefuses: true),
         Corruption(name: "4096-byte logical sectors", edit: { b, l in put(&b, l.items[VhdxMetadata.logicalSectorSize]!, 4096, 4) },
                    error: "vhdx with 4096-byte logical sectors", qemuRefuses: true),
         Corruption(name: "virtual size 128 TiB", edit: { b, l in put(&b, l.items[VhdxMetadata.virtualDiskSize]!, 128 << 40, 8) },
