@@ -72,6 +72,8 @@ if Context.environment["POOLFS_FUZZ"] == "1" {
         fuzzTarget("Qcow2Read", ["Block"]),
         fuzzTarget("Qcow2Write", ["Block"]),
         fuzzTarget("VmdkRead", ["Block"]),
+        fuzzTarget("VpcRead", ["Block"]),
+        fuzzTarget("VhdxRead", ["Block"]),
         fuzzTarget("LVMReport", ["Pools", "Block"]),
         fuzzTarget("SnapshotStore", ["Pools", "Block"]),
         fuzzTarget("ThinMetadata", ["Pools", "Block"]),

@@ -9,7 +9,7 @@ out="$(realpath -m "${1:?usage: fuzz-seeds.sh DIR}")"
 root="$(cd "$(dirname "$0")/.." && pwd)"
 work="$(mktemp -d /tmp/poolfs-seeds-XXXXXX)"
 trap 'rm -rf "$work"' EXIT
-mkdir -p "$out"/{qcow2-read,qcow2-write,vmdk-read,lvm-report,snapshot-store,thin-metadata,libvirt-xml,mount-options}
+mkdir -p "$out"/{qcow2-read,qcow2-write,vmdk-read,vpc-read,vhdx-read,lvm-report,snapshot-store,thin-metadata,libvirt-xml,mount-options}
 cd "$work"
 
 # --- qcow2: small images of every layout the engine reads. Backing and data file names are the
@@ -76,6 +76,15 @@ for i, name in enumerate(names):
     with open(f"{out}/{name}", "wb") as f:
         f.write(program + open(f"{name}.qcow2", "rb").read())
 PY
+
+# --- vhd and vhdx: each subformat qemu-img makes, small, with a pattern (vhdx with 1 MiB blocks).
+for sub in dynamic fixed; do
+    qemu-img create -q -f vpc -o subformat=$sub "$out/vpc-read/$sub" 1M
+    qemu-io -f vpc -c "write -P 0x81 0 8K" -c "write -P 0x82 1020K 4K" "$out/vpc-read/$sub" >/dev/null
+    qemu-img create -q -f vhdx -o subformat=$sub,block_size=1M "$out/vhdx-read/$sub" 1M
+    qemu-io -f vhdx -c "write -P 0x83 4K 8K" "$out/vhdx-read/$sub" >/dev/null
+done
+qemu-img create -q -f vpc -o force_size=on "$out/vpc-read/force-size" 1049088
 
 # --- dm-thin metadata: thin_restore of small pools, cut after the last block in use.
 thin_pool() {  # name, xml

@@ -18,6 +18,8 @@ targets=(
     "qcow2-read      FuzzQcow2Read      1048576"
     "qcow2-write     FuzzQcow2Write     1048576"
     "vmdk-read       FuzzVmdkRead       1048576"
+    "vpc-read        FuzzVpcRead        4194304"
+    "vhdx-read       FuzzVhdxRead       12582912"
     "lvm-report      FuzzLVMReport      16384"
     "snapshot-store  FuzzSnapshotStore  262144"
     "thin-metadata   FuzzThinMetadata   131072"

@@ -54,6 +54,7 @@ extension Image {
     static let readers: [Format: any ImageFormatReader.Type] = {
         let all: [any ImageFormatReader.Type] = [
             VdiReader.self,
+            VhdxReader.self,
             VmdkReader.self,
             VpcReader.self,
         ]
