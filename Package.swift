@@ -64,6 +64,8 @@ if Context.environment["POOLFS_FUZZ"] == "1" {
         .target(name: "FuzzSupport", dependencies: ["Block", "CFuzzDriver"], path: "Fuzz/Support"),
         fuzzTarget("Qcow2Read", ["Block"]),
         fuzzTarget("Qcow2Write", ["Block"]),
+        fuzzTarget("VdiRead", ["Block"]),
+        fuzzTarget("QedRead", ["Block"]),
         fuzzTarget("LVMReport", ["Pools", "Block"]),
         fuzzTarget("SnapshotStore", ["Pools", "Block"]),
         fuzzTarget("ThinMetadata", ["Pools", "Block"]),

@@ -17,6 +17,8 @@ export PATH="/opt/swift/usr/bin:$PATH"
 targets=(
     "qcow2-read      FuzzQcow2Read      1048576"
     "qcow2-write     FuzzQcow2Write     1048576"
+    "vdi-read        FuzzVdiRead        1048576"
+    "qed-read        FuzzQedRead        1048576"
     "lvm-report      FuzzLVMReport      16384"
     "snapshot-store  FuzzSnapshotStore  262144"
     "thin-metadata   FuzzThinMetadata   131072"
