@@ -22,6 +22,7 @@ import Testing
         try Self.writePatterns("d.qed", size: size, in: scratch)
         let image = try FormatOracle.expectMatchesQemu("d.qed", format: .qed, in: scratch)
         #expect(image.virtualSize == size)
+        #expect(try image.live.allocatedBytes() == metadataDataBytes(image.live))
     }
 
     /// A raw backing file (backing_fmt=raw sets QED_F_BACKING_FORMAT_NO_PROBE) shorter than
@@ -36,6 +37,7 @@ import Testing
         let image = try FormatOracle.expectMatchesQemu("d.qed", format: .qed, in: scratch)
         #expect(image.backing?.format == (format == "raw" ? .raw : .qcow2))
         #expect(image.backing?.formatDeclared == (format == "raw"))
+        #expect(try image.live.allocatedBytes() == metadataDataBytes(image.live))
     }
 
     /// A backing file outside the pool is refused; a probed backing file (no
