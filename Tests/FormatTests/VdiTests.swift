@@ -116,6 +116,16 @@ func metadataDataBytes(_ device: any BlockDevice) throws -> UInt64 {
         }
     }
 
+    /// A file cut inside its header is still probed as vdi (as by QEMU, whose probe pads the
+    /// file with zeros) and refused for the first zero field QEMU checks, in QEMU's words.
+    @Test func aShortFileIsRefusedAsByQemu() throws {
+        let scratch = try Scratch()
+        try scratch.sh("qemu-img create -q -f vdi d.vdi 1M && head -c 200 d.vdi > short.vdi")
+        #expect(scratch.attempt("qemu-img info short.vdi 2>&1").output.contains("unsupported VDI image (sector size 0 is not 512)"))
+        #expect(FormatOracle.openError("short.vdi", in: scratch) ==
+            "\(scratch.path("short.vdi")): unsupported VDI image (sector size 0 is not 512): sector_size at byte 360")
+    }
+
     /// A map entry naming a block beyond blocks_in_image: the image opens (as in QEMU), and a
     /// read or map of that block fails with the entry's place; other blocks still read.
     @Test func mapEntryBeyondTheImageFailsThatBlock() throws {
