@@ -56,6 +56,18 @@ import Testing
             "refused: \(scratch.path("mid.qcow2")) was probed, not declared, and names a backing file: an image whose format was probed may not name other files (set the backing format with qemu-img rebase -F)")
     }
 
+    /// The backing file name ends at its first NUL (QEMU reads a C string); an empty name is no
+    /// backing file at all: zeros beneath, as QEMU reads and maps it.
+    @Test(arguments: [12, 0] as [UInt64]) func backingNameAsACString(nameSize: UInt64) throws {
+        let scratch = try Scratch()
+        try scratch.sh("qemu-img create -q -f raw base.raw 2M && qemu-io -f raw -c 'write -P 0x57 0 2M' base.raw >/dev/null")
+        try scratch.sh("qemu-img create -q -f qed -o backing_file=base.raw,backing_fmt=raw d.qed 3M")
+        try scratch.sh("qemu-io -f qed -c 'write -P 0x58 1M 4k' d.qed >/dev/null")
+        try patchLittleEndian(scratch, "d.qed", at: 60, nameSize, width: 4)
+        let image = try FormatOracle.expectMatchesQemu("d.qed", format: .qed, in: scratch)
+        #expect((image.backing != nil) == (nameSize > 0))
+    }
+
     /// QED_F_NEED_CHECK (an image not closed cleanly) opens read-only without a check, as in
     /// QEMU; so do unknown compat and autoclear bits.
     @Test(arguments: [(16, 2), (24, 1 << 40), (32, 1 << 63)] as [(UInt64, UInt64)])

@@ -10,7 +10,7 @@ public enum QedReader: ImageFormatReader {
         // its check ("there is no risk of corruption since write operations are not
         // possible"); poolfs reads it the same way.
         var backing: Image?
-        if header.hasBacking, let name = try backingName(file, header), !name.isEmpty {
+        if header.hasBacking, case let name = try backingName(file, header), !name.isEmpty {
             // QED_F_BACKING_FORMAT_NO_PROBE: raw; otherwise probed (and then it may name no files).
             backing = try context.openBacking(name, "backing file", header.backingIsRaw ? .raw : nil)
         }
@@ -21,7 +21,7 @@ public enum QedReader: ImageFormatReader {
     /// The backing file name: `backing_filename_size` bytes at `backing_filename_offset`
     /// (checked inside the header), up to the first NUL as QEMU's C string ends there. Bytes
     /// past the end of the file read as zeros, as in QEMU.
-    static func backingName(_ file: HostFile, _ header: QedHeader) throws -> String? {
+    static func backingName(_ file: HostFile, _ header: QedHeader) throws -> String {
         let offset = header.backingNameOffset
         let inside = offset >= file.size ? 0 : min(header.backingNameSize, file.size - offset)
         let bytes = try file.readBytes(at: offset, count: Int(inside))
