@@ -66,6 +66,7 @@ if Context.environment["POOLFS_FUZZ"] == "1" {
         fuzzTarget("Qcow2Write", ["Block"]),
         fuzzTarget("VdiRead", ["Block"]),
         fuzzTarget("QedRead", ["Block"]),
+        fuzzTarget("VmdkRead", ["Block"]),
         fuzzTarget("LVMReport", ["Pools", "Block"]),
         fuzzTarget("SnapshotStore", ["Pools", "Block"]),
         fuzzTarget("ThinMetadata", ["Pools", "Block"]),

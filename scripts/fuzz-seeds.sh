@@ -9,7 +9,7 @@ out="$(realpath -m "${1:?usage: fuzz-seeds.sh DIR}")"
 root="$(cd "$(dirname "$0")/.." && pwd)"
 work="$(mktemp -d /tmp/poolfs-seeds-XXXXXX)"
 trap 'rm -rf "$work"' EXIT
-mkdir -p "$out"/{qcow2-read,qcow2-write,lvm-report,snapshot-store,thin-metadata,libvirt-xml,mount-options}
+mkdir -p "$out"/{qcow2-read,qcow2-write,vmdk-read,lvm-report,snapshot-store,thin-metadata,libvirt-xml,mount-options}
 cd "$work"
 
 # --- qcow2: small images of every layout the engine reads. Backing and data file names are the
@@ -50,6 +50,16 @@ printf 'zlib\nzstd\n' | while read -r kind; do
 done > compressed.list
 images+=($(cat compressed.list))
 for name in "${images[@]}"; do cp "$name.qcow2" "$out/qcow2-read/$name"; done
+
+# --- vmdk: each subformat qemu-img makes, small, and descriptors naming the harness's files
+# (flat.raw, copy.vmdk; see Fuzz/VmdkRead).
+vi() { qemu-io -f vmdk "$@" >/dev/null; }
+qemu-img create -q -f vmdk v-sparse.vmdk 1M && vi -c "write -P 0x11 0 64K" -c "write -P 0x12 700K 4K" v-sparse.vmdk
+qemu-img create -q -f vmdk -o zeroed_grain=on v-zeroed.vmdk 1M && vi -c "write -P 0x13 0 4K" -c "write -z 64K 64K" v-zeroed.vmdk
+qemu-img convert -q -f raw -O vmdk -o subformat=streamOptimized plain.raw v-stream.vmdk
+printf 'version=1\nCID=1\nparentCID=ffffffff\ncreateType="monolithicFlat"\nRW 1024 FLAT "flat.raw" 8\nRW 16 ZERO\nRW 2048 FLAT "flat.raw" 0\n' > v-flat.vmdk
+printf 'version=1\nCID=1\nparentCID=ffffffff\ncreateType="twoGbMaxExtentSparse"\nRW 64 SPARSE "copy.vmdk"\n' > v-copy.vmdk
+for name in v-sparse v-zeroed v-stream v-flat v-copy; do cp "$name.vmdk" "$out/vmdk-read/$name"; done
 
 # --- vdi and qed: every layout qemu-img makes, cut to the 1 MiB the targets read. Backing names
 # are the ones Fuzz/QedRead provides (backing.raw, copy.qed).

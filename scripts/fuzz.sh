@@ -19,6 +19,7 @@ targets=(
     "qcow2-write     FuzzQcow2Write     1048576"
     "vdi-read        FuzzVdiRead        1048576"
     "qed-read        FuzzQedRead        1048576"
+    "vmdk-read       FuzzVmdkRead       1048576"
     "lvm-report      FuzzLVMReport      16384"
     "snapshot-store  FuzzSnapshotStore  262144"
     "thin-metadata   FuzzThinMetadata   131072"

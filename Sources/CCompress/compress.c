@@ -99,3 +99,14 @@ int poolfs_zstd_decompress(const void *src, size_t src_len, void *dst, size_t ds
     }
     return 0;
 }
+
+int poolfs_zlib_decompress(const void *src, size_t src_len, void *dst, size_t dst_len, size_t *out_len) {
+    struct decoders *d = thread_decoders();
+    if (d && !d->deflate) d->deflate = libdeflate_alloc_decompressor();
+    if (!d || !d->deflate) return -1;
+    size_t consumed = 0, produced = 0;
+    if (libdeflate_zlib_decompress_ex(d->deflate, src, src_len, dst, dst_len, &consumed, &produced) != LIBDEFLATE_SUCCESS)
+        return -1;
+    *out_len = produced;
+    return 0;
+}

@@ -222,7 +222,10 @@ public final class PoolFileSystem: FileSystemOperations {
             guard let image = v.image else { return .failure(.io) }
             return .success(image.live)
         case .success(.snapshot(let v, let s)):
-            guard let device = v.image?.device(of: s) else { return .failure(.io) }
+            guard let device = v.image?.device(of: s) else {
+                if let why = s.problem { Log.error("\(node): \(why)") }
+                return .failure(.io)
+            }
             return .success(device)
         case .success(.poolSnapshot(_, _, let device)):
             switch device {
@@ -641,7 +644,7 @@ public final class PoolFileSystem: FileSystemOperations {
                     ("user.poolfs.virtual_size", "\(image.virtualSize)"),
                     ("user.poolfs.backing_chain", VolumeReport.chainDescription(image)),
                     ("user.poolfs.snapshots", "\(image.snapshots.count)"),
-                ] + image.chain.compactMap(\.dataFilePath).prefix(1).map { ("user.poolfs.data_file", $0) } + pooled
+                ] + (image.snapshotTableProblem.map { [("user.poolfs.snapshot_error", $0)] } ?? []) + image.chain.compactMap(\.dataFilePath).prefix(1).map { ("user.poolfs.data_file", $0) } + pooled
             case .snapshot(let v, let s):
                 return [
                     ("user.poolfs.format", "qcow2-snapshot"),
@@ -652,7 +655,7 @@ public final class PoolFileSystem: FileSystemOperations {
                     ("user.poolfs.snapshot_date", VolumeReport.isoDate(s.dateSeconds)),
                     ("user.poolfs.vm_state_size", "\(s.vmStateSize)"),
                     ("user.poolfs.vm_clock_ns", "\(s.vmClockNanoseconds)"),
-                ]
+                ] + (s.problem.map { [("user.poolfs.error", $0)] } ?? [])
             case .poolSnapshot(_, _, let device):
                 switch device {
                 case .success(let d): return [("user.poolfs.format", "raw"), ("user.poolfs.virtual_size", "\(d.size)")]

@@ -17,6 +17,9 @@ public struct VolumeReport: Codable, Sendable {
         public var date: String
         public var virtualSize: UInt64
         public var vmStateSize: UInt64
+        /// Why the snapshot cannot be read (a qcow2 snapshot table entry QEMU opens but cannot
+        /// load), or nil.
+        public var error: String? = nil
     }
     public var name: String
     /// The volume's file or device; nil for volumes with none on this host (iSCSI LUNs).
@@ -31,6 +34,8 @@ public struct VolumeReport: Codable, Sendable {
     /// The external data files of the volume's chain, top first (qcow2 data_file).
     public var dataFiles: [String] = []
     public var snapshots: [SnapshotInfo]
+    /// Why entries at the end of the qcow2 snapshot table could not be read, or nil.
+    public var snapshotError: String? = nil
     /// Another program (a running VM, qemu-img, poolfs -o rw) holds the image for writing
     /// (QEMU's write lock): what is read may change meanwhile.
     public var inUseByWriter: Bool
@@ -71,12 +76,13 @@ public struct VolumeReport: Codable, Sendable {
             dataFiles: (image?.chain ?? []).compactMap(\.dataFilePath),
             snapshots: volume.snapshotFiles.map { file, s in
                 SnapshotInfo(id: s.id, name: s.name, file: file, date: isoDate(s.dateSeconds),
-                             virtualSize: image?.device(of: s)?.size ?? 0, vmStateSize: s.vmStateSize)
+                             virtualSize: image?.device(of: s)?.size ?? 0, vmStateSize: s.vmStateSize, error: s.problem)
             } + volume.poolSnapshots.map { file, device in
                 // The pool's own (LVM, ZFS, RBD): named by the pool, with no qcow2 id; dated if the pool says.
                 SnapshotInfo(id: "", name: file, file: file, date: volume.poolSnapshotDates[file].map { isoDate(UInt32(clamping: $0.tv_sec)) } ?? "",
                              virtualSize: (try? device.get().size) ?? 0, vmStateSize: 0)
             },
+            snapshotError: image?.snapshotTableProblem,
             inUseByWriter: image?.hostFiles.first?.writerPresent ?? false,
             properties: Dictionary(volume.properties, uniquingKeysWith: { first, _ in first }),
             error: volume.error)

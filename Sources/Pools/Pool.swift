@@ -205,7 +205,8 @@ public struct DirectoryPool: Pool {
                 names.append(name)
             }
         }
-        return names.sorted()
+        let extents = vmdkExtentNames(among: names)
+        return names.filter { !extents.contains($0) }.sorted()
     }
 
     /// The regular file `name` in the directory (a symbolic link to one included), as stat says.

@@ -100,7 +100,7 @@ extension DirectoryPool {
             }
             // The kept decision, not the content: a raw disk with a qcow2 header written into it
             // by its guest stays raw (docs/security.md).
-            guard let qcow2 = image.qcow2 else { throw SnapshotSkip.cannotHoldSnapshots("raw file: cannot hold internal snapshots") }
+            guard let qcow2 = image.qcow2 else { throw SnapshotSkip.cannotHoldSnapshots(Self.noSnapshots(image.format)) }
             switch operation {
             case .create(let replace):
                 if qcow2.snapshots.contains(where: { $0.name == name }), !replace { throw SnapshotError.exists(name) }
@@ -120,10 +120,19 @@ extension DirectoryPool {
             case .revert: return try qcow2.revertToSnapshotLeavingPunch(name)
             case .delete: return try qcow2.deleteSnapshotLeavingPunch(name)
             }
+        } catch Qcow2Error.unreadable(let format, _) {
+            throw SnapshotSkip.cannotHoldSnapshots(Self.noSnapshots(Image.Format(rawValue: format) ?? .raw))
         } catch Qcow2Error.inUse(let why) {
             // QEMU's locks do not say whose they are; the holder's descriptors do.
             let holders = LockHolders.qemuLocks(on: path)
             throw SnapshotSkip.inUse(holders.isEmpty ? why : "\(holders.map(\.description).joined(separator: ", ")): \(why)")
         }
+    }
+
+    /// Why `poolfs snapshot` passes over a volume of `format`: only qcow2 keeps internal
+    /// snapshots that qemu-img manages.
+    static func noSnapshots(_ format: Image.Format) -> String {
+        format == .raw ? "raw file: cannot hold internal snapshots"
+            : "\(format.rawValue) image: poolfs writes internal snapshots only into qcow2 images (qemu-img manages none in \(format.rawValue))"
     }
 }

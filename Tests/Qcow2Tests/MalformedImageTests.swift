@@ -26,8 +26,8 @@ extension Malformed {
         header("version 4", .unsupportedVersion(4)) { $0.version = 4 },
         header("cluster_bits 8", .corrupt("cluster_bits 8 is outside 9...21", offset: 20)) { $0.clusterBits = 8 },
         header("cluster_bits 22", .corrupt("cluster_bits 22 is outside 9...21", offset: 20)) { $0.clusterBits = 22 },
-        header("crypt_method aes", .encrypted) { $0.cryptMethod = 1 },
-        header("LUKS header extension", .encrypted) {
+        header("crypt_method aes", .encrypted(method: 1)) { $0.cryptMethod = 1 },
+        header("LUKS header extension", .encrypted(method: 2)) {
             $0.extensions = TinyImage.extensionBytes(type: 0x0537_be77, data: [UInt8](repeating: 0, count: 16))
         },
         header("unknown incompatible bit, named", .unsupportedFeature(bit: 7, name: "future feature")) {
@@ -50,30 +50,15 @@ extension Malformed {
                .corrupt("refcount table (512 bytes at 5120) lies past the end of the file (3072 bytes)", offset: 48)) { $0.refcountTableOffset = 10 * 512 },
         header("absurd refcount table", .corrupt("refcount_table_clusters 1000000 is too large", offset: 56)) { $0.refcountTableClusters = 1_000_000 },
         header("absurd nb_snapshots", .corrupt("nb_snapshots 100000 is too large", offset: 60)) { $0.nbSnapshots = 100_000 },
-        header("snapshot table past the end of the file",
-               .corrupt("snapshot table (0 bytes at 8192) lies past the end of the file (3072 bytes)", offset: 64)) {
-            $0.nbSnapshots = 1; $0.snapshotsOffset = 16 * 512
-        },
-        header("snapshot table entries past the end of the file",
-               .corrupt("snapshot table entry 0 runs past the end of the table", offset: 3072)) {
-            $0.nbSnapshots = 2; $0.snapshotsOffset = 6 * 512
-        },
-        header("snapshot with absurd extra data", .corrupt("snapshot 0 has 65536 bytes of extra data", offset: 3108)) {
+        header("snapshot with absurd extra data", .corrupt("too much extra metadata in snapshot table entry 0 (65536 bytes)", offset: 3108)) {
             $0.nbSnapshots = 1; $0.snapshotsOffset = 6 * 512
             var entry = [UInt8](repeating: 0, count: 512)
             put64(&entry, 0, 3 * 512); put32(&entry, 8, 1); put32(&entry, 36, 65536)
             $0.tail = entry
         },
-        header("snapshot L1 table past the end of the file",
-               .corrupt("snapshot 1 L1 table (8 bytes at 1048576) lies past the end of the file (3584 bytes)", offset: 3072)) {
-            $0.nbSnapshots = 1; $0.snapshotsOffset = 6 * 512
-            var entry = [UInt8](repeating: 0, count: 512)
-            put64(&entry, 0, 1 << 20); put32(&entry, 8, 1); put16(&entry, 12, 1); put32(&entry, 36, 16)
-            put64(&entry, 48, 4096)
-            entry[56] = UInt8(ascii: "1")
-            $0.tail = entry
-        },
-        header("header extension overrunning the cluster", .corrupt("header extension 0x1234 of 4096 bytes runs past its room", offset: 112)) {
+        // A snapshot table past the end of the file, or one bad entry, no longer fails the
+        // image (QEMU opens it): IotestDifferencesTests covers those.
+        header("header extension overrunning the cluster", .corrupt("header extension too large: 0x1234 of 4096 bytes runs past byte 512 (the end of the first cluster)", offset: 112)) {
             var e = [UInt8](repeating: 0, count: 8)
             put32(&e, 0, 0x1234); put32(&e, 4, 4096)
             $0.extensions = e
@@ -175,7 +160,7 @@ struct MalformedImageTests {
         let scratch = try Scratch()
         // LUKS key derivation calibrates on CPU time, which a loaded machine sometimes cannot measure.
         try scratch.sh("for i in 1 2 3 4 5; do qemu-img create -q --object secret,id=s0,data=pw -f qcow2 -o encrypt.format=luks,encrypt.key-secret=s0,encrypt.iter-time=100 luks.qcow2 1M && exit 0; sleep 1; done; exit 1")
-        #expect(throws: Qcow2Error.encrypted) {
+        #expect(throws: Qcow2Error.encrypted(method: 2)) {
             try Image.open(path: scratch.path("luks.qcow2"), cache: BlockCache(capacityBytes: 1 << 20))
         }
     }

@@ -2,10 +2,11 @@
 whose first line says what it measures, `measure(ctx)`, which runs it and returns its figures as
 JSON-ready data (every round's), and `render(data)`, which turns those figures into markdown lines.
 A new section is one file and one line here."""
-from . import copyout, iscsi, lvm, partitions, peers, pool, raw, rbd, revert, writes
+from . import copyout, formats, iscsi, lvm, partitions, peers, pool, raw, rbd, revert, writes
 
 SECTIONS = {module.NAME: module for module in [
     peers,       # qcow2 images: poolfs, qemu-storage-daemon, qcowmount
+    formats,     # vmdk, vhdx, vhd, vdi: poolfs, qemu-storage-daemon
     pool,        # a pool of 1000 volumes × 5 snapshots
     lvm,         # LVs read from their PVs
     iscsi,       # a tgtd LUN: poolfs, qemu-storage-daemon

@@ -10,12 +10,15 @@ public final class Image: Sendable {
     /// reader is still detected, kept and named, and refused with `unsupportedReason`.
     public enum Format: String, Sendable, Codable, CaseIterable {
         case raw, qcow2, qcow, qed, vmdk, vdi, vpc, vhdx, parallels, luks, dmg, cloop, bochs
+        /// User-Mode Linux copy-on-write: libvirt recognises it; QEMU no longer reads it.
+        case cow
 
         /// Why images of this format cannot be opened, when no reader reads them.
         public var unsupportedReason: String {
             switch self {
             case .qcow: return "qcow (version 1) images are not supported; convert with qemu-img convert -O qcow2"
             case .luks: return "LUKS encrypted images are not supported"
+            case .cow: return "UML cow images are not supported (QEMU does not read them either); poolfs does not serve their container bytes as a disk"
             default: return "\(rawValue) images are not supported; poolfs does not serve their container bytes as a disk"
             }
         }
@@ -207,11 +210,19 @@ public final class Image: Sendable {
         return q.dataFile.path
     }
 
+    /// Every internal snapshot the table lists, those that cannot be read (with a `problem`)
+    /// included, so that they show and say why.
     public var snapshots: [Snapshot] { qcow2?.snapshots ?? [] }
 
-    /// The view of one internal snapshot; nil for raw images.
+    /// Why entries at the end of the snapshot table could not be read, or nil (see
+    /// `Qcow2Image.snapshotTableProblem`).
+    public var snapshotTableProblem: String? { qcow2?.snapshotTableProblem }
+
+    /// The view of one internal snapshot; nil for raw images and for a snapshot with a
+    /// `problem` (reading it fails with that reason, as loading it fails in QEMU).
     public func device(of snapshot: Snapshot) -> (any BlockDevice)? {
-        qcow2?.view(of: snapshot)
+        guard snapshot.problem == nil else { return nil }
+        return qcow2?.view(of: snapshot)
     }
 
     /// This image and every backing file below it, top first.
@@ -225,14 +236,16 @@ public final class Image: Sendable {
     /// caller can tell when any of them changed.
     public let hostFiles: [HostFile]
 
-    /// The format of `file` by its content, as QEMU probes it: raw when no format QEMU knows is
-    /// recognised. A recognised format is returned even when poolfs has no reader for it, so
-    /// that the decision is kept; opening it then fails with its reason.
+    /// The format of `file` by its content, as QEMU probes it (`FormatMagic`): raw when the file
+    /// is empty or no format QEMU or libvirt knows is recognised. A recognised format is returned
+    /// even when poolfs has no reader for it, so that the decision is kept; opening it then fails
+    /// with its reason.
     public static func probe(_ file: HostFile) throws -> Format {
+        guard file.size > 0 else { return .raw }
         let head = try file.readBytes(at: 0, count: Int(min(file.size, UInt64(FormatMagic.probeLength))))
-        var name = FormatMagic.formatName(ofFirstBytes: head)
-        if name == nil, file.size >= 1024, file.size % 512 == 0 {
-            name = FormatMagic.formatName(ofLastSector: try file.readBytes(at: file.size - 512, count: 512))
+        var name = FormatMagic.formatName(ofFirstBytes: head, fileName: file.path)
+        if name == nil, file.size >= 512 {
+            name = FormatMagic.formatName(ofLastSector: try file.readBytes(at: file.size - 512, count: 512), fileSize: file.size)
         }
         guard let name else { return .raw }
         guard let format = Format(rawValue: name) else {

@@ -52,7 +52,12 @@ extension Image {
     /// The formats read by a reader of their own, beside raw and qcow2. A format QEMU knows that
     /// is not listed here is recognised, named, and refused with `Format.unsupportedReason`.
     static let readers: [Format: any ImageFormatReader.Type] = {
-        let all: [any ImageFormatReader.Type] = [VdiReader.self, QedReader.self]
+        let all: [any ImageFormatReader.Type] = [
+            VdiReader.self,
+            VmdkReader.self,
+            VpcReader.self,
+            QedReader.self,
+        ]
         return Dictionary(uniqueKeysWithValues: all.map { ($0.format, $0) })
     }()
 }

@@ -27,7 +27,7 @@ extension Image {
         case .qcow2:
             return try Qcow2Writer(image: qcow2!)
         default:
-            throw Qcow2Error.writeRefused("\(path) is a \(format.rawValue) image, which poolfs reads but does not write; mount with -o cow for a writable view")
+            throw Qcow2Error.readOnlyFormat("\(path) is a \(format.rawValue) image, which poolfs reads but does not write; mount with -o cow for a writable view")
         }
     }
 }

@@ -22,20 +22,30 @@ struct HeaderExtensions {
     }
 
     /// `cluster` is the image's first cluster. Extensions end before the cluster does, and before
-    /// the backing file name when the image has one.
+    /// the backing file name when the image has one. As in QEMU (qcow2_read_extensions), every
+    /// extension that starts before that end must fit before it, its own 8 bytes included:
+    /// otherwise the image is refused ("Header extension too large"). Bytes past the end of a
+    /// file shorter than a cluster read as zeros, as QEMU reads them.
     static func parse(cluster: [UInt8], header: Header) throws(Qcow2Error) -> HeaderExtensions {
         var result = HeaderExtensions()
+        var cluster = cluster
+        if cluster.count < Int(header.clusterSize) {
+            cluster += [UInt8](repeating: 0, count: Int(header.clusterSize) - cluster.count)
+        }
         let r = BigEndianReader(bytes: cluster)
         var at = Int(header.version == 2 ? 72 : header.headerLength)
         at = (at + 7) & ~7
         var end = cluster.count
         if header.backingFileOffset != 0 { end = min(end, Int(header.backingFileOffset)) }
-        while at + 8 <= end {
+        while at < end {
+            guard at + 8 <= end else {
+                throw .corrupt("header extension too large: its type and length (8 bytes at \(at)) run past byte \(end)\(endName(header))", offset: UInt64(at))
+            }
             let type = r.u32(at)
             let length = Int(r.u32(at + 4))
             let data = at + 8
             guard length <= end - data else {
-                throw .corrupt("header extension 0x\(String(type, radix: 16)) of \(length) bytes runs past its room", offset: UInt64(at))
+                throw .corrupt("header extension too large: 0x\(String(type, radix: 16)) of \(length) bytes runs past byte \(end)\(endName(header))", offset: UInt64(at))
             }
             switch Kind(rawValue: type) {
             case .end?:
@@ -60,6 +70,11 @@ struct HeaderExtensions {
             at = data + ((length + 7) & ~7)
         }
         return result
+    }
+
+    /// What ends the room for extensions, for errors.
+    private static func endName(_ header: Header) -> String {
+        header.backingFileOffset != 0 ? " (backing_file_offset)" : " (the end of the first cluster)"
     }
 
     /// A NUL-padded byte string.

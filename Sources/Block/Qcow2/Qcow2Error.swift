@@ -8,8 +8,9 @@ public enum Qcow2Error: Error, Equatable, CustomStringConvertible {
     /// The file does not start with the qcow2 magic "QFI\xfb".
     case notQcow2(path: String)
     case unsupportedVersion(UInt32)
-    /// `crypt_method` is non-zero, or the image has a full-disk-encryption (LUKS) header extension.
-    case encrypted
+    /// `crypt_method` is non-zero (1: the old AES-CBC method, 2: LUKS), or the image has a
+    /// full-disk-encryption (LUKS) header extension (method 2).
+    case encrypted(method: UInt32)
     /// An incompatible feature bit this engine does not implement; `name` comes from the image's
     /// feature name table when it has one.
     case unsupportedFeature(bit: Int, name: String?)
@@ -28,6 +29,8 @@ public enum Qcow2Error: Error, Equatable, CustomStringConvertible {
     case refused(String)
     /// The image is of a format poolfs recognises but does not read (yet); never served as raw.
     case unsupportedFormat(String)
+    /// A format poolfs reads but does not write (everything but raw and qcow2): EROFS.
+    case readOnlyFormat(String)
     /// An image of a recognised format (QEMU's name) that cannot be read: no reader for the
     /// format, or the format's reader refused it. The volume still shows the format.
     case unreadable(format: String, why: String)
@@ -36,10 +39,16 @@ public enum Qcow2Error: Error, Equatable, CustomStringConvertible {
         switch self {
         case .notQcow2(let path):
             return "\(path): not a qcow2 image"
+        case .unsupportedVersion(1):
+            return "qcow version 1 is not supported (unsupported qcow2 version 1); convert it with qemu-img convert -O qcow2"
         case .unsupportedVersion(let version):
             return "unsupported qcow2 version \(version)"
-        case .encrypted:
-            return "encrypted images are not supported"
+        case .encrypted(1):
+            return "qcow2 images encrypted with the old AES method (crypt_method 1, encrypt.format=aes) are not supported"
+        case .encrypted(2):
+            return "qcow2 images encrypted with LUKS (crypt_method 2, encrypt.format=luks) are not supported"
+        case .encrypted(let method):
+            return "qcow2 encryption method \(method) is unknown and not supported"
         case .unsupportedFeature(let bit, let name):
             let named = name.map { " (\($0))" } ?? ""
             return "unsupported incompatible feature bit \(bit)\(named)"
@@ -55,6 +64,8 @@ public enum Qcow2Error: Error, Equatable, CustomStringConvertible {
             return "write refused: \(why)"
         case .refused(let why):
             return "refused: \(why)"
+        case .readOnlyFormat(let why):
+            return "read-only: \(why)"
         case .unsupportedFormat(let why), .unreadable(_, let why):
             return why
         }
@@ -66,6 +77,7 @@ public enum Qcow2Error: Error, Equatable, CustomStringConvertible {
         case .io(let code, _, _): return code
         case .inUse: return EBUSY
         case .refused: return EACCES
+        case .readOnlyFormat: return EROFS
         default: return EIO
         }
     }

@@ -14,7 +14,11 @@ public final class Qcow2Image: Sendable {
     public let backingFormat: String?
     public let backingFileName: String?
     public let externalDataFileName: String?
+    /// Every entry of the snapshot table that could be read, those with a `problem` included.
     public let snapshots: [Snapshot]
+    /// Why entries at the end of the snapshot table could not be read (they lie past the end of
+    /// the file), or nil. The live disk and the other snapshots stay readable, as in QEMU.
+    public let snapshotTableProblem: String?
     public let backing: (any BlockDevice)?
     let layout: ClusterLayout
     let cache: BlockCache
@@ -44,6 +48,9 @@ public final class Qcow2Image: Sendable {
         guard probe.count >= 72, BigEndianReader(bytes: probe).u32(0) == Header.magic else {
             throw Qcow2Error.notQcow2(path: file.path)
         }
+        // The version first: a qcow (version 1) image has no cluster_bits at byte 20.
+        let version = BigEndianReader(bytes: probe).u32(4)
+        guard version == 2 || version == 3 else { throw Qcow2Error.unsupportedVersion(version) }
         let clusterBits = BigEndianReader(bytes: probe).u32(20)
         guard (9...21).contains(clusterBits) else {
             throw Qcow2Error.corrupt("cluster_bits \(clusterBits) is outside 9...21", offset: 20)
@@ -51,7 +58,7 @@ public final class Qcow2Image: Sendable {
         let firstCluster = try file.readBytes(at: 0, count: Int(min(file.size, 1 << UInt64(clusterBits))))
         let header = try Header.parse(firstCluster, fileSize: file.size, path: file.path)
         let extensions = try HeaderExtensions.parse(cluster: firstCluster, header: header)
-        if extensions.encrypted { throw Qcow2Error.encrypted }
+        if extensions.encrypted { throw Qcow2Error.encrypted(method: 2) }
         let unknown = header.incompatibleFeatures & ~Header.Incompatible.known
         if unknown != 0 {
             let bit = unknown.trailingZeroBitCount
@@ -85,7 +92,9 @@ public final class Qcow2Image: Sendable {
             backingFileName = nil
             backing = nil
         }
-        snapshots = try SnapshotTable.read(file, header: header)
+        let table = try SnapshotTable.read(file, header: header)
+        snapshots = table.snapshots
+        snapshotTableProblem = table.unreadable
     }
 
     public var live: Qcow2View {
@@ -106,11 +115,18 @@ public final class Qcow2Image: Sendable {
         }
         return try metadataBlock(.init(file: file.id, offset: offset, kind: .l2)) {
             // Checked only when read from the file: a writer's new table that is not written
-            // yet may lie past the end of the file, and comes from the writer.
-            guard offset <= file.size, size <= file.size - offset else {
+            // yet may lie past the end of the file, and comes from the writer. A table must start
+            // inside the file (as a data cluster must); the part past the end reads as zeros, as
+            // QEMU reads it (iotest 060: an L2 table at the L1 table's cluster, which a new image
+            // ends 8 bytes into).
+            guard offset < file.size else {
                 throw Qcow2Error.corrupt("L2 table at \(offset) lies past the end of the file", offset: entryOffset)
             }
-            return try CachedBlock.read(file, at: offset, count: Int(size))
+            let stored = Int(min(size, file.size - offset))
+            return try CachedBlock(count: Int(size)) { table in
+                try file.read(into: UnsafeMutableRawBufferPointer(rebasing: table[0..<stored]), at: offset)
+                UnsafeMutableRawBufferPointer(rebasing: table[stored...]).initializeMemory(as: UInt8.self, repeating: 0)
+            }
         }
     }
 

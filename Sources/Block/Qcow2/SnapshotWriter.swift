@@ -148,7 +148,7 @@ final class SnapshotTransaction {
         layout = ClusterLayout(clusterBits: UInt64(header.clusterBits), l2Bits: UInt64(header.l2Bits),
                                extendedL2: header.extendedL2, hasDataFile: false)
         self.clusterSize = header.clusterSize
-        snapshots = try SnapshotTable.read(file, header: header)
+        snapshots = try SnapshotTable.readAll(file, header: header)
         (entries, tableBytes) = try Self.rawEntries(file, header: header)
         refcounts = try RefcountWriter(file: file, header: header)
         activeL1 = try Self.readL1(file, header.l1TableOffset, header.l1Size)
@@ -329,7 +329,7 @@ final class SnapshotTransaction {
     }
 
     /// The stored bytes of each entry (fixed part, extra data, id, name) and the table's length,
-    /// padding included; `SnapshotTable.read` has checked every bound already.
+    /// padding included; `SnapshotTable.readAll` has checked every bound already.
     static func rawEntries(_ file: HostFile, header: Header) throws -> ([[UInt8]], UInt64) {
         var out: [[UInt8]] = []
         var at = header.snapshotsOffset
