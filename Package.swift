@@ -71,6 +71,8 @@ if Context.environment["POOLFS_FUZZ"] == "1" {
         .target(name: "FuzzSupport", dependencies: ["Block", "CFuzzDriver"], path: "Fuzz/Support"),
         fuzzTarget("Qcow2Read", ["Block"]),
         fuzzTarget("Qcow2Write", ["Block"]),
+        fuzzTarget("VdiRead", ["Block"]),
+        fuzzTarget("QedRead", ["Block"]),
         fuzzTarget("VmdkRead", ["Block"]),
         fuzzTarget("VpcRead", ["Block"]),
         fuzzTarget("VhdxRead", ["Block"]),

@@ -61,6 +61,28 @@ printf 'version=1\nCID=1\nparentCID=ffffffff\ncreateType="monolithicFlat"\nRW 10
 printf 'version=1\nCID=1\nparentCID=ffffffff\ncreateType="twoGbMaxExtentSparse"\nRW 64 SPARSE "copy.vmdk"\n' > v-copy.vmdk
 for name in v-sparse v-zeroed v-stream v-flat v-copy; do cp "$name.vmdk" "$out/vmdk-read/$name"; done
 
+# --- vdi and qed: every layout qemu-img makes, cut to the 1 MiB the targets read. Backing names
+# are the ones Fuzz/QedRead provides (backing.raw, copy.qed).
+mkdir -p "$out"/{vdi-read,qed-read}
+for v in dynamic:static=off static:static=on; do
+    qemu-img create -q -f vdi -o "${v#*:}" "${v%%:*}.vdi" 2M
+    qemu-io -f vdi -c "write -P 0x61 1048000 2000" "${v%%:*}.vdi" >/dev/null
+    head -c 1M "${v%%:*}.vdi" > "$out/vdi-read/${v%%:*}"
+done
+qemu-img create -q -f vdi empty-big.vdi 100G && cp empty-big.vdi "$out/vdi-read/empty-big"
+qemu-img create -q -f qed copy.qed 1M
+qed_seed() {  # name, create options, size, qemu-io commands...
+    local name=$1 opts=$2 size=$3; shift 3
+    qemu-img create -q -f qed -o "$opts" "$name.qed" "$size"
+    for c in "$@"; do qemu-io -f qed -c "$c" "$name.qed" >/dev/null; done
+    head -c 1M "$name.qed" > "$out/qed-read/$name"
+}
+qed_seed c4k cluster_size=4096 5M "write -P 0x71 0 8K" "write -z 1M 4K" "write -P 0x72 4194304 512"
+qed_seed t2 cluster_size=4096,table_size=2 64M "write -P 0x73 40M 4K"
+qed_seed c64k cluster_size=65536 1M "write -P 0x74 0 64K"
+qed_seed backing-raw cluster_size=4096,backing_file=backing.raw,backing_fmt=raw 4M "write -P 0x75 1M 4K"
+qed_seed backing-qed cluster_size=4096,backing_file=copy.qed,backing_fmt=qed 1M "write -P 0x76 0 4K"
+
 # The writer's seeds: a 64-byte program (4 operations: kind, pattern, 6 unused bytes, offset in
 # sectors, length; see Fuzz/Qcow2Write) before each image.
 python3 - "$out/qcow2-write" "${images[@]}" <<'PY'

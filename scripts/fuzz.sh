@@ -17,6 +17,8 @@ export PATH="/opt/swift/usr/bin:$PATH"
 targets=(
     "qcow2-read      FuzzQcow2Read      1048576"
     "qcow2-write     FuzzQcow2Write     1048576"
+    "vdi-read        FuzzVdiRead        1048576"
+    "qed-read        FuzzQedRead        1048576"
     "vmdk-read       FuzzVmdkRead       1048576"
     "vpc-read        FuzzVpcRead        4194304"
     "vhdx-read       FuzzVhdxRead       12582912"

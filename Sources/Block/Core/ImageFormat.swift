@@ -57,6 +57,7 @@ extension Image {
             VhdxReader.self,
             VmdkReader.self,
             VpcReader.self,
+            QedReader.self,
         ]
         return Dictionary(uniqueKeysWithValues: all.map { ($0.format, $0) })
     }()
