@@ -53,11 +53,11 @@ extension Image {
     /// is not listed here is recognised, named, and refused with `Format.unsupportedReason`.
     static let readers: [Format: any ImageFormatReader.Type] = {
         let all: [any ImageFormatReader.Type] = [
+            QedReader.self,
             VdiReader.self,
             VhdxReader.self,
             VmdkReader.self,
             VpcReader.self,
-            QedReader.self,
         ]
         return Dictionary(uniqueKeysWithValues: all.map { ($0.format, $0) })
     }()
