@@ -39,8 +39,8 @@ struct FormatMountTests {
         }
     }
 
-    static func virtualSize(_ path: String, in scratch: Scratch) throws -> UInt64 {
-        let json = try scratch.sh("qemu-img info --output=json '\(path)'")
+    static func virtualSize(_ path: String, format: String, in scratch: Scratch) throws -> UInt64 {
+        let json = try scratch.sh("qemu-img info -f \(format) --output=json '\(path)'")
         let info = try JSONSerialization.jsonObject(with: Data(json.utf8)) as! [String: Any]
         return (info["virtual-size"] as! NSNumber).uint64Value
     }
@@ -55,8 +55,8 @@ struct FormatMountTests {
         #expect(!listed.contains { $0.hasSuffix("-flat.vmdk") || $0.contains("-s00") }, "vmdk extents are not volumes: \(listed.sorted())")
         for v in Self.volumes {
             let file = mount.path(v.name)
-            try scratch.sh("qemu-img convert -O raw pool/\(v.name) \(v.name).raw")
-            let size = try Self.virtualSize(scratch.path("pool/\(v.name)"), in: scratch)
+            try scratch.sh("qemu-img convert -f \(v.format) -O raw pool/\(v.name) \(v.name).raw")
+            let size = try Self.virtualSize(scratch.path("pool/\(v.name)"), format: v.format, in: scratch)
             let attributes = try FileManager.default.attributesOfItem(atPath: file)
             #expect(attributes[.size] as? UInt64 == size, "\(v.name): st_size is the virtual size")
             #expect(scratch.attempt("cmp '\(file)' \(v.name).raw").ok, "\(v.name): the bytes qemu-img converts")
