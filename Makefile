@@ -34,6 +34,7 @@ test: deps
 	swift build --product generate-manual
 	POOLFS_BIN="$$(swift build --show-bin-path)/poolfs" swift test
 	FUZZ_SMOKE_SECONDS=$(FUZZ_SMOKE_SECONDS) scripts/fuzz.sh smoke
+	scripts/check-doc-links.sh
 
 # libFuzzer + AddressSanitizer over every parser of untrusted input (Fuzz/): each target runs
 # FUZZ_SECONDS from its seeds and the corpus of earlier runs (fuzz/); crashes go to fuzz/crashes/.
