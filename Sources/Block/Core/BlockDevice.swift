@@ -81,8 +81,9 @@ extension BlockDevice {
         plan.appendZero(length - inside)
     }
 
-    /// The status of what lies beneath an overlay, one level deeper. QEMU reports ranges that no
-    /// layer allocates (including those past a short backing file) at depth 0, not present.
+    /// The status of what lies beneath an overlay, one level deeper: everything the backing
+    /// device covers, allocated or not (qemu-img map counts the layers it descended), and ranges
+    /// past a short backing device at depth 0, not present.
     func statusBeneath(_ backing: (any BlockDevice)?, at offset: UInt64, length: UInt64, detection: HoleDetection,
                        into extents: inout [MapExtent]) throws {
         var inside: UInt64 = 0
@@ -91,7 +92,7 @@ extension BlockDevice {
             var below: [MapExtent] = []
             try backing.status(at: offset, length: inside, detection: detection, into: &below)
             for var extent in below {
-                if extent.present { extent.depth += 1 }
+                extent.depth += 1
                 extents.appendMerging(extent)
             }
         }

@@ -1,12 +1,12 @@
-@testable import Block
-import FuzzSupport
+import Block
 
-/// Reads and maps `device` within bounds that keep one input to a fraction of a second, and
+/// What every format's read target does with the device it opened (qcow2 and its snapshots,
+/// vmdk, vpc, vhdx, vdi, qed): reads and maps `device` within bounds that keep one input to a fraction of a second, and
 /// checks what any device promises: reads return what was asked, `status` tiles what it maps,
 /// and st_blocks is no more than the disk. The map is asked in 1 GiB windows as SEEK_DATA asks
 /// it (the first four and the last): a table may name one fragmented L2 table from every L1
 /// entry, and a whole-disk map of that is legitimately tens of millions of extents.
-func exerciseDevice(_ device: any BlockDevice) throws {
+public func exerciseDevice(_ device: any BlockDevice) throws {
     let size = device.size
     var buffer = [UInt8](repeating: 0, count: 64 << 10)
     func read(_ offset: UInt64, _ length: UInt64) throws {
