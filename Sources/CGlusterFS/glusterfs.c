@@ -35,8 +35,6 @@ static struct {
     __typeof__(glfs_opendir) *opendir;
     __typeof__(glfs_readdir_r) *readdir_r;
     __typeof__(glfs_closedir) *closedir;
-    __typeof__(glfs_fgetxattr) *fgetxattr;
-    __typeof__(glfs_fsetxattr) *fsetxattr;
 } api;
 
 static void load(void) {
@@ -48,7 +46,6 @@ static void load(void) {
     BIND(lstat, "glfs_lstat"); BIND(open, "glfs_open"); BIND(close, "glfs_close");
     BIND(pread, "glfs_pread"); BIND(fstat, "glfs_fstat"); BIND(lseek, "glfs_lseek");
     BIND(opendir, "glfs_opendir"); BIND(readdir_r, "glfs_readdir_r"); BIND(closedir, "glfs_closedir");
-    BIND(fgetxattr, "glfs_fgetxattr"); BIND(fsetxattr, "glfs_fsetxattr");
 #undef BIND
     void **all = (void **)&api;
     for (size_t i = 0; i < sizeof api / sizeof(void *); i++) {
@@ -401,48 +398,6 @@ int pgl_list(pgl_volume *volume, const char *path, char **records, size_t *lengt
         *length = c->length;
         c->records = NULL;
     }
-    call_drop(c);
-    return r;
-}
-
-// ---- extended attributes (the format decision, trusted.poolfs.format) --------------------------
-
-static void run_fgetxattr(struct call *c) {
-    c->ret = failed(api.fgetxattr(c->file->fd, c->path, c->buffer, c->count));
-}
-
-int64_t pgl_fgetxattr(pgl_file *file, const char *name, void *value, size_t size, int timeout_ms) {
-    struct call *c = call_new(run_fgetxattr);
-    if (!c) return -ENOMEM;
-    c->buffer = malloc(size ? size : 1);
-    if (!c->buffer) { c->refs = 1; call_free(c); return -ENOMEM; }
-    c->file = file_retain(file);
-    c->path = strdup(name);
-    c->count = size;
-    int r = call_wait(c, timeout_ms);
-    if (r != 0) return r;
-    int64_t n = c->ret;
-    if (n > 0) memcpy(value, c->buffer, (size_t)n < size ? (size_t)n : size);
-    call_drop(c);
-    return n;
-}
-
-static void run_fsetxattr(struct call *c) {
-    c->ret = failed(api.fsetxattr(c->file->fd, c->path, c->buffer, c->count, 0));
-}
-
-int pgl_fsetxattr(pgl_file *file, const char *name, const void *value, size_t size, int timeout_ms) {
-    struct call *c = call_new(run_fsetxattr);
-    if (!c) return -ENOMEM;
-    c->buffer = malloc(size ? size : 1);
-    if (!c->buffer) { c->refs = 1; call_free(c); return -ENOMEM; }
-    memcpy(c->buffer, value, size);
-    c->file = file_retain(file);
-    c->path = strdup(name);
-    c->count = size;
-    int r = call_wait(c, timeout_ms);
-    if (r != 0) return r;
-    r = (int)c->ret;
     call_drop(c);
     return r;
 }

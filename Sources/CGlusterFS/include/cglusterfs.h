@@ -38,8 +38,4 @@ int64_t pgl_lseek(pgl_file *file, uint64_t offset, int whence, int timeout_ms);
 /// The entries of directory `path` as one malloc'd buffer of records: one byte of d_type, the
 /// name, a NUL. The caller frees it.
 int pgl_list(pgl_volume *volume, const char *path, char **records, size_t *length, int timeout_ms);
-/// glfs_fgetxattr into `value` (at most `size` bytes): the attribute's length, or -errno.
-int64_t pgl_fgetxattr(pgl_file *file, const char *name, void *value, size_t size, int timeout_ms);
-/// glfs_fsetxattr: 0, or -errno.
-int pgl_fsetxattr(pgl_file *file, const char *name, const void *value, size_t size, int timeout_ms);
 #endif

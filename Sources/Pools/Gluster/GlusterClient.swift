@@ -267,23 +267,3 @@ final class GlusterFile: RemoteFile, @unchecked Sendable {
         return r == -Int64(ENXIO) ? .none : .unknown
     }
 }
-
-extension GlusterFile: FormatAttributeFile {
-    func formatAttribute() -> String? {
-        var buffer = [UInt8](repeating: 0, count: 64)
-        let n = try? handle.with { (h) throws(Qcow2Error) -> Int64 in
-            pgl_fgetxattr(h.file, FormatDecisions.attribute, &buffer, buffer.count, client.timeoutMs)
-        }
-        guard let n, n > 0, n <= buffer.count else { return nil }
-        return String(decoding: buffer[0..<Int(n)], as: UTF8.self)
-    }
-
-    func setFormatAttribute(_ value: String) -> Int32 {
-        let bytes = Array(value.utf8)
-        let r = try? handle.with { (h) throws(Qcow2Error) -> Int32 in
-            pgl_fsetxattr(h.file, FormatDecisions.attribute, bytes, bytes.count, client.timeoutMs)
-        }
-        guard let r else { return EIO }
-        return -r
-    }
-}
