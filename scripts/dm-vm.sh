@@ -4,12 +4,14 @@
 # binaries built here (poolfs, lvm2, fuse3, ...) against dm-linear, dm-striped, dm-snapshot and
 # dm-thin. For hosts whose own kernel has no device-mapper (containers, CI sandboxes).
 #
-# Usage: scripts/dm-vm.sh [--disk FILE]... [--timeout SECONDS] WORKDIR SCRIPT
+# Usage: scripts/dm-vm.sh [--disk FILE]... [--timeout SECONDS] [--net] WORKDIR SCRIPT
 #
 #   --disk FILE     a raw image, attached as a virtio disk: the first is /dev/vda, the next
 #                   /dev/vdb, ... (in the order given). Writes reach the file.
 #   --timeout SECS  kill the VM (by its pid) when it has not finished after SECS (default 300);
 #                   dm-vm.sh then says so and exits 124.
+#   --net           a virtio NIC on QEMU's user network: the script brings it up (modprobe
+#                   virtio_net; eth0 10.0.2.15/24) and reaches this host's 127.0.0.1 at 10.0.2.2.
 #   WORKDIR         a host directory, shared read-write with the VM at the same absolute path.
 #   SCRIPT          a script under WORKDIR, run with `sh SCRIPT` as root, cwd WORKDIR.
 #
@@ -43,19 +45,21 @@ die() { echo "dm-vm: $*" >&2; exit 2; }
 
 disks=()
 timeout=300
+nic="none"
 while [ $# -gt 0 ]; do
     case "$1" in
         --disk) [ $# -ge 2 ] || die "--disk needs a file"; disks+=("$(realpath -e -- "$2")") || die "no such disk: $2"; shift 2 ;;
         --disk=*) disks+=("$(realpath -e -- "${1#--disk=}")") || die "no such disk: ${1#--disk=}"; shift ;;
         --timeout) [ $# -ge 2 ] || die "--timeout needs seconds"; timeout="$2"; shift 2 ;;
         --timeout=*) timeout="${1#--timeout=}"; shift ;;
+        --net) nic="user,model=virtio-net-pci"; shift ;;
         -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
         --) shift; break ;;
         -*) die "unknown option $1 (see --help)" ;;
         *) break ;;
     esac
 done
-[ $# -eq 2 ] || die "usage: dm-vm.sh [--disk FILE]... [--timeout SECONDS] WORKDIR SCRIPT"
+[ $# -eq 2 ] || die "usage: dm-vm.sh [--disk FILE]... [--timeout SECONDS] [--net] WORKDIR SCRIPT"
 case "$timeout" in ''|*[!0-9]*) die "--timeout takes whole seconds, not '$timeout'" ;; esac
 workdir="$(realpath -e -- "$1")" || die "no such WORKDIR: $1"
 [ -d "$workdir" ] || die "WORKDIR is not a directory: $workdir"
@@ -204,7 +208,7 @@ trap 'exit 130' INT TERM HUP
 rm -f "$workdir/vm.status" "$workdir/vm.status.tmp"
 : > "$workdir/vm.log"
 accel="${DM_VM_ACCEL:-tcg}"
-args=(-machine "accel=$accel" -nic none -m "${DM_VM_MEMORY:-2048}" -smp "${DM_VM_CPUS:-2}" -nographic -no-reboot
+args=(-machine "accel=$accel" -nic "$nic" -m "${DM_VM_MEMORY:-2048}" -smp "${DM_VM_CPUS:-2}" -nographic -no-reboot
       -kernel "/boot/vmlinuz-$kver" -initrd "$initrd"
       -append "console=ttyS0 quiet panic=-1 dmvm_work=$workdir dmvm_script=$script"
       -virtfs "local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap"

@@ -177,6 +177,38 @@ struct GlusterPoolTests {
         #expect(!smb.ok && smb.output.contains("cifs") && smb.output.contains("not mounted"), "\(smb.output)")
         #expect(!PoolMount.isMounted(scratch.path("mnt")))
     }
+
+    /// A `trusted.poolfs.format` attribute on the volume's file is not a decision: gluster lets
+    /// any client set one (a libgfapi client running as nobody set it on a root-owned 0644 file),
+    /// so a network pool keeps its decisions in memory only and probes what it has not seen. Set
+    /// here through the FUSE client: a raw file said to be a "qcow2 declared", and a qcow2 said
+    /// to be raw, read as what they are; a qcow2 header written into the raw one while
+    /// mounted leaves it raw.
+    @Test func formatAttributesOnTheVolumeAreNotTrusted() throws {
+        let server = try GlusterServer()
+        defer { server.stop() }
+        let scratch = try Scratch()
+        let m = server.mountPoint
+        try scratch.sh("""
+            head -c 4194304 /dev/urandom > \(m)/disk.raw \
+            && qemu-img create -q -f qcow2 \(m)/real.qcow2 2M && qemu-io -c 'write -P 0x5a 0 1M' \(m)/real.qcow2 >/dev/null \
+            && qemu-img convert -O raw \(m)/real.qcow2 real.raw \
+            && qemu-img create -q -f qcow2 -b /etc/hostname -F raw header.qcow2 1G \
+            && setfattr -n trusted.poolfs.format -v 'qcow2 declared' \(m)/disk.raw \
+            && setfattr -n trusted.poolfs.format -v 'raw declared' \(m)/real.qcow2
+            """)
+        let mount = try PoolMount(server.url(), in: scratch, options: ["net_timeout=3"])
+        defer { mount.unmount() }
+        try scratch.sh("cmp \(m)/disk.raw mnt/disk.raw && cmp real.raw mnt/real.qcow2")
+        try scratch.sh("dd if=header.qcow2 of=\(m)/disk.raw bs=65536 count=1 conv=notrunc 2>/dev/null")
+        var reread = scratch.attempt("cmp \(m)/disk.raw mnt/disk.raw")
+        let deadline = Date().addingTimeInterval(10)
+        while !reread.ok, Date() < deadline {
+            usleep(300_000)
+            reread = scratch.attempt("cmp \(m)/disk.raw mnt/disk.raw")
+        }
+        #expect(reread.ok, "\(reread.output)")
+    }
 }
 
 /// An NFS export read natively through libnfs (NFSv4, ganesha of the test's own).
@@ -269,6 +301,43 @@ struct NFSPoolTests {
         defer { mount.unmount() }
         #expect(try FileManager.default.contentsOfDirectory(atPath: mount.mountpoint).sorted() == [".partitions", ".snapshots"] + networkVolumes)
         for name in networkVolumes { try scratch.sh("cmp \(name).raw lv/\(name)") }
+    }
+
+    /// A raw volume's format is decided once for the mount: a qcow2 header written into it on
+    /// the server (same file, same inode) while mounted does not make it a qcow2, whose backing
+    /// file (a file of this host) and virtual size would otherwise be what the mount shows.
+    @Test func formatDecisionKeptWhileMounted() throws {
+        let server = try NFSServer()
+        defer { server.stop() }
+        let scratch = try Scratch()
+        try scratch.sh("""
+            head -c 4194304 /dev/urandom > \(server.exportDir)/disk.raw \
+            && qemu-img create -q -f qcow2 -b /etc/hostname -F raw header.qcow2 1G
+            """)
+        let mount = try PoolMount(server.url(), in: scratch, options: ["net_timeout=2"])
+        defer { mount.unmount() }
+        try scratch.sh("cmp \(server.exportDir)/disk.raw mnt/disk.raw")
+        // The guest's write, as the exported file gets it: the qcow2 header over its first 64 KiB
+        // (the same file, the same inode).
+        try scratch.sh("""
+            cp \(server.exportDir)/disk.raw guest.raw \
+            && dd if=header.qcow2 of=guest.raw bs=65536 count=1 conv=notrunc 2>/dev/null \
+            && dd if=header.qcow2 of=\(server.exportDir)/disk.raw bs=65536 count=1 conv=notrunc 2>/dev/null \
+            && cmp guest.raw \(server.exportDir)/disk.raw
+            """)
+        #expect(try scratch.sh("qemu-img info --output=json guest.raw").contains("\"format\": \"qcow2\""))
+        // Freshness notices the change and opens the volume again: still raw, the same bytes.
+        var reread = scratch.attempt("cmp guest.raw mnt/disk.raw")
+        let deadline = Date().addingTimeInterval(10)
+        while !reread.ok, Date() < deadline {
+            usleep(300_000)
+            reread = scratch.attempt("cmp guest.raw mnt/disk.raw")
+        }
+        #expect(reread.ok, "\(reread.output)")
+        let size = try FileManager.default.attributesOfItem(atPath: mount.path("disk.raw"))[.size] as? Int
+        #expect(size == 4194304, "the volume's size is now \(size.map(String.init) ?? "unknown")")
+        let direct = directRead(mount.path("disk.raw"), offset: 0, length: 4194304)
+        #expect(direct.errno == 0, "\(direct)")
     }
 
     /// A backing file named outside the pool's directory of the share, or by an absolute path

@@ -81,6 +81,9 @@ public final class NFSServer: @unchecked Sendable {
             Protocols = \(v3 ? "3, 4" : "4");
             Transports = TCP;
             SecType = sys;
+            # Attributes read from the file at every GETATTR: a file changed on the server's
+            # side (not through NFS) is seen at once, as freshness tests need.
+            Attr_Expiration_Time = 0;
             FSAL { Name = VFS; }
         }
 

@@ -2,7 +2,7 @@
 whose first line says what it measures, `measure(ctx)`, which runs it and returns its figures as
 JSON-ready data (every round's), and `render(data)`, which turns those figures into markdown lines.
 A new section is one file and one line here."""
-from . import copyout, formats, iscsi, lvm, partitions, peers, pool, raw, rbd, revert, writes
+from . import copyout, formats, iscsi, lvm, network, partitions, peers, pool, raw, rbd, revert, writes
 
 SECTIONS = {module.NAME: module for module in [
     peers,       # qcow2 images: poolfs, qemu-storage-daemon, qcowmount
@@ -12,6 +12,7 @@ SECTIONS = {module.NAME: module for module in [
     iscsi,       # a tgtd LUN: poolfs, qemu-storage-daemon
     partitions,  # partition files against their volumes
     rbd,         # a Ceph image: poolfs, rbd-fuse, qemu-storage-daemon
+    network,     # a qcow2 on gluster and NFS: poolfs, qemu-storage-daemon, a dir pool on the FUSE mount
     raw,         # raw files: passthrough, daemon, qemu-storage-daemon, the file; writes
     writes,      # qcow2 writes through -o rw against qemu-storage-daemon
     copyout,     # a snapshot copied out to a raw file

@@ -19,12 +19,15 @@ public struct NetworkPool: Pool {
     /// What each volume was when last seen: a server that does not answer makes a lookup fail
     /// with EIO, which must not read as the volume being gone.
     let known = KnownVolumes()
+    /// Each file's format, decided once (NetworkFormatDecisions).
+    let formats: NetworkFormatDecisions
     public var displayName: String { client.location }
     public var statisticsPath: String { "/" }
 
     init(client: any ShareClient, kind: String) {
         self.client = client
         self.kind = kind
+        formats = NetworkFormatDecisions(location: client.location)
     }
 
     var policy: TrustPolicy { TrustPolicy(remote: ShareDirectory(client: client)) }
@@ -66,6 +69,8 @@ public struct NetworkPool: Pool {
         let file = try ShareDirectory(client: client).open(relativePath: name)
         var options = Image.Options()
         options.policy = policy
+        let formats = formats
+        options.decideFormat = { file in try formats.decide(file) }
         return try Image.open(file: file, cache: cache, options: options)
     }
 
