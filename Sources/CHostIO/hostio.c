@@ -10,6 +10,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <linux/openat2.h>
+#include <sys/statfs.h>
 #include <sys/syscall.h>
 #include <sys/wait.h>
 #include <time.h>
@@ -126,4 +127,10 @@ int poolfs_open_beneath(int dirfd, const char *path, int flags) {
         fd = syscall(SYS_openat2, dirfd, path, &how, sizeof how);
     } while (fd < 0 && errno == EINTR);
     return fd < 0 ? -errno : (int)fd;
+}
+
+long long poolfs_fs_type(int fd) {
+    struct statfs fs;
+    if (fstatfs(fd, &fs) != 0) return -1;
+    return (long long)(unsigned long)fs.f_type;
 }

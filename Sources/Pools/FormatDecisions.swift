@@ -57,7 +57,9 @@ public final class FormatDecisions: Sendable {
             remembered.withLock { $0[Self.key(file)] = probed }
             let first = warned.withLock { $0.insert(file.identity.device).inserted }
             if first {
-                warn("formats of images on the filesystem of \(file.path) are kept in memory only: it keeps no \(Self.attribute) attribute (\(String(cString: strerror(code))))")
+                let why = Self.keepsTrustedAttributes(fd: file.fd) ? String(cString: strerror(code))
+                    : "a network or FUSE filesystem, whose trusted attributes others can set"
+                warn("formats of images on the filesystem of \(file.path) are kept in memory only: it keeps no \(Self.attribute) attribute (\(why))")
             }
         }
         return Image.FormatDecision(format: probed, declared: false)
@@ -68,6 +70,7 @@ public final class FormatDecisions: Sendable {
     /// What the attribute of the open file says: a format, and whether it was declared.
     /// The value is the format's name, then " declared" when an administrator set it.
     public static func recorded(fd: Int32) -> (format: Image.Format, declared: Bool)? {
+        guard keepsTrustedAttributes(fd: fd) else { return nil }
         var buffer = [UInt8](repeating: 0, count: 64)
         let n = fgetxattr(fd, attribute, &buffer, buffer.count)
         guard n > 0 else { return nil }
@@ -83,8 +86,21 @@ public final class FormatDecisions: Sendable {
     /// Records `format` on the open file; 0 or the errno of fsetxattr(2).
     @discardableResult
     public static func record(fd: Int32, _ format: Image.Format, declared: Bool) -> Int32 {
+        guard keepsTrustedAttributes(fd: fd) else { return EOPNOTSUPP }
         let value = Array((format.rawValue + (declared ? " declared" : "")).utf8)
         return fsetxattr(fd, attribute, value, value.count, 0) == 0 ? 0 : errno
+    }
+
+    /// Whether the file's filesystem keeps trusted.* attributes that only this host's root can
+    /// set. Not so for network and FUSE filesystems: a gluster client of any uid sets trusted.*
+    /// on the brick (measured with gluster 10.3), and a FUSE filesystem answers what its daemon
+    /// likes. Decisions for files there are kept in memory for the mount.
+    static func keepsTrustedAttributes(fd: Int32) -> Bool {
+        let type = poolfs_fs_type(fd)
+        guard type >= 0 else { return false }
+        let untrusted: Set<UInt32> = [0x6573_5546 /* FUSE */, 0x6969 /* NFS */, 0x517b /* SMB */,
+                                      0xff53_4d42 /* CIFS */, 0xfe53_4d42 /* SMB2 */, 0x00c3_6400 /* Ceph */]
+        return !untrusted.contains(UInt32(truncatingIfNeeded: type))
     }
 
     /// Drops the decision: the next open probes the file again. 0 or the errno.

@@ -197,6 +197,13 @@ struct GlusterPoolTests {
             && setfattr -n trusted.poolfs.format -v 'qcow2 declared' \(m)/disk.raw \
             && setfattr -n trusted.poolfs.format -v 'raw declared' \(m)/real.qcow2
             """)
+        // A dir pool over the gluster FUSE mount (a mounted libvirt netfs pool) sees the same
+        // attributes through FUSE, and trusts them no more.
+        do {
+            let overFuse = try PoolMount(m, in: scratch, name: "overfuse")
+            defer { overFuse.unmount() }
+            try scratch.sh("cmp \(m)/disk.raw overfuse/disk.raw && cmp real.raw overfuse/real.qcow2")
+        }
         let mount = try PoolMount(server.url(), in: scratch, options: ["net_timeout=3"])
         defer { mount.unmount() }
         try scratch.sh("cmp \(m)/disk.raw mnt/disk.raw && cmp real.raw mnt/real.qcow2")

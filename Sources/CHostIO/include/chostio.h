@@ -22,6 +22,9 @@ int poolfs_ofd_byte_locked(int fd, uint64_t byte);
 /// kernel has no openat2).
 int poolfs_open_beneath(int dirfd, const char *path, int flags);
 
+/// The filesystem type (statfs f_type) of the open file `fd`, or -1 with errno.
+long long poolfs_fs_type(int fd);
+
 /// posix_spawnp(3) of a command whose `argc` arguments and `envc` "NAME=value" strings are packed,
 /// each NUL-terminated, in `args` and `env`. The child reads /dev/null, writes to `out_fd` and
 /// `err_fd`, inherits no other descriptor (a FUSE daemon's /dev/fuse must not outlive it in an
