@@ -63,7 +63,7 @@ final class QedDisk: BlockDevice {
         try walk(offset, length) { entry, start, n in
             switch entry {
             case .unallocated:
-                try qedStatusBeneath(backing, at: start, length: n, detection: detection, into: &extents)
+                try statusBeneath(backing, at: start, length: n, detection: detection, into: &extents)
             case .zero:
                 extents.appendMerging(MapExtent(start: start, length: n, depth: 0, present: true, zero: true, data: false))
             case .data(let host):

@@ -1,24 +1,4 @@
 extension QedDisk {
-    /// The status of a range this image leaves unallocated, as `qemu-img map` reports it: what
-    /// the backing file says, every extent one level deeper (QEMU counts the level it stopped
-    /// at, allocated there or not), and absent zeros at depth 0 past the backing file's end or
-    /// with no backing file.
-    func qedStatusBeneath(_ backing: (any BlockDevice)?, at offset: UInt64, length: UInt64, detection: HoleDetection,
-                          into extents: inout [MapExtent]) throws {
-        var inside: UInt64 = 0
-        if let backing, offset < backing.size {
-            inside = min(length, backing.size - offset)
-            var below: [MapExtent] = []
-            try backing.status(at: offset, length: inside, detection: detection, into: &below)
-            for var extent in below {
-                extent.depth += 1
-                extents.appendMerging(extent)
-            }
-        }
-        extents.appendMerging(MapExtent(start: offset + inside, length: length - inside, depth: 0,
-                                        present: false, zero: true, data: false))
-    }
-
     /// Bytes that hold data, from the tables: each distinct L2 table is walked once however
     /// many L1 entries name it (so the work grows with the tables in the file, not the size
     /// the header claims), and what this image leaves unallocated is counted in the backing
@@ -58,7 +38,7 @@ extension QedDisk {
             for run in table.unallocated where budget > 0 {
                 budget -= 1
                 var below: [MapExtent] = []
-                try qedStatusBeneath(backing, at: start + run.start, length: run.length, detection: .metadataOnly, into: &below)
+                try statusBeneath(backing, at: start + run.start, length: run.length, detection: .metadataOnly, into: &below)
                 for extent in below where extent.data && !extent.zero { total += extent.length }
             }
         }

@@ -36,7 +36,7 @@ extension VmdkDisk {
             let n = min(UInt64(1) << 32, start + length - at)
             var found: [MapExtent] = []
             if beneath {
-                try parentStatus(at: at, length: n, detection: .metadataOnly, into: &found)
+                try statusBeneath(parent, at: at, length: n, detection: .metadataOnly, into: &found)
             } else {
                 try status(at: at, length: n, detection: .metadataOnly, into: &found)
             }

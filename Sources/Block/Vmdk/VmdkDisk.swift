@@ -110,7 +110,7 @@ final class VmdkDisk: BlockDevice {
             let guest = extentStart + at
             switch grain {
             case .unallocated:
-                try parentStatus(at: guest, length: n, detection: detection, into: &extents)
+                try statusBeneath(parent, at: guest, length: n, detection: detection, into: &extents)
             case .zero:
                 extents.appendMerging(MapExtent(start: guest, length: n, depth: 0, present: true, zero: true, data: false))
             case .data(let host):
@@ -123,24 +123,5 @@ final class VmdkDisk: BlockDevice {
                 extents.appendMerging(MapExtent(start: guest, length: n, depth: 0, present: true, zero: false, data: true))
             }
         }
-    }
-
-    /// The status of what the parent holds beneath this disk, as `qemu-img map` reports it: one
-    /// level deeper for every range inside the parent, allocated there or not (QEMU descends into
-    /// the parent and stops at the bottom layer, which reports its holes as zero); depth 0 past a
-    /// parent shorter than this disk, or without one.
-    func parentStatus(at offset: UInt64, length: UInt64, detection: HoleDetection, into extents: inout [MapExtent]) throws {
-        var inside: UInt64 = 0
-        if let parent, offset < parent.size {
-            inside = min(length, parent.size - offset)
-            var below: [MapExtent] = []
-            try parent.status(at: offset, length: inside, detection: detection, into: &below)
-            for var extent in below {
-                extent.depth += 1
-                extents.appendMerging(extent)
-            }
-        }
-        extents.appendMerging(MapExtent(start: offset + inside, length: length - inside, depth: 0,
-                                        present: false, zero: true, data: false))
     }
 }
